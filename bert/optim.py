@@ -1,0 +1,125 @@
+"""Optimisers and learning-rate schedules for BERT training (single device; DDP wraps around them).
+
+- AdamW from torch (fused kernel where the device has one).
+- LAMB (You et al., 2020, "Large Batch Optimization for Deep Learning: Training BERT in 76
+  minutes", Algorithm 2), which torch does not ship: Adam moments with bias correction,
+  decoupled weight decay, and a per-tensor trust ratio ||w|| / ||update||.
+- Warmup then linear or polynomial decay, as a pure function of the step (so resuming needs no
+  scheduler state beyond the step count).
+- Weight decay applies to weight matrices only, not to biases or LayerNorm parameters, as in
+  the original BERT optimiser.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from bert.errors import InputError
+
+OPTIMIZERS = ("adamw", "lamb")
+SCHEDULES = ("linear", "poly", "constant")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weight matrices, and biases + LayerNorm parameters without decay."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith("bias") or "LayerNorm" in name or param.dim() < 2:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB: layer-wise adaptive moments for large-batch training."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+    ):
+        if lr <= 0 or eps <= 0 or not all(0 <= b < 1 for b in betas):
+            raise InputError(f"invalid LAMB hyper-parameters lr={lr}, betas={betas}, eps={eps}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001 - torch signature
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                m_hat = m / (1 - beta1 ** state["step"])
+                v_hat = v / (1 - beta2 ** state["step"])
+                update = m_hat / (v_hat.sqrt() + group["eps"])
+                if group["weight_decay"]:
+                    update.add_(p.float(), alpha=group["weight_decay"])
+                w_norm = p.float().norm()
+                u_norm = update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * float(trust))
+        return loss
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-6,
+    fused: bool | None = None,
+) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay)
+    if name == "adamw":
+        if fused is None:  # fused AdamW where the parameters live on an accelerator
+            fused = next(model.parameters()).device.type in ("cuda", "xpu")
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    if name == "lamb":
+        return Lamb(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    raise InputError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str = "linear", power: float = 1.0) -> float:
+    """Learning-rate factor at `step` (0-based): linear warmup, then the chosen decay to 0 at `total_steps`."""
+    if schedule not in SCHEDULES:
+        raise InputError(f"unknown schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    remaining = max(total_steps - step, 0) / max(total_steps - warmup_steps, 1)
+    return remaining if schedule == "linear" else remaining**power
+
+
+def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float | None) -> float:
+    """Clip to `max_norm` (if set) and return the total gradient norm before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    if max_norm:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    norms = [p.grad.detach().float().norm() for p in params]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0

@@ -1,0 +1,216 @@
+"""MLflow tracking for bertflow jobs.
+
+The driver resolves the tracking URI, creates (or re-opens) the run and hands its id to the
+workers; only rank 0 logs. Metrics go through `MetricLogger`, which batches them and sends
+them from a background thread, so a slow or unreachable tracking server never stalls a
+training step. If the server cannot be reached, the job goes on with a warning that logging
+is off.
+
+Default tracking store: SQLite under the job's output (or pipeline work) dir, since MLflow 3
+deprecates the plain `./mlruns` file store. `MLFLOW_TRACKING_URI` overrides it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
+_MAX_PARAM_LENGTH = 6000
+
+
+def default_tracking_uri(root: str | Path) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a SQLite store `mlflow.db` under `root`."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> str | None:
+    """None if the tracking store answers, else a one-line reason."""
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - user-given tracking server
+                if response.status != 200:
+                    return f"{url} answered HTTP {response.status}"
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            return f"cannot reach MLflow tracking server {uri}: {getattr(exc, 'reason', exc)}"
+    return None
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}; values rendered as strings and clipped to MLflow's limit."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_params(value, prefix=name + "."))
+        else:
+            out[name] = str(value)[:_MAX_PARAM_LENGTH]
+    return out
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """What a worker needs to log into a run the driver opened."""
+
+    tracking_uri: str
+    run_id: str
+
+
+def open_run(
+    tracking_uri: str,
+    experiment: str,
+    *,
+    run_name: str,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> RunHandle | None:
+    """Create a run (or re-open `run_id`, e.g. after a restart). None, with a warning, if MLflow is unreachable."""
+    reason = check_reachable(tracking_uri)
+    if reason:
+        warnings.warn(f"{reason}; MLflow logging is off for this run", stacklevel=2)
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        return RunHandle(tracking_uri, run_id)
+    exp = client.get_experiment_by_name(experiment)
+    experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+    return RunHandle(tracking_uri, run.info.run_id)
+
+
+def finish_run(handle: RunHandle | None, status: str = "FINISHED") -> None:
+    if handle is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(handle.tracking_uri).set_terminated(handle.run_id, status=status)
+    except Exception as exc:  # noqa: BLE001 - tracking must never fail the job
+        warnings.warn(f"could not close MLflow run {handle.run_id}: {exc}", stacklevel=2)
+
+
+class MetricLogger:
+    """Batched, asynchronous MLflow logging for one run (rank 0 only).
+
+    `log_metrics` only enqueues; a daemon thread sends batches every `flush_every_s` seconds.
+    A failing server turns logging off with one warning; training continues regardless.
+    `handle=None` makes every call a no-op, so callers need no `if rank == 0` branches.
+    """
+
+    def __init__(self, handle: RunHandle | None, flush_every_s: float = 2.0):
+        self.handle = handle
+        self._queue: queue.Queue = queue.Queue()
+        self._closed = threading.Event()
+        self._failed = False
+        self._thread = None
+        if handle is not None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(handle.tracking_uri)
+            self._flush_every_s = flush_every_s
+            self._thread = threading.Thread(target=self._run, name="mlflow-logger", daemon=True)
+            self._thread.start()
+
+    @property
+    def active(self) -> bool:
+        return self.handle is not None and not self._failed
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.active:
+            now = int(time.time() * 1000)
+            self._queue.put(("metrics", [(k, float(v), now, step) for k, v in metrics.items()]))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if self.active:
+            self._queue.put(("params", flatten_params(params)))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.active:
+            self._queue.put(("tags", dict(tags)))
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        """Synchronous (artifacts are logged at the end of a job, not in the step loop)."""
+        if self.active:
+            self.flush()
+            self._guard(lambda: self._client.log_artifacts(self.handle.run_id, str(local_dir), artifact_path))
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        if self.active:
+            self.flush()
+            self._guard(lambda: self._client.log_artifact(self.handle.run_id, str(local_path), artifact_path))
+
+    def flush(self) -> None:
+        if self._thread is not None:
+            self._queue.join()
+
+    def close(self) -> None:
+        if self._thread is not None and not self._closed.is_set():
+            self.flush()
+            self._closed.set()
+            self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ background thread
+
+    def _guard(self, call) -> None:
+        if self._failed:
+            return
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - tracking must never fail the job
+            self._failed = True
+            warnings.warn(f"MLflow logging failed ({exc}); logging is off for the rest of this run", stacklevel=2)
+
+    def _run(self) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        while not self._closed.is_set():
+            items = []
+            try:
+                items.append(self._queue.get(timeout=self._flush_every_s))
+                while True:
+                    items.append(self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            metrics, params, tags = [], [], []
+            for kind, payload in items:
+                if kind == "metrics":
+                    metrics.extend(Metric(k, v, ts, step) for k, v, ts, step in payload)
+                elif kind == "params":
+                    params.extend(Param(k, v) for k, v in payload.items())
+                else:
+                    tags.extend(RunTag(k, v) for k, v in payload.items())
+            for i in range(0, max(len(metrics), 1), _MAX_BATCH):
+                chunk = metrics[i : i + _MAX_BATCH]
+                if chunk or (i == 0 and (params or tags)):
+                    self._guard(
+                        lambda: self._client.log_batch(
+                            self.handle.run_id, metrics=chunk, params=params if i == 0 else [], tags=tags if i == 0 else []
+                        )
+                    )
+            for _ in items:
+                self._queue.task_done()
