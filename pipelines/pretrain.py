@@ -135,41 +135,35 @@ class ShardSet:
     max_predictions_per_seq: int
     dynamic_masking: bool
     vocab_size: int
-    tokenizer_fingerprint: str | None
+    tokenizer_fingerprint: str  # sha256 of the vocabulary and special ids
     manifest: dict = field(repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str | Path, what: str = "shards") -> ShardSet:
+        from pipelines.shards import read_manifest
+
         path = Path(path)
         if not path.is_dir():
             raise InputError(f"{what} dir {path} does not exist")
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise InputError(f"{what} dir {path} has no {MANIFEST}: not a finished `bertflow shards build` output")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = read_manifest(path)
         files = tuple(sorted(p.name for p in path.glob("part-*.parquet")))
         if not files:
             raise InputError(f"{what} dir {path} has no part-*.parquet files")
         rows = tuple(pq.ParquetFile(path / f).metadata.num_rows for f in files)
         if sum(rows) == 0:
             raise InputError(f"{what} dir {path} holds no examples (all part files are empty)")
-        config = manifest.get("config", {})
-        tokenizer = manifest.get("tokenizer", {})
-        try:
-            return cls(
-                path=path,
-                files=files,
-                rows=rows,
-                max_seq_length=int(config["max_seq_length"]),
-                max_predictions_per_seq=int(config["max_predictions_per_seq"]),
-                dynamic_masking=bool(config.get("dynamic_masking", False)),
-                vocab_size=int(tokenizer["vocab_size"]),
-                tokenizer_fingerprint=tokenizer.get("fingerprint"),
-                manifest=manifest,
-            )
-        except KeyError as exc:
-            raise InputError(f"{manifest_path}: missing field {exc} (expected config.max_seq_length, "
-                             "config.max_predictions_per_seq, tokenizer.vocab_size)") from None
+        config, tokenizer = manifest["config"], manifest["tokenizer"]
+        return cls(
+            path=path,
+            files=files,
+            rows=rows,
+            max_seq_length=int(config["max_seq_length"]),
+            max_predictions_per_seq=int(config["max_predictions_per_seq"]),
+            dynamic_masking=bool(config["dynamic_masking"]),
+            vocab_size=int(tokenizer["vocab_size"]),
+            tokenizer_fingerprint=tokenizer["vocab_sha256"],
+            manifest=manifest,
+        )
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -193,7 +187,7 @@ def resolve_model_config(config: PretrainConfig, shards: ShardSet) -> tuple[Bert
                 f"{init} has vocab_size {model_config.vocab_size}: build the shards with the checkpoint's tokenizer"
             )
         fingerprint = _tokenizer_fingerprint(init)
-        if fingerprint and shards.tokenizer_fingerprint and fingerprint != shards.tokenizer_fingerprint:
+        if fingerprint and fingerprint != shards.tokenizer_fingerprint:
             raise InputError(
                 f"shards {shards.path} were built with a different tokenizer than checkpoint {init} "
                 f"(fingerprints {shards.tokenizer_fingerprint[:12]} vs {fingerprint[:12]})"
@@ -207,13 +201,13 @@ def resolve_model_config(config: PretrainConfig, shards: ShardSet) -> tuple[Bert
 
 
 def _tokenizer_fingerprint(directory: Path) -> str | None:
-    try:
-        from bert.tokenizer import Tokenizer
-    except ImportError:
-        return None
+    """The vocabulary fingerprint of the tokenizer inside a checkpoint dir, if it carries one."""
+    from bert.tokenizer import Tokenizer
+    from pipelines.shards import vocab_fingerprint
+
     if not Tokenizer.is_tokenizer_dir(directory):
         return None
-    return Tokenizer.load(directory).fingerprint()
+    return vocab_fingerprint(Tokenizer.load(directory))
 
 
 class WorkerStream:
@@ -529,7 +523,8 @@ def train_loop(loop_config: dict) -> None:
         if evaluator is not None and (step % config.eval_every == 0 or step == config.max_steps):
             logger.log_metrics(evaluator.evaluate(raw_model, autocast_dtype), step)
             model.train()
-        if config.stop_at_step is not None and step >= config.stop_at_step and step < config.max_steps:
+        # a one-shot stop: a re-run that resumes at or past it trains on to the end
+        if config.stop_at_step is not None and loop_config["start_step"] < config.stop_at_step <= step < config.max_steps:
             stop_reason = f"stop_at_step={config.stop_at_step}"
         final = step == config.max_steps
         if final or stop_reason or step % config.checkpoint_every == 0:
@@ -614,6 +609,15 @@ def majority_baseline(shards: ShardSet, limit: int, seed: int) -> float:
 # ----------------------------------------------------------------------------- driver
 
 
+def absolute_paths(config: PretrainConfig) -> PretrainConfig:
+    """Workers run in other directories (and on other nodes): hand them absolute paths."""
+    changes = {name: str(Path(getattr(config, name)).resolve()) for name in ("shards", "out", "val_shards")
+               if getattr(config, name) is not None}
+    if config.model not in PRESETS:
+        changes["model"] = str(Path(config.model).resolve())
+    return dataclasses.replace(config, **changes)
+
+
 def run_pretraining(config: PretrainConfig) -> dict[str, Any]:
     """Validate, open the MLflow run, train with Ray Train, export the final checkpoint. Returns the manifest."""
     import ray
@@ -622,7 +626,8 @@ def run_pretraining(config: PretrainConfig) -> dict[str, Any]:
 
     from pipelines.tracking import default_tracking_uri, finish_run, open_run
 
-    out = Path(config.out).resolve()
+    config = absolute_paths(config)
+    out = Path(config.out)
     if (out / MANIFEST).is_file():
         manifest = json.loads((out / MANIFEST).read_text())
         if manifest.get("config") == config.to_dict():
@@ -641,9 +646,7 @@ def run_pretraining(config: PretrainConfig) -> dict[str, Any]:
     val = None
     if config.val_shards:
         val = ShardSet.open(config.val_shards, "validation shards")
-        if val.vocab_size != shards.vocab_size or (
-            val.tokenizer_fingerprint and shards.tokenizer_fingerprint and val.tokenizer_fingerprint != shards.tokenizer_fingerprint
-        ):
+        if val.tokenizer_fingerprint != shards.tokenizer_fingerprint:
             raise InputError(f"validation shards {val.path} were built with a different tokenizer than {shards.path}")
         if val.max_seq_length > model_config.max_position_embeddings:
             raise InputError(f"validation shards {val.path} hold sequences longer than max_position_embeddings")

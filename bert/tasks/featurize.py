@@ -1,0 +1,173 @@
+"""Sentence(-pair) features, batching and the post-processing of sequence-level outputs.
+
+Features are unpadded: padding is the collator's business. `collate` pads one batch to its
+longest sequence (dynamic padding) for any task kind, and `length_grouped_batches` groups
+examples of similar length so that little of each batch is padding.
+
+The fine-tune job runs the model over features in order and hands back one output array per
+feature (the head's output for that sequence; padded positions past the feature's length are
+allowed and ignored), which the post-processing functions turn into one prediction per example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bert.errors import InputError
+from bert.model import IGNORE_INDEX
+from bert.tasks.ner import TokenFeature
+from bert.tasks.readers import TextExample
+from bert.tasks.squad import SpanFeature
+from bert.tokenizer import Tokenizer
+
+ENCODE_CHUNK = 8192  # texts per tokenizer call: bounds the memory of full encodings
+
+
+@dataclass(frozen=True, eq=False)
+class PairFeature:
+    """`[CLS] A [SEP]` or `[CLS] A [SEP] B [SEP]` for one example.
+
+    `label` is the class id (index in the task's label set) or, for regression, the target value.
+    """
+
+    example_index: int
+    input_ids: np.ndarray  # (T,) int32
+    token_type_ids: np.ndarray  # (T,) int8
+    label: int | float
+
+
+def featurize_pairs(
+    examples: Sequence[TextExample], tokenizer: Tokenizer, labels: Sequence[str], max_seq_length: int = 128
+) -> list[PairFeature]:
+    """Encode examples as BERT inputs, truncating the longer text first to `max_seq_length`.
+
+    `labels` is the task's label set; empty for regression, where the label is the value itself.
+    Texts are encoded in chunks of ENCODE_CHUNK, so a large train set (MNLI, QQP) never holds
+    more than one chunk of full tokenizer encodings in memory.
+    """
+    label_id = {label: i for i, label in enumerate(labels)}
+    pairs = [ex.text_b for ex in examples]
+    if any(text is None for text in pairs) and not all(text is None for text in pairs):
+        raise InputError("featurize_pairs: some examples have a second text and some do not")
+    features = []
+    for start in range(0, len(examples), ENCODE_CHUNK):
+        chunk = examples[start : start + ENCODE_CHUNK]
+        encodings = tokenizer.encode_batch(
+            [ex.text_a for ex in chunk],
+            pairs=None if pairs[0] is None else pairs[start : start + ENCODE_CHUNK],
+            max_length=max_seq_length,
+            truncation="longest_first",
+        )
+        for i, (ex, enc) in enumerate(zip(chunk, encodings), start=start):
+            if label_id:
+                if ex.label not in label_id:
+                    raise InputError(f"example {ex.id}: label {ex.label!r} is not in the label set {list(labels)}")
+                label: int | float = label_id[ex.label]
+            else:
+                label = float(ex.label)
+            ids = np.asarray(enc.ids, dtype=np.int32)
+            features.append(PairFeature(i, ids, np.asarray(enc.token_type_ids, dtype=np.int8), label))
+    return features
+
+
+def _check_aligned(examples: Sequence, features: Sequence, outputs: Sequence) -> None:
+    if len(outputs) != len(features):
+        raise InputError(f"{len(outputs)} outputs for {len(features)} features: pass one output per feature, in order")
+    if len(features) != len(examples) or any(f.example_index != i for i, f in enumerate(features)):
+        raise InputError("sentence-level features must be one per example, in example order")
+
+
+def class_predictions(
+    examples: Sequence[TextExample],
+    features: Sequence[PairFeature],
+    outputs: Sequence[np.ndarray],
+    labels: Sequence[str],
+) -> list[str]:
+    """The predicted label of each example: the label of the highest logit, (C,) per feature."""
+    _check_aligned(examples, features, outputs)
+    return [labels[int(np.argmax(logits))] for logits in outputs]
+
+
+def regression_predictions(
+    examples: Sequence[TextExample],
+    features: Sequence[PairFeature],
+    outputs: Sequence[np.ndarray],
+    labels: Sequence[str],
+) -> list[float]:
+    """The predicted value of each example: the single model output, () or (1,) per feature."""
+    _check_aligned(examples, features, outputs)
+    return [float(np.asarray(value).reshape(-1)[0]) for value in outputs]
+
+
+Feature = PairFeature | TokenFeature | SpanFeature
+
+
+def collate(features: Sequence[Feature], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest sequence and stack it into the model's keyword arguments.
+
+    Always `input_ids`, `token_type_ids`, `attention_mask` (B, T); then the training targets:
+    `labels` (B,) for sentence tasks (long, or float for regression), `labels` (B, T) padded
+    with IGNORE_INDEX for token tasks, `start_positions` / `end_positions` (B,) for spans.
+    """
+    if not features:
+        raise InputError("collate: empty batch")
+    kinds = {type(f) for f in features}
+    if len(kinds) != 1:
+        raise InputError(f"collate: a batch mixes feature types {sorted(k.__name__ for k in kinds)}")
+    B, T = len(features), max(len(f.input_ids) for f in features)
+    input_ids = np.full((B, T), pad_id, dtype=np.int64)
+    token_type_ids = np.zeros((B, T), dtype=np.int64)
+    attention_mask = np.zeros((B, T), dtype=np.int64)
+    for i, f in enumerate(features):
+        n = len(f.input_ids)
+        input_ids[i, :n] = f.input_ids
+        token_type_ids[i, :n] = f.token_type_ids
+        attention_mask[i, :n] = 1
+    batch = {
+        "input_ids": torch.from_numpy(input_ids),
+        "token_type_ids": torch.from_numpy(token_type_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+    }
+    first = features[0]
+    if isinstance(first, PairFeature):
+        dtype = torch.float32 if isinstance(first.label, float) else torch.long
+        batch["labels"] = torch.tensor([f.label for f in features], dtype=dtype)
+    elif isinstance(first, TokenFeature):
+        labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+        for i, f in enumerate(features):
+            labels[i, : len(f.labels)] = f.labels
+        batch["labels"] = torch.from_numpy(labels)
+    else:
+        batch["start_positions"] = torch.tensor([f.start_position for f in features], dtype=torch.long)
+        batch["end_positions"] = torch.tensor([f.end_position for f in features], dtype=torch.long)
+    return batch
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, mega_batch_factor: int = 50
+) -> list[list[int]]:
+    """Batches of indices in which sequences have similar lengths; the same for the same seed/epoch.
+
+    Shuffle all indices, cut them into mega-batches of `mega_batch_factor * batch_size`, sort each
+    mega-batch by length (longest first), cut it into batches, then shuffle the batch order.
+    Batches stay random in content across epochs while padding drops to a few percent.
+    Every index appears exactly once; only the last batch may be smaller than `batch_size`.
+    """
+    if batch_size < 1 or mega_batch_factor < 1:
+        raise InputError(f"batch_size ({batch_size}) and mega_batch_factor ({mega_batch_factor}) must be >= 1")
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    lengths_array = np.asarray(lengths)
+    mega = batch_size * mega_batch_factor
+    batches: list[list[int]] = []
+    for start in range(0, len(order), mega):
+        chunk = order[start : start + mega]
+        chunk = chunk[np.argsort(-lengths_array[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size].tolist() for i in range(0, len(chunk), batch_size))
+    # Only the very last mega-batch can end in a short batch; keep it last after shuffling.
+    full, last = (batches[:-1], batches[-1:]) if batches and len(batches[-1]) < batch_size else (batches, [])
+    return [full[i] for i in rng.permutation(len(full))] + last

@@ -1,0 +1,303 @@
+"""The task table: every fine-tuning task is one row, and one generic fine-tune function reads it.
+
+A row says how to read the task's directory, which text fields it encodes, what kind of labels
+it has, how to turn examples into features and model outputs back into predictions, and how to
+score them. The fine-tune job does, for any row:
+
+    spec = get_task(name)
+    data = spec.reader(data_dir)                       # TaskData: train, evals, labels, skipped
+    train = spec.featurize(data.train, tokenizer, data.labels, spec.max_seq_length)
+    head width = spec.num_outputs(data.labels); model inputs per batch = collate(batch, pad_id)
+    ... train ...
+    for split, examples in data.evals.items():
+        features = spec.featurize(examples, tokenizer, data.labels, spec.max_seq_length)
+        outputs = [one head output per feature, in feature order]
+        predictions = spec.postprocess(examples, features, outputs, data.labels)   # one per example
+        metrics |= spec.score(split, predictions, examples)  # {"<split>/<metric>": value}
+    best checkpoint: the highest metrics[spec.primary_metric]
+
+Primary metrics follow the BERT paper's GLUE table: F1 for MRPC and QQP, Spearman for STS-B,
+Matthews correlation for CoLA, matched accuracy for MNLI, accuracy elsewhere; entity F1 on the
+validation file for CoNLL-2003; F1 for SQuAD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from bert.errors import InputError
+from bert.tasks import metrics
+from bert.tasks.featurize import class_predictions, featurize_pairs, regression_predictions
+from bert.tasks.ner import featurize_ner, word_predictions
+from bert.tasks.readers import (
+    SquadExample,
+    TaskData,
+    TextExample,
+    TokenExample,
+    TsvColumns,
+    read_conll_task,
+    read_squad_dev_split_task,
+    read_squad_task,
+    read_tsv_task,
+)
+from bert.tasks.squad import SpanPrediction, featurize_squad, postprocess_squad
+
+Kind = Literal["classification", "regression", "token_classification", "span"]
+KINDS: tuple[str, ...] = get_args(Kind)
+
+# The SQuAD 2.0 "no answer" margin (null score - best span score), shared by prediction and scoring.
+SQUAD_V2_NULL_THRESHOLD = 0.0
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One row of the task table.
+
+    reader: task directory -> TaskData. text_fields: the fields encoded as segment A (and B).
+    featurize: (examples, tokenizer, labels, max_seq_length) -> features, one or more per example.
+    postprocess: (examples, features, outputs, labels) -> one prediction per example.
+    metric: (predictions, examples) -> {metric name: value}.
+    primary_metric: "<eval split>/<metric name>", the number that picks the best checkpoint
+    (higher is better). subdir: the task's folder under a datasets root (GLUE download layout).
+    """
+
+    name: str
+    kind: Kind
+    subdir: str
+    reader: Callable[[str | Path], TaskData]
+    text_fields: tuple[str | int, ...]
+    featurize: Callable[..., list[Any]]
+    postprocess: Callable[..., list[Any]]
+    metric: Callable[[Sequence[Any], Sequence[Any]], dict[str, float]]
+    primary_metric: str
+    max_seq_length: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InputError(f"task {self.name}: kind {self.kind!r} is not one of {KINDS}")
+        if "/" not in self.primary_metric:
+            raise InputError(f"task {self.name}: primary_metric {self.primary_metric!r} must be '<split>/<metric>'")
+
+    def num_outputs(self, labels: Sequence[str]) -> int:
+        """Width of the task head: one logit per label, 1 for regression, 2 (start, end) for spans."""
+        if self.kind == "regression":
+            return 1
+        if self.kind == "span":
+            return 2
+        return len(labels)
+
+    def score(self, split: str, predictions: Sequence[Any], examples: Sequence[Any]) -> dict[str, float]:
+        """The task's metrics on one eval split, named "<split>/<metric>"."""
+        if len(predictions) != len(examples):
+            raise InputError(
+                f"task {self.name}, split {split}: {len(predictions)} predictions for {len(examples)} examples"
+            )
+        return {f"{split}/{name}": value for name, value in self.metric(predictions, examples).items()}
+
+
+# ----------------------------------------------------------------------------- metric adapters
+
+
+def accuracy_metric(predictions: Sequence[str], examples: Sequence[TextExample]) -> dict[str, float]:
+    """{"accuracy"} of predicted labels."""
+    return {"accuracy": metrics.accuracy(predictions, [ex.label for ex in examples])}
+
+
+def f1_accuracy_metric(predictions: Sequence[str], examples: Sequence[TextExample]) -> dict[str, float]:
+    """{"f1", "accuracy"}: F1 of the positive class "1" (MRPC paraphrase, QQP duplicate) and accuracy."""
+    gold = [ex.label for ex in examples]
+    return {"f1": metrics.binary_f1(predictions, gold, positive="1"), "accuracy": metrics.accuracy(predictions, gold)}
+
+
+def matthews_metric(predictions: Sequence[str], examples: Sequence[TextExample]) -> dict[str, float]:
+    """{"matthews_corrcoef"} (CoLA)."""
+    return {"matthews_corrcoef": metrics.matthews_corrcoef(predictions, [ex.label for ex in examples])}
+
+
+def correlation_metric(predictions: Sequence[float], examples: Sequence[TextExample]) -> dict[str, float]:
+    """{"pearson", "spearman"} of predicted and gold scores (STS-B)."""
+    gold = [float(ex.label) for ex in examples]
+    return {"pearson": metrics.pearson(predictions, gold), "spearman": metrics.spearman(predictions, gold)}
+
+
+def entity_metric(predictions: Sequence[Sequence[str]], examples: Sequence[TokenExample]) -> dict[str, float]:
+    """conlleval scores: overall "precision", "recall", "f1", token "accuracy", and "<TYPE>_f1" etc."""
+    scores = metrics.conlleval(predictions, [ex.tags for ex in examples])
+    result = {
+        "precision": scores.overall.precision,
+        "recall": scores.overall.recall,
+        "f1": scores.overall.f1,
+        "accuracy": scores.accuracy,
+    }
+    for kind, chunk in scores.per_type.items():
+        result |= {f"{kind}_precision": chunk.precision, f"{kind}_recall": chunk.recall, f"{kind}_f1": chunk.f1}
+    return result
+
+
+def squad_v1_metric(predictions: Sequence[SpanPrediction], examples: Sequence[SquadExample]) -> dict[str, float]:
+    """Official SQuAD v1.1 {"exact_match", "f1"} (0-100)."""
+    return metrics.squad_v1_scores(
+        {ex.id: p.answer for ex, p in zip(examples, predictions)},
+        {ex.id: [a.text for a in ex.answers] for ex in examples},
+    )
+
+
+def squad_v2_metric(
+    predictions: Sequence[SpanPrediction],
+    examples: Sequence[SquadExample],
+    null_score_diff_threshold: float = SQUAD_V2_NULL_THRESHOLD,
+) -> dict[str, float]:
+    """Official SQuAD v2.0 scores (0-100) with null odds as the script's na_probs.
+
+    Scoring the best non-null texts with the threshold applied to the null odds gives exactly the
+    scores of the thresholded answers ("exact", "f1", HasAns_, NoAns_), and lets the threshold
+    search ("best_f1", "best_f1_thresh", ...) consider every question's span.
+    """
+    return metrics.squad_v2_scores(
+        {ex.id: p.text for ex, p in zip(examples, predictions)},
+        {ex.id: [a.text for a in ex.answers] for ex in examples},
+        na_probs={ex.id: p.null_odds for ex, p in zip(examples, predictions)},
+        na_prob_thresh=null_score_diff_threshold,
+    )
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def tsv_task(
+    name: str,
+    subdir: str,
+    columns: TsvColumns,
+    *,
+    kind: Literal["classification", "regression"] = "classification",
+    metric: Callable[[Sequence[Any], Sequence[Any]], dict[str, float]] = accuracy_metric,
+    primary_metric: str = "dev/accuracy",
+    train_file: str = "train.tsv",
+    eval_files: Sequence[str] = ("dev.tsv",),
+    max_seq_length: int = 128,
+) -> TaskSpec:
+    """A row for any sentence(-pair) task stored as GLUE-style TSV files, with your column mapping.
+
+    The eval splits are named after the eval file stems ("dev.tsv" -> "dev").
+    """
+    return TaskSpec(
+        name=name,
+        kind=kind,
+        subdir=subdir,
+        reader=partial(read_tsv_task, columns=columns, kind=kind, train_file=train_file, eval_files=tuple(eval_files)),
+        text_fields=(columns.text_a,) if columns.text_b is None else (columns.text_a, columns.text_b),
+        featurize=featurize_pairs,
+        postprocess=regression_predictions if kind == "regression" else class_predictions,
+        metric=metric,
+        primary_metric=primary_metric,
+        max_seq_length=max_seq_length,
+    )
+
+
+def _squad_row(name: str, subdir: str, reader: Callable[[str | Path], TaskData], version_2: bool) -> TaskSpec:
+    return TaskSpec(
+        name=name,
+        kind="span",
+        subdir=subdir,
+        reader=reader,
+        text_fields=("question", "context"),
+        featurize=partial(featurize_squad, doc_stride=128, max_query_length=64),
+        postprocess=partial(
+            postprocess_squad,
+            n_best_size=20,
+            max_answer_length=30,
+            version_2_with_negative=version_2,
+            null_score_diff_threshold=SQUAD_V2_NULL_THRESHOLD,
+        ),
+        metric=squad_v2_metric if version_2 else squad_v1_metric,
+        primary_metric="dev/f1",
+        max_seq_length=384,
+    )
+
+
+_ROWS = (
+    # GLUE, in the official TSV layouts (download_glue_data.py). CoLA train/dev have no header:
+    # source, label, original label, sentence.
+    tsv_task(
+        "cola",
+        "glue/CoLA",
+        TsvColumns(text_a=3, label=1, header=False),
+        metric=matthews_metric,
+        primary_metric="dev/matthews_corrcoef",
+    ),
+    tsv_task("sst2", "glue/SST-2", TsvColumns(text_a="sentence", label="label")),
+    tsv_task(
+        "mrpc",
+        "glue/MRPC",
+        TsvColumns(text_a="#1 String", text_b="#2 String", label="Quality"),
+        metric=f1_accuracy_metric,
+        primary_metric="dev/f1",
+    ),
+    tsv_task(
+        "stsb",
+        "glue/STS-B",
+        TsvColumns(text_a="sentence1", text_b="sentence2", label="score", id="index"),
+        kind="regression",
+        metric=correlation_metric,
+        primary_metric="dev/spearman",
+    ),
+    tsv_task(
+        "qqp",
+        "glue/QQP",
+        TsvColumns(text_a="question1", text_b="question2", label="is_duplicate", id="id"),
+        metric=f1_accuracy_metric,
+        primary_metric="dev/f1",
+    ),
+    tsv_task(
+        "mnli",
+        "glue/MNLI",
+        TsvColumns(text_a="sentence1", text_b="sentence2", label="gold_label", id="index"),
+        eval_files=("dev_matched.tsv", "dev_mismatched.tsv"),
+        primary_metric="dev_matched/accuracy",
+    ),
+    tsv_task("qnli", "glue/QNLI", TsvColumns(text_a="question", text_b="sentence", label="label", id="index")),
+    tsv_task("rte", "glue/RTE", TsvColumns(text_a="sentence1", text_b="sentence2", label="label", id="index")),
+    tsv_task("wnli", "glue/WNLI", TsvColumns(text_a="sentence1", text_b="sentence2", label="label", id="index")),
+    # CoNLL-2003 English NER: word in the first column, tag in the last; scored on valid and test.
+    TaskSpec(
+        name="conll2003",
+        kind="token_classification",
+        subdir="conll2003",
+        reader=read_conll_task,
+        text_fields=("words",),
+        featurize=featurize_ner,
+        postprocess=word_predictions,
+        metric=entity_metric,
+        primary_metric="valid/f1",
+        max_seq_length=128,
+    ),
+    # SQuAD: the standard train/dev files, and this project's split of the v1.1 dev file by article
+    # (v1.1 train is not available here): first 24 articles train, the other 24 eval.
+    _squad_row(
+        "squad_v1",
+        "squad_v1.1",
+        partial(read_squad_task, train_file="train-v1.1.json", eval_file="dev-v1.1.json"),
+        False,
+    ),
+    _squad_row("squad_v1_dev_split", "squad_v1.1", read_squad_dev_split_task, False),
+    _squad_row(
+        "squad_v2",
+        "squad_v2.0",
+        partial(read_squad_task, train_file="train-v2.0.json", eval_file="dev-v2.0.json"),
+        True,
+    ),
+)
+
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in _ROWS}
+
+
+def get_task(name: str) -> TaskSpec:
+    """The row for `name`; an unknown name is an InputError that lists the known tasks."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise InputError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
