@@ -65,6 +65,7 @@ class PretrainConfig:
     num_workers: int = 1
     cpus_per_worker: int = 1
     use_gpu: bool = False
+    placement_strategy: str = "PACK"  # SPREAD / STRICT_SPREAD: one worker per node
     global_batch_size: int = 256
     micro_batch_size: int = 32
     max_steps: int = 1000
@@ -104,6 +105,8 @@ class PretrainConfig:
                 f"pretrain: global batch {self.global_batch_size} is not divisible by "
                 f"workers x micro-batch = {self.num_workers} x {self.micro_batch_size} = {per_step}"
             )
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise InputError(f"pretrain: unknown placement_strategy {self.placement_strategy!r}")
         if self.optimizer not in ("adamw", "lamb"):
             raise InputError(f"pretrain: unknown optimizer {self.optimizer!r}; known: adamw, lamb")
         if self.schedule not in ("linear", "poly", "constant"):
@@ -360,7 +363,9 @@ def train_loop(loop_config: dict) -> None:
     torch.set_num_threads(config.cpus_per_worker)
     out = Path(config.out)
     (out / "_workers").mkdir(parents=True, exist_ok=True)
-    (out / "_workers" / f"rank{rank}.pid").write_text(str(os.getpid()))
+    # who is doing the work, for operators (and the fault and multi-node tests)
+    write_json_atomic(out / "_workers" / f"rank{rank}.json",
+                      {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()})
 
     shards = ShardSet.open(config.shards)
     tokenizer_dir = shards.tokenizer_dir
@@ -620,10 +625,10 @@ def absolute_paths(config: PretrainConfig) -> PretrainConfig:
 
 def run_pretraining(config: PretrainConfig) -> dict[str, Any]:
     """Validate, open the MLflow run, train with Ray Train, export the final checkpoint. Returns the manifest."""
-    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from pipelines.ray_runtime import ensure_ray
     from pipelines.tracking import default_tracking_uri, finish_run, open_run
 
     config = absolute_paths(config)
@@ -676,8 +681,7 @@ def run_pretraining(config: PretrainConfig) -> dict[str, Any]:
         "start_step": start_step,
         "mlflow": {"tracking_uri": handle.tracking_uri, "run_id": handle.run_id} if handle else None,
     }
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(4, os.cpu_count() or 1) if not os.environ.get("RAY_ADDRESS") else None)
+    ensure_ray()
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -685,6 +689,7 @@ def run_pretraining(config: PretrainConfig) -> dict[str, Any]:
             num_workers=config.num_workers,
             use_gpu=config.use_gpu,
             resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
+            placement_strategy=config.placement_strategy,
         ),
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(

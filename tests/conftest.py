@@ -48,6 +48,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never join a `ray start` cluster another test (or person) left running
             num_cpus=4,
             include_dashboard=False,
             configure_logging=False,
@@ -55,3 +56,32 @@ def ray_local():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def wiki_dir(datasets_dir) -> Path:
+    return require(datasets_dir / "wikipedia_en_extract" / "AA")
+
+
+@pytest.fixture(scope="session")
+def small_shards(ray_local, wiki_dir, vocab_txt, tmp_path_factory) -> Path:
+    """Statically masked MLM/NSP shards (2 parts) from one real Wikipedia file, built once per session."""
+    from bert.pretraining_data import PretrainingDataConfig
+    from pipelines.shards import build_shards
+
+    out = tmp_path_factory.mktemp("shards") / "train"
+    build_shards([wiki_dir / "wiki_00.gz"], vocab_txt, out, PretrainingDataConfig(dupe_factor=1, num_shards=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def small_val_shards(ray_local, wiki_dir, vocab_txt, tmp_path_factory) -> Path:
+    """Held-out shards from another Wikipedia file, unmasked (dynamic masking), one part."""
+    from bert.pretraining_data import PretrainingDataConfig
+    from pipelines.shards import build_shards
+
+    out = tmp_path_factory.mktemp("shards") / "val"
+    build_shards(
+        [wiki_dir / "wiki_99.gz"], vocab_txt, out, PretrainingDataConfig(dupe_factor=1, num_shards=1, dynamic_masking=True)
+    )
+    return out

@@ -1,0 +1,214 @@
+"""Pretraining on Ray Train: exact resume, a killed worker, two Ray nodes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+import bert
+from bert.config import BertConfig
+from bert.errors import InputError
+from bert.model import BertForPreTraining
+from pipelines.pretrain import PretrainConfig, latest_checkpoint, run_pretraining
+from pipelines.shards import load_tokenizer
+
+pytestmark = pytest.mark.integration
+
+TINY_RUN = dict(
+    model="tiny",
+    num_workers=2,
+    global_batch_size=16,
+    micro_batch_size=4,
+    warmup_steps=2,
+    learning_rate=1e-3,
+    log_every=2,
+    checkpoint_every=100,
+)
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoint" / "model.safetensors")
+
+
+def test_resume_is_exact_with_two_workers(small_shards, tmp_path):
+    """Stopped at step k and resumed, a run reaches step 2k with the weights of an uninterrupted run."""
+    common = dict(TINY_RUN, shards=str(small_shards), max_steps=6)
+    with pytest.warns(UserWarning, match="MLflow logging is off"):
+        full = run_pretraining(PretrainConfig(**common, out=str(tmp_path / "full"), tracking_uri="http://127.0.0.1:9"))
+    assert full["complete"] and full["step"] == 6
+
+    first = run_pretraining(PretrainConfig(**common, out=str(tmp_path / "resumed"), stop_at_step=3))
+    assert not first["complete"] and first["step"] == 3
+    assert not (tmp_path / "resumed" / "checkpoint").exists()  # nothing published before the end
+    second = run_pretraining(PretrainConfig(**common, out=str(tmp_path / "resumed"), stop_at_step=3))
+    assert second["complete"] and second["step"] == 6
+
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the final checkpoint is a complete training checkpoint and a loadable model dir
+    state = json.loads((tmp_path / "resumed" / "checkpoint" / "train_state.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 2 and state["final"]
+    model = bert.from_pretrained(tmp_path / "resumed" / "checkpoint")
+    assert isinstance(model, BertForPreTraining)
+    assert (tmp_path / "resumed" / "checkpoint" / "vocab.txt").is_file()
+    # one MLflow run for the stopped-and-resumed output dir
+    run = json.loads((tmp_path / "resumed" / "mlflow_run.json").read_text())
+    client = MlflowClient(run["tracking_uri"])
+    assert len(client.search_runs([client.get_run(run["run_id"]).info.experiment_id])) == 1
+    # re-running a finished run does nothing
+    assert run_pretraining(PretrainConfig(**common, out=str(tmp_path / "resumed"), stop_at_step=3))["step"] == 6
+
+
+def test_killed_worker_is_replaced_and_training_completes(small_shards, small_val_shards, tmp_path):
+    out = tmp_path / "run"
+    config = PretrainConfig(
+        **dict(TINY_RUN, checkpoint_every=4, eval_every=20, log_every=4),
+        shards=str(small_shards),
+        val_shards=str(small_val_shards),
+        eval_examples=128,
+        max_steps=60,
+        out=str(out),
+        max_failures=2,
+    )
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run_pretraining(config)))
+    thread.start()
+    deadline = time.time() + 300
+    while latest_checkpoint(out) is None and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.2)
+    assert latest_checkpoint(out) is not None, "no checkpoint appeared"
+    victim = json.loads((out / "_workers" / "rank1.json").read_text())["pid"]
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive()
+    assert result["complete"] and result["step"] == 60
+    replacement = json.loads((out / "_workers" / "rank1.json").read_text())["pid"]
+    assert replacement != victim  # a new worker process finished the run
+
+    run = json.loads((out / "mlflow_run.json").read_text())
+    client = MlflowClient(run["tracking_uri"])
+    experiment = client.get_run(run["run_id"]).info.experiment_id
+    assert len(client.search_runs([experiment])) == 1  # the restart logged into the same run
+    loss = sorted(client.get_metric_history(run["run_id"], "loss"), key=lambda m: m.step)
+    assert loss[-1].value < loss[0].value  # it learns
+    for key in ("mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "learning_rate", "grad_norm",
+                "tokens_per_s", "mfu", "val_mlm_accuracy", "val_nsp_accuracy"):
+        assert client.get_metric_history(run["run_id"], key), key
+    assert result["val_mlm_majority_baseline"] > 0
+    artifacts = [a.path for a in client.list_artifacts(run["run_id"], "checkpoint")]
+    assert "checkpoint/model.safetensors" in artifacts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ray_nodes_run_ddp_with_one_worker_each(small_shards, tmp_path):
+    """Two `ray start` processes on loopback form a two-node cluster; DDP places one worker per node."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"]
+    nodes = []
+
+    def start(*args: str) -> None:
+        # --block keeps each node's processes under one process group that the test alone stops
+        nodes.append(subprocess.Popen([ray_bin, "start", *args, *common], env=env, start_new_session=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    try:
+        start("--head", f"--port={port}", "--include-dashboard=false")
+        wait_for_nodes(f"127.0.0.1:{port}", 1, env)
+        start(f"--address=127.0.0.1:{port}")
+        wait_for_nodes(f"127.0.0.1:{port}", 2, env)
+        out = tmp_path / "run"
+        cmd = [
+            str(Path(sys.executable).parent / "bertflow"), "pretrain", "--shards", str(small_shards), "--out", str(out),
+            "--config", "tiny", "--num-workers", "2", "--placement-strategy", "STRICT_SPREAD",
+            "--global-batch-size", "8", "--micro-batch-size", "4", "--max-steps", "4", "--warmup-steps", "1",
+        ]
+        done = subprocess.run(cmd, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        worker_nodes = {json.loads((out / "_workers" / f"rank{r}.json").read_text())["node_id"] for r in (0, 1)}
+        assert len(worker_nodes) == 2
+        assert json.loads((out / "_manifest.json").read_text())["step"] == 4
+    finally:
+        for proc in reversed(nodes):
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc in nodes:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 120) -> None:
+    """Block until the cluster at `address` has `count` alive nodes (asked from a separate process)."""
+    probe = (
+        "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+        "print(sum(n['Alive'] for n in ray.nodes()))"
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
+        if done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(2)
+    raise AssertionError(f"Ray cluster at {address} did not reach {count} nodes")
+
+
+# ----------------------------------------------------------------------------- bad input (no worker starts)
+
+
+def test_missing_or_empty_shards_dir(tmp_path):
+    with pytest.raises(InputError, match="shards dir .*nope does not exist"):
+        run_pretraining(PretrainConfig(shards=str(tmp_path / "nope"), out=str(tmp_path / "o")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="not a finished shards dir"):
+        run_pretraining(PretrainConfig(shards=str(tmp_path / "empty"), out=str(tmp_path / "o")))
+
+
+def test_batch_arithmetic_is_checked():
+    with pytest.raises(InputError, match="global batch 100 is not divisible by workers x micro-batch = 2 x 32 = 64"):
+        PretrainConfig(shards="s", out="o", num_workers=2, micro_batch_size=32, global_batch_size=100)
+
+
+def test_shards_from_another_vocabulary_are_refused(small_shards, tmp_path):
+    other = BertForPreTraining(BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=1, num_attention_heads=1, intermediate_size=64))
+    bert.save_pretrained(other, tmp_path / "ckpt")
+    with pytest.raises(InputError, match="30522-token vocabulary but checkpoint .* has vocab_size 1000"):
+        run_pretraining(PretrainConfig(shards=str(small_shards), out=str(tmp_path / "o"), model=str(tmp_path / "ckpt")))
+    # same size, different tokens: the vocabulary fingerprint tells them apart
+    vocab = load_tokenizer(small_shards / "tokenizer").convert_ids_to_tokens(range(30522))
+    vocab[2000], vocab[2001] = vocab[2001], vocab[2000]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    same_size = BertForPreTraining(bert.preset("tiny"))
+    load_tokenizer(tmp_path / "vocab.txt").save(tmp_path / "tok")
+    bert.save_pretrained(same_size, tmp_path / "ckpt2", tokenizer_dir=tmp_path / "tok")
+    with pytest.raises(InputError, match="different tokenizer"):
+        run_pretraining(PretrainConfig(shards=str(small_shards), out=str(tmp_path / "o"), model=str(tmp_path / "ckpt2")))
+
+
+def test_sequences_longer_than_the_model_are_refused(small_shards, tmp_path):
+    short = BertForPreTraining(bert.preset("tiny", max_position_embeddings=64))
+    shutil.copytree(small_shards / "tokenizer", tmp_path / "tok")
+    bert.save_pretrained(short, tmp_path / "ckpt", tokenizer_dir=tmp_path / "tok")
+    with pytest.raises(InputError, match="up to 128 tokens, above the model's max_position_embeddings \\(64\\)"):
+        run_pretraining(PretrainConfig(shards=str(small_shards), out=str(tmp_path / "o"), model=str(tmp_path / "ckpt")))
