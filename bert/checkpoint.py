@@ -56,15 +56,8 @@ _ARCHITECTURE_HEADS["BertForMaskedLM"] = "pretraining"  # MLM weights, NSP initi
 # parameter groups that belong to one head; a group is loaded whole or initialised whole
 HEAD_GROUPS = ("cls.predictions.", "cls.seq_relationship.", "classifier.", "qa_outputs.")
 OPTIONAL_GROUPS = ("bert.pooler.",)  # present in some encoders, absent in token-level heads
-TOKENIZER_FILES = (
-    "vocab.txt",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "bertflow_tokenizer.json",
-    "spm.model",
-    "spm.vocab",
-)
+# Files of a tokenizer dir (bert/tokenizer.py) and of a Hugging Face BERT tokenizer.
+TOKENIZER_FILES = ("vocab.txt", "spm.model", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
 
 
 @dataclass(frozen=True)

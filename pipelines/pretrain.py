@@ -525,13 +525,13 @@ def train_loop(loop_config: dict) -> None:
                 if over.item():
                     stop_reason = "time limit"
 
-        if evaluator is not None and (step % config.eval_every == 0 or step == config.max_steps):
-            logger.log_metrics(evaluator.evaluate(raw_model, autocast_dtype), step)
-            model.train()
         # a one-shot stop: a re-run that resumes at or past it trains on to the end
         if config.stop_at_step is not None and loop_config["start_step"] < config.stop_at_step <= step < config.max_steps:
             stop_reason = f"stop_at_step={config.stop_at_step}"
         final = step == config.max_steps
+        if evaluator is not None and (step % config.eval_every == 0 or final or stop_reason):
+            logger.log_metrics(evaluator.evaluate(raw_model, autocast_dtype), step)
+            model.train()
         if final or stop_reason or step % config.checkpoint_every == 0:
             save_checkpoint(step, final)
         if stop_reason:
