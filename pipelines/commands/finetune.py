@@ -1,0 +1,81 @@
+"""`bertflow finetune` (Ray Train) and `bertflow predict` (Ray Data)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from pipelines.config_args import add_dataclass_arguments
+    from pipelines.finetune import FinetuneConfig
+    from pipelines.predict import PredictConfig
+
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a checkpoint on a task of the task table (GLUE, CoNLL NER, SQuAD) with Ray Train",
+        description="Fine-tune a BERT checkpoint on one task; writes metrics.json, predictions.jsonl and "
+        "checkpoint/ to --out. Re-running a finished job does nothing.",
+    )
+    add_dataclass_arguments(
+        p,
+        FinetuneConfig,
+        required=("task", "data", "checkpoint", "out"),
+        help={
+            "task": "task name (a row of the task table, e.g. mrpc, sst2, stsb, conll2003, squad_v1_dev_split)",
+            "data": "the task's data dir, or a datasets root that holds it (e.g. glue/MRPC under it)",
+            "checkpoint": "starting checkpoint: a bertflow or Hugging Face BERT dir",
+            "out": "output dir: metrics.json, predictions.jsonl, checkpoint/",
+            "tokenizer": "tokenizer dir (default: the checkpoint dir)",
+            "batch_size": "global batch size, split across workers",
+            "epochs": "training epochs (fractions allowed)",
+            "max_seq_length": "default: the task row's",
+            "warmup_ratio": "fraction of the steps with linear warmup; linear decay after",
+            "seeds": "comma-separated seeds: one training run each, mean +- std in metrics.json",
+            "freeze_encoder": "feature extraction: train only the task head",
+            "freeze_layers": "freeze the embeddings and the bottom K layers",
+            "layer_lr_decay": "layer-wise lr decay: head x1, top layer x d, ..., embeddings x d^(L+1)",
+            "max_train_examples": "train on the first N examples only",
+            "max_eval_examples": "evaluate on the first N examples of each eval split only",
+            "parent_run_id": "nest the MLflow run(s) under this run",
+            "tracking_uri": "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite under --out)",
+        },
+    )
+    p.set_defaults(handler=run_finetune_command)
+
+    q = sub.add_parser(
+        "predict",
+        help="run a fine-tuned checkpoint on new text (TSV or JSONL) with Ray Data",
+        description="Predict with a fine-tuned checkpoint; writes JSONL, one line per input row, in input order.",
+    )
+    add_dataclass_arguments(
+        q,
+        PredictConfig,
+        required=("checkpoint", "input"),
+        help={
+            "checkpoint": "a fine-tuned checkpoint dir (or a `bertflow finetune` output dir)",
+            "input": "TSV with a header line, or JSONL (.jsonl)",
+            "output": "output JSONL (default: <input>.predictions.jsonl)",
+            "pair_column": "second text of pair tasks (default: text_pair)",
+            "tokens_column": "NER: a list of words per row (JSONL); else --text-column is split into words",
+            "concurrency": "number of model actors",
+        },
+    )
+    q.set_defaults(handler=run_predict_command)
+
+
+def run_finetune_command(args: argparse.Namespace) -> int:
+    from pipelines.config_args import dataclass_from_args
+    from pipelines.finetune import FinetuneConfig, describe, run_finetune
+
+    result = run_finetune(dataclass_from_args(FinetuneConfig, args))
+    print(f"[finetune] {describe(result)}; outputs in {result['config']['out']}")
+    return 0
+
+
+def run_predict_command(args: argparse.Namespace) -> int:
+    from pipelines.config_args import dataclass_from_args
+    from pipelines.predict import PredictConfig, run_predict
+
+    summary = run_predict(dataclass_from_args(PredictConfig, args))
+    print(f"[predict] {summary['rows']} predictions ({summary['task']}) written to {summary['output']}")
+    return 0
