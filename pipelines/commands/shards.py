@@ -1,0 +1,126 @@
+"""`bertflow shards`: build MLM/NSP pretraining shards from a corpus, or inspect a shards dir."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from bert.pretraining_data import PretrainingDataConfig
+
+_DEFAULTS = PretrainingDataConfig()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("shards", help="build or inspect MLM/NSP pretraining shards")
+    shards_sub = p.add_subparsers(dest="shards_command", metavar="SUBCOMMAND")
+    shards_sub.required = True
+
+    b = shards_sub.add_parser(
+        "build",
+        help="corpus files -> part-*.parquet + _manifest.json (Ray Data)",
+        description=(
+            "Read documents (one-sentence-per-line text, WikiExtractor, JSONL, parquet; .gz too), "
+            "tokenize them and write masked sentence-pair examples. The same corpus, settings, seed "
+            "and shard count give byte-identical shards on any number of workers."
+        ),
+    )
+    b.add_argument("--corpus", nargs="+", required=True, metavar="PATH", help="corpus files or directories")
+    b.add_argument("--tokenizer", required=True, metavar="DIR_OR_VOCAB", help="a tokenizer dir or a BERT vocab.txt")
+    b.add_argument("--out", required=True, metavar="DIR", help="shards dir to create (must not exist)")
+    b.add_argument("--cased", action="store_true", help="with a vocab.txt: keep case (default: lower-case)")
+    b.add_argument("--text-column", default="text", help="text field of JSONL / parquet inputs (default: text)")
+    b.add_argument("--max-seq-length", type=int, default=_DEFAULTS.max_seq_length)
+    b.add_argument("--max-predictions-per-seq", type=int, default=_DEFAULTS.max_predictions_per_seq)
+    b.add_argument("--masked-lm-prob", type=float, default=_DEFAULTS.masked_lm_prob)
+    b.add_argument("--short-seq-prob", type=float, default=_DEFAULTS.short_seq_prob)
+    b.add_argument("--dupe-factor", type=int, default=_DEFAULTS.dupe_factor)
+    b.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    b.add_argument("--whole-word-masking", action="store_true", help="mask all pieces of a word together")
+    b.add_argument(
+        "--dynamic-masking", action="store_true", help="write unmasked examples; the trainer masks them each epoch"
+    )
+    b.add_argument("--num-shards", type=int, default=None, help="default: one per ~32 MiB of text")
+    b.add_argument("--num-workers", type=int, default=None, help="concurrent Ray tasks (default: all CPUs)")
+    b.set_defaults(handler=run_build)
+
+    i = shards_sub.add_parser("inspect", help="statistics and a few decoded examples of a shards dir")
+    i.add_argument("dir", metavar="DIR", help="a shards dir")
+    i.add_argument("--examples", type=int, default=3, help="how many examples to decode (default: 3)")
+    i.set_defaults(handler=run_inspect)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from bert.corpus import CorpusConfig
+    from pipelines.shards import build_shards
+
+    config = PretrainingDataConfig(
+        max_seq_length=args.max_seq_length,
+        max_predictions_per_seq=args.max_predictions_per_seq,
+        masked_lm_prob=args.masked_lm_prob,
+        short_seq_prob=args.short_seq_prob,
+        dupe_factor=args.dupe_factor,
+        seed=args.seed,
+        whole_word_masking=args.whole_word_masking,
+        dynamic_masking=args.dynamic_masking,
+        num_shards=args.num_shards,
+    )
+    manifest = build_shards(
+        args.corpus,
+        args.tokenizer,
+        args.out,
+        config,
+        CorpusConfig(text_column=args.text_column),
+        lowercase=not args.cased,
+        num_workers=args.num_workers,
+    )
+    counts = manifest["counts"]
+    print(
+        f"wrote {len(manifest['parts'])} shards to {args.out}: {counts['examples']} examples from "
+        f"{counts['documents']} documents ({counts['tokens']} tokens)"
+    )
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from bert.tokenizer import Tokenizer
+    from pipelines.shards import MANIFEST, TOKENIZER_DIR, read_manifest
+
+    manifest = read_manifest(args.dir)
+    tok = Tokenizer.load(Path(args.dir) / TOKENIZER_DIR)
+    stats, counts = manifest["statistics"], manifest["counts"]
+    print(f"{args.dir}: {len(manifest['parts'])} parts, {counts['examples']} examples, "
+          f"{counts['documents']} documents, {counts['tokens']} tokens (see {MANIFEST})")
+    print(f"config: {manifest['config']}")
+    skipped = {k: v for k, v in manifest["skipped"].items() if v}
+    print(f"skipped: {skipped or 'nothing'}")
+    split = stats["masked_split"]
+    print(
+        f"masked {stats['masked_fraction']:.2%} of maskable tokens: [MASK] {split['mask']:.1%}, "
+        f"random {split['random']:.1%}, unchanged {split['keep']:.1%}; "
+        f"random next {stats['next_sentence_random_fraction']:.1%}; mean length {stats['mean_length']:.1f}"
+    )
+    print("length histogram:")
+    hist = stats["length_histogram"]
+    peak = max(hist["counts"]) or 1
+    for lo, hi, n in zip(hist["edges"], hist["edges"][1:], hist["counts"]):
+        print(f"  {lo:5.0f}-{hi:<5.0f} {n:9d} {'#' * round(40 * n / peak)}")
+    first = pq.ParquetFile(Path(args.dir) / manifest["parts"][0]["part"])
+    rows = first.read_row_group(0).slice(0, args.examples).to_pylist() if first.num_row_groups else []
+    for n, row in enumerate(rows):
+        print(f"\nexample {n}: next_sentence_label={row['next_sentence_label']} "
+              f"A={row['a_doc_id']}[{row['a_sentence_start']}:{row['a_sentence_end']}] "
+              f"B={row['b_doc_id']}[{row['b_sentence_start']}:{row['b_sentence_end']}]")
+        print("  " + show_masks(tok, row))
+    return 0
+
+
+def show_masks(tok: Any, row: dict[str, Any]) -> str:
+    """The example's tokens, each masked position shown as `[shown→original]`."""
+    tokens = tok.convert_ids_to_tokens(row["input_ids"])
+    for position, original in zip(row["masked_lm_positions"], row["masked_lm_ids"]):
+        tokens[position] = f"[{tokens[position]}→{tok.id_to_token(original)}]"
+    return " ".join(tokens)

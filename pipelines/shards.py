@@ -1,0 +1,550 @@
+"""Shards stage: corpus files -> MLM/NSP examples in `part-*.parquet` (DESIGN.md, "Shards dir").
+
+Two Ray Data passes, both streaming, neither holding more than one file or one shard:
+
+1. **Tokenize** — one row per input file (`ray.data.from_items(files).map(...)`). A task reads
+   the file's documents (`bert.corpus`), tokenizes their sentences and appends each document
+   to the bucket of its shard: `_buckets/<shard>/<file index>.parquet`. A document's shard is
+   a blake2b hash of its `doc_id`, so it does not depend on which worker read it.
+2. **Build** — one row per shard. A task reads its buckets in the canonical order (by file
+   index, then document order within the file), creates the examples with
+   `bert.pretraining_data.create_examples` and a generator seeded from `(seed, shard)`, and
+   writes `part-<shard>.parquet` under a temporary name, then renames it.
+
+Every random draw of a shard comes from its own generator, and every input to it is read in
+an order fixed by the corpus alone, so the same corpus, config and shard count give
+byte-identical part files whatever the number of workers, CPUs or blocks.
+
+Memory: pass 1 flushes its buckets every `_BUCKET_FLUSH_TOKENS` tokens; pass 2 holds one
+shard's token ids (4 bytes a token) and its pair spans (88 bytes a pair), and writes examples
+out in row groups. The default shard count keeps a shard near `SHARD_TEXT_BYTES` of text, so
+the peak memory of a build depends on the shard size and the number of concurrent tasks,
+not on the corpus size.
+
+The output dir is built under a temporary name and renamed into place; `_manifest.json`
+(config, input fingerprints, counts, skips, statistics, tokenizer identity) is written last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from bert.corpus import CorpusConfig, InputFile, ReadStats, expand_inputs, read_documents
+from bert.errors import InputError
+from bert.fsutil import atomic_directory, sha256_file, write_json_atomic
+from bert.pretraining_data import (
+    Example,
+    PretrainingDataConfig,
+    SpecialTokens,
+    TokenizedDocument,
+    create_examples,
+)
+
+MANIFEST = "_manifest.json"
+TOKENIZER_DIR = "tokenizer"
+FORMAT = "bertflow-shards/1"
+SHARD_TEXT_BYTES = 32 << 20  # default shard size: about 32 MiB of text, ~120 MB to build
+ROW_GROUP_ROWS = 4096  # examples per parquet row group
+HISTOGRAM_BINS = 16
+_BUCKET_FLUSH_TOKENS = 1 << 20  # pass 1 writes its pending documents out at this many tokens (~40 MB)
+_ENCODE_BATCH_SENTENCES = 4096  # sentences per tokenizer call in pass 1
+
+
+def shard_of(doc_id: str, num_shards: int) -> int:
+    """The shard a document belongs to: a stable hash of its id (not Python's salted hash())."""
+    digest = hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest()
+    return struct.unpack("<Q", digest)[0] % num_shards
+
+
+def default_num_shards(files: Sequence[InputFile]) -> int:
+    """One shard per `SHARD_TEXT_BYTES` of text, estimated from the files without reading them.
+
+    A gzip file's size is taken from its trailer (the uncompressed size modulo 4 GiB); a
+    parquet file's text is estimated at three times its size.
+    """
+    total = 0
+    for f in files:
+        size = f.path.stat().st_size
+        with open(f.path, "rb") as fh:
+            magic = fh.read(2)
+            if magic == b"\x1f\x8b" and size >= 18:
+                fh.seek(-4, os.SEEK_END)
+                size = max(size, struct.unpack("<I", fh.read(4))[0])
+        total += size * 3 if f.path.name.lower().endswith(".parquet") else size
+    return max(1, math.ceil(total / SHARD_TEXT_BYTES))
+
+
+def vocab_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the id -> token table and the special ids: equal iff the vocabularies are.
+
+    The trainer compares it with the manifest's `tokenizer.vocab_sha256` to refuse shards
+    built with another vocabulary.
+    """
+    digest = hashlib.sha256()
+    for token in tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size))):
+        digest.update(token.encode("utf-8") + b"\n")
+    specials = {k: getattr(tokenizer, k) for k in ("cls_id", "sep_id", "mask_id", "pad_id")}
+    digest.update(json.dumps(specials, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def load_tokenizer(path: str | os.PathLike[str], lowercase: bool = True) -> Any:
+    """A tokenizer dir (`Tokenizer.load`) or a BERT `vocab.txt` (WordPiece)."""
+    from bert.tokenizer import Tokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"tokenizer path does not exist: {path}")
+    if path.is_dir():
+        return Tokenizer.load(path)
+    return Tokenizer.from_vocab_file(path, lowercase=lowercase)
+
+
+def build_shards(
+    corpus: Sequence[str | os.PathLike[str]],
+    tokenizer: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    config: PretrainingDataConfig = PretrainingDataConfig(),
+    corpus_config: CorpusConfig = CorpusConfig(),
+    *,
+    lowercase: bool = True,
+    num_workers: int | None = None,
+    read_blocks: int | None = None,
+) -> dict[str, Any]:
+    """Build the shards dir `out` from the corpus paths; returns the manifest.
+
+    `num_workers` caps the concurrent Ray tasks of each pass (None: as many as Ray has CPUs)
+    and `read_blocks` the number of blocks the file list is cut into (None: one per file);
+    neither changes a byte of the output. Raises `InputError` before any work (Ray is not even
+    started) for a missing corpus or tokenizer path or an existing `out`.
+    """
+    from pipelines.ray_runtime import ensure_ray
+
+    files = expand_inputs(corpus, corpus_config)
+    tok = load_tokenizer(tokenizer, lowercase=lowercase)
+    out = Path(out)
+    if out.exists():
+        raise InputError(f"shards dir already exists: {out} (remove it, or choose another --out)")
+    num_shards = config.num_shards or default_num_shards(files)
+    config = dataclasses.replace(config, num_shards=num_shards)
+    special = SpecialTokens.of(tok)
+    ensure_ray()  # the caller's runtime if there is one, else RAY_ADDRESS's cluster or a local one
+
+    with atomic_directory(out, overwrite=False) as tmp:
+        tok.save(tmp / TOKENIZER_DIR)
+        buckets = tmp / "_buckets"
+        file_rows = _run_tokenize_pass(files, tmp / TOKENIZER_DIR, buckets, config, corpus_config, num_workers, read_blocks)
+        shard_rows = _run_build_pass(buckets, tmp, config, special, num_workers)
+        shutil.rmtree(buckets)
+        manifest = _manifest(config, corpus_config, tok, tmp / TOKENIZER_DIR, file_rows, shard_rows)
+        write_json_atomic(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def _compute(num_workers: int | None, num_rows: int) -> Any:
+    """Ray tasks for a map over `num_rows` rows: at most `num_workers` (None: all CPUs) at a time."""
+    import ray.data
+
+    return ray.data.TaskPoolStrategy(size=None if num_workers is None else min(num_workers, num_rows))
+
+
+def _run_tokenize_pass(
+    files: Sequence[InputFile],
+    tokenizer_dir: Path,
+    buckets: Path,
+    config: PretrainingDataConfig,
+    corpus_config: CorpusConfig,
+    num_workers: int | None,
+    read_blocks: int | None,
+) -> list[dict[str, Any]]:
+    import ray.data
+
+    items = [{"file_index": i, "path": str(f.path), "name": f.name} for i, f in enumerate(files)]
+    blocks = min(read_blocks or len(items), len(items))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map(
+        _tokenize_file,
+        fn_kwargs={
+            "tokenizer_dir": str(tokenizer_dir),
+            "buckets": str(buckets),
+            "num_shards": config.num_shards,
+            "word_starts": config.whole_word_masking,
+            "corpus_config": corpus_config,
+        },
+        compute=_compute(num_workers, blocks),
+    )
+    return sorted(ds.take_all(), key=lambda r: r["file_index"])
+
+
+def _run_build_pass(
+    buckets: Path, out: Path, config: PretrainingDataConfig, special: SpecialTokens, num_workers: int | None
+) -> list[dict[str, Any]]:
+    import ray.data
+
+    assert config.num_shards is not None
+    ds = ray.data.from_items([{"shard": k} for k in range(config.num_shards)], override_num_blocks=config.num_shards)
+    ds = ds.map(
+        _build_shard,
+        fn_kwargs={"buckets": str(buckets), "out": str(out), "config": config, "special": special},
+        compute=_compute(num_workers, config.num_shards),
+    )
+    return sorted(ds.take_all(), key=lambda r: r["shard"])
+
+
+# ---------------------------------------------------------------------------------------------
+# pass 1: one input file -> its documents, tokenized, in per-shard buckets
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_tokenizer(tokenizer_dir: str) -> Any:
+    """One tokenizer per worker process, reused by the tasks it runs."""
+    from bert.tokenizer import Tokenizer
+
+    return Tokenizer.load(tokenizer_dir)
+
+
+def _bucket_schema(word_starts: bool) -> pa.Schema:
+    fields = [
+        pa.field("doc_id", pa.string()),
+        pa.field("sentences", pa.list_(pa.list_(pa.int32()))),
+    ]
+    if word_starts:
+        fields.append(pa.field("word_starts", pa.list_(pa.list_(pa.bool_()))))
+    return pa.schema(fields)
+
+
+class _BucketWriter:
+    """Appends one file's tokenized documents to its per-shard bucket files, in file order.
+
+    Documents wait in memory until `_BUCKET_FLUSH_TOKENS` tokens are pending over all shards,
+    then every shard's pending documents become a row group of its bucket file.
+    """
+
+    def __init__(self, buckets: Path, file_index: int, num_shards: int, word_starts: bool) -> None:
+        self.buckets = buckets
+        self.file_index = file_index
+        self.num_shards = num_shards
+        self.schema = _bucket_schema(word_starts)
+        self.word_starts = word_starts
+        self.pending: dict[int, list[tuple[str, list[list[int]], list[list[bool]] | None]]] = {}
+        self.pending_tokens = 0
+        self.writers: dict[int, pq.ParquetWriter] = {}
+
+    def add(self, doc_id: str, sentences: list[list[int]], word_starts: list[list[bool]] | None) -> None:
+        shard = shard_of(doc_id, self.num_shards)
+        self.pending.setdefault(shard, []).append((doc_id, sentences, word_starts))
+        self.pending_tokens += sum(map(len, sentences))
+        if self.pending_tokens >= _BUCKET_FLUSH_TOKENS:
+            self._flush()
+
+    def close(self) -> None:
+        self._flush()
+        for writer in self.writers.values():
+            writer.close()
+
+    def _flush(self) -> None:
+        for shard, docs in sorted(self.pending.items()):
+            columns: dict[str, Any] = {"doc_id": [d[0] for d in docs], "sentences": [d[1] for d in docs]}
+            if self.word_starts:
+                columns["word_starts"] = [d[2] for d in docs]
+            if shard not in self.writers:
+                path = self.buckets / f"{shard:05d}" / f"{self.file_index:06d}.parquet"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.writers[shard] = pq.ParquetWriter(path, self.schema)
+            self.writers[shard].write_table(pa.Table.from_pydict(columns, schema=self.schema))
+        self.pending.clear()
+        self.pending_tokens = 0
+
+
+def _tokenize_file(
+    row: dict[str, Any],
+    *,
+    tokenizer_dir: str,
+    buckets: str,
+    num_shards: int,
+    word_starts: bool,
+    corpus_config: CorpusConfig,
+) -> dict[str, Any]:
+    """Pass 1 for one input file; returns its fingerprint and counts."""
+    tok = _cached_tokenizer(tokenizer_dir)
+    file = InputFile(Path(row["path"]), row["name"])
+    stats = ReadStats()
+    writer = _BucketWriter(Path(buckets), row["file_index"], num_shards, word_starts)
+    counts = {"tokens": 0, "tokenized_documents": 0, "documents_without_tokens": 0}
+
+    def encode(batch: list[tuple[str, tuple[str, ...]]]) -> None:
+        encodings = tok.encode_batch([s for _, sentences in batch for s in sentences], add_special_tokens=False)
+        k = 0
+        for doc_id, sentences in batch:
+            encs = encodings[k : k + len(sentences)]
+            k += len(sentences)
+            ids = [e.ids for e in encs if len(e.ids)]
+            if not ids:
+                counts["documents_without_tokens"] += 1
+                continue
+            starts = [list(e.word_starts) for e in encs if len(e.ids)] if word_starts else None
+            writer.add(doc_id, ids, starts)
+            counts["tokens"] += sum(map(len, ids))
+            counts["tokenized_documents"] += 1
+
+    batch: list[tuple[str, tuple[str, ...]]] = []
+    batch_sentences = 0
+    for doc in read_documents(file, stats, corpus_config):
+        batch.append((doc.doc_id, doc.sentences))
+        batch_sentences += len(doc.sentences)
+        if batch_sentences >= _ENCODE_BATCH_SENTENCES:
+            encode(batch)
+            batch, batch_sentences = [], 0
+    if batch:
+        encode(batch)
+    writer.close()
+    return {
+        "file_index": row["file_index"],
+        "name": row["name"],
+        "path": row["path"],
+        "bytes": file.path.stat().st_size,
+        "sha256": sha256_file(file.path),
+        **stats.as_dict(),
+        **counts,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# pass 2: one shard's buckets -> its examples in part-<shard>.parquet
+
+
+def read_bucket_documents(paths: Iterable[Path], word_starts: bool) -> list[TokenizedDocument]:
+    """The documents of bucket files, in the order given and the order within each file.
+
+    Token ids stay in the Arrow buffers: each document's arrays are zero-copy views.
+    """
+    docs: list[TokenizedDocument] = []
+    for path in paths:
+        table = pq.read_table(path)
+        doc_ids = table.column("doc_id").to_pylist()
+        sentences = table.column("sentences").combine_chunks()
+        doc_offsets = sentences.offsets.to_numpy()
+        sentence_offsets = sentences.values.offsets.to_numpy()
+        tokens = sentences.values.values.to_numpy()
+        starts = None
+        if word_starts:
+            starts = table.column("word_starts").combine_chunks().values.values.to_numpy(zero_copy_only=False)
+        for d, doc_id in enumerate(doc_ids):
+            s0, s1 = doc_offsets[d], doc_offsets[d + 1]
+            t0, t1 = sentence_offsets[s0], sentence_offsets[s1]
+            docs.append(
+                TokenizedDocument(
+                    doc_id,
+                    tokens[t0:t1],
+                    (sentence_offsets[s0 : s1 + 1] - t0).astype(np.int64),
+                    None if starts is None else starts[t0:t1],
+                )
+            )
+    return docs
+
+
+def example_schema(whole_word_masking: bool) -> pa.Schema:
+    """The part files' schema; `word_starts` only with whole-word masking (for dynamic WWM)."""
+    fields = [
+        pa.field("input_ids", pa.list_(pa.int32())),
+        pa.field("token_type_ids", pa.list_(pa.int8())),
+        pa.field("masked_lm_positions", pa.list_(pa.int32())),
+        pa.field("masked_lm_ids", pa.list_(pa.int32())),
+        pa.field("next_sentence_label", pa.int8()),
+        pa.field("length", pa.int32()),
+    ]
+    if whole_word_masking:
+        fields.append(pa.field("word_starts", pa.list_(pa.bool_())))
+    fields += [  # provenance, for auditing: the documents and sentence ranges A and B come from
+        pa.field("a_doc_id", pa.string()),
+        pa.field("a_sentence_start", pa.int32()),
+        pa.field("a_sentence_end", pa.int32()),
+        pa.field("b_doc_id", pa.string()),
+        pa.field("b_sentence_start", pa.int32()),
+        pa.field("b_sentence_end", pa.int32()),
+    ]
+    return pa.schema(fields)
+
+
+def _list_array(arrays: list[np.ndarray], dtype: pa.DataType) -> pa.Array:
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays) if arrays else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=dtype))
+
+
+def _examples_table(examples: list[Example], schema: pa.Schema) -> pa.Table:
+    spans = [e.span for e in examples]
+    columns: dict[str, pa.Array] = {
+        "input_ids": _list_array([e.input_ids for e in examples], pa.int32()),
+        "token_type_ids": _list_array([e.token_type_ids for e in examples], pa.int8()),
+        "masked_lm_positions": _list_array([e.masked_lm_positions for e in examples], pa.int32()),
+        "masked_lm_ids": _list_array([e.masked_lm_ids for e in examples], pa.int32()),
+        "next_sentence_label": pa.array([e.next_sentence_label for e in examples], pa.int8()),
+        "length": pa.array([len(e.input_ids) for e in examples], pa.int32()),
+    }
+    if "word_starts" in schema.names:
+        columns["word_starts"] = _list_array([e.word_starts for e in examples], pa.bool_())  # type: ignore[misc]
+    columns |= {
+        "a_doc_id": pa.array([e.a_doc_id for e in examples], pa.string()),
+        "a_sentence_start": pa.array([s.a_sentence_start for s in spans], pa.int32()),
+        "a_sentence_end": pa.array([s.a_sentence_end for s in spans], pa.int32()),
+        "b_doc_id": pa.array([e.b_doc_id for e in examples], pa.string()),
+        "b_sentence_start": pa.array([s.b_sentence_start for s in spans], pa.int32()),
+        "b_sentence_end": pa.array([s.b_sentence_end for s in spans], pa.int32()),
+    }
+    return pa.table(columns, schema=schema)
+
+
+class _ShardStats:
+    """Counts over one shard's examples, for the manifest."""
+
+    def __init__(self, config: PretrainingDataConfig, special: SpecialTokens) -> None:
+        self.special = special
+        self.counts = dict.fromkeys(
+            ("examples", "example_tokens", "predictable_tokens", "masked", "masked_mask", "masked_random",
+             "masked_keep", "random_next"),
+            0,
+        )
+        self.length_counts = np.zeros(config.max_seq_length + 1, dtype=np.int64)
+
+    def add(self, e: Example) -> None:
+        c = self.counts
+        c["examples"] += 1
+        c["example_tokens"] += len(e.input_ids)
+        c["random_next"] += e.next_sentence_label
+        self.length_counts[len(e.input_ids)] += 1
+        got = e.input_ids[e.masked_lm_positions]
+        is_mask = got == self.special.mask_id
+        is_keep = got == e.masked_lm_ids
+        # the tokens that could be masked: non-special now, or non-special before being masked
+        c["predictable_tokens"] += int((~self.special.is_special[e.input_ids]).sum() + is_mask.sum())
+        c["masked"] += len(got)
+        c["masked_mask"] += int(is_mask.sum())
+        c["masked_keep"] += int(is_keep.sum())
+        c["masked_random"] += int((~is_mask & ~is_keep).sum())
+
+
+def _build_shard(
+    row: dict[str, Any], *, buckets: str, out: str, config: PretrainingDataConfig, special: SpecialTokens
+) -> dict[str, Any]:
+    """Pass 2 for one shard: read its buckets, create its examples, write its part file."""
+    shard = row["shard"]
+    paths = sorted((Path(buckets) / f"{shard:05d}").glob("*.parquet"))  # zero-padded file index
+    documents = read_bucket_documents(paths, config.whole_word_masking)
+    rng = np.random.default_rng([config.seed, shard])
+    schema = example_schema(config.whole_word_masking)
+    name = f"part-{shard:05d}.parquet"
+    final = Path(out) / name
+    tmp = final.with_name(f".{name}.tmp")
+    stats = _ShardStats(config, special)
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        batch: list[Example] = []
+        for example in create_examples(documents, config, special, rng):
+            stats.add(example)
+            batch.append(example)
+            if len(batch) == ROW_GROUP_ROWS:
+                writer.write_table(_examples_table(batch, schema), row_group_size=ROW_GROUP_ROWS)
+                batch = []
+        if batch or stats.counts["examples"] == 0:
+            writer.write_table(_examples_table(batch, schema), row_group_size=ROW_GROUP_ROWS)
+    os.replace(tmp, final)
+    return {
+        "shard": shard,
+        "part": name,
+        "bytes": final.stat().st_size,
+        "sha256": sha256_file(final),
+        "documents": len(documents),
+        "sentences": sum(d.num_sentences for d in documents),
+        "tokens": sum(len(d.tokens) for d in documents),
+        **stats.counts,
+        "length_counts": stats.length_counts.tolist(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the manifest
+
+
+def _manifest(
+    config: PretrainingDataConfig,
+    corpus_config: CorpusConfig,
+    tok: Any,
+    tokenizer_dir: Path,
+    file_rows: list[dict[str, Any]],
+    shard_rows: list[dict[str, Any]],
+) -> dict[str, Any]:
+    def total(rows: list[dict[str, Any]], key: str) -> int:
+        return int(sum(r[key] for r in rows))
+
+    skip_keys = [f.name for f in dataclasses.fields(ReadStats) if f.name not in ("files", "documents", "sentences")]
+    masked = total(shard_rows, "masked")
+    examples = total(shard_rows, "examples")
+    length_counts = np.sum([r["length_counts"] for r in shard_rows], axis=0)
+    lengths = np.arange(len(length_counts))
+    edges = np.linspace(0, config.max_seq_length, HISTOGRAM_BINS + 1)
+    histogram = np.histogram(lengths, bins=edges, weights=length_counts)[0].astype(int).tolist()
+    return {
+        "format": FORMAT,
+        "config": dataclasses.asdict(config),
+        "corpus_config": dataclasses.asdict(corpus_config),
+        "tokenizer": {
+            "dir": TOKENIZER_DIR,
+            "vocab_size": tok.vocab_size,
+            "vocab_sha256": vocab_fingerprint(tok),
+            "files_sha256": {
+                p.relative_to(tokenizer_dir).as_posix(): sha256_file(p)
+                for p in sorted(tokenizer_dir.rglob("*"))
+                if p.is_file()
+            },
+            "special_ids": {k: getattr(tok, k) for k in ("cls_id", "sep_id", "mask_id", "pad_id")},
+        },
+        "inputs": [{k: r[k] for k in ("name", "path", "bytes", "sha256")} for r in file_rows],
+        "counts": {
+            "files": len(file_rows),
+            "documents": total(file_rows, "tokenized_documents"),
+            "sentences": total(shard_rows, "sentences"),
+            "tokens": total(file_rows, "tokens"),
+            "examples": examples,
+            "example_tokens": total(shard_rows, "example_tokens"),
+        },
+        "skipped": {k: total(file_rows, k) for k in [*skip_keys, "documents_without_tokens"]},
+        "statistics": {
+            "masked_fraction": masked / max(1, total(shard_rows, "predictable_tokens")),
+            "masked_split": {
+                k: total(shard_rows, f"masked_{k}") / max(1, masked) for k in ("mask", "random", "keep")
+            },
+            "next_sentence_random_fraction": total(shard_rows, "random_next") / max(1, examples),
+            "mean_length": total(shard_rows, "example_tokens") / max(1, examples),
+            "length_histogram": {"edges": edges.tolist(), "counts": histogram},
+        },
+        "parts": [
+            {k: r[k] for k in ("part", "bytes", "sha256", "documents", "tokens", "examples")} for r in shard_rows
+        ],
+        "columns": example_schema(config.whole_word_masking).names,
+    }
+
+
+def read_manifest(shards_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a finished shards dir; `InputError` if the dir is not one."""
+    path = Path(shards_dir) / MANIFEST
+    if not path.is_file():
+        raise InputError(f"not a finished shards dir (no {MANIFEST}): {shards_dir}")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise InputError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest

@@ -1,0 +1,231 @@
+"""The shards stage on Ray: determinism across workers and blocks, the output contract, bad input.
+
+CI builds from 6 of the 100 Wikipedia files; the full-extract build is marked `slow`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from bert.corpus import ReadStats, expand_inputs, read_documents
+from bert.errors import InputError
+from bert.pretraining_data import PretrainingDataConfig, SpecialTokens
+from bert.tokenizer import Tokenizer
+from pipelines.cli import main
+from pipelines.shards import build_shards, example_schema, read_manifest, shard_of, vocab_fingerprint
+
+pytestmark = pytest.mark.integration
+
+SUBSET = [f"wiki_{i:02d}.gz" for i in range(20, 26)]
+CONFIG = PretrainingDataConfig(dupe_factor=2, num_shards=3)
+
+
+@pytest.fixture(scope="module")
+def wiki_dir(datasets_dir: Path) -> Path:
+    return datasets_dir / "wikipedia_en_extract" / "AA"
+
+
+@pytest.fixture(scope="module")
+def subset(wiki_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    corpus = tmp_path_factory.mktemp("corpus") / "wiki"
+    corpus.mkdir()
+    for name in SUBSET:
+        (corpus / name).symlink_to(wiki_dir / name)
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def built(ray_local, subset: Path, vocab_txt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("build") / "shards"
+    build_shards([subset], vocab_txt, out, CONFIG, num_workers=1)
+    return out
+
+
+def part_hashes(shards_dir: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(shards_dir.glob("part-*.parquet"))}
+
+
+def read_rows(shards_dir: Path) -> list[dict]:
+    return [row for p in sorted(shards_dir.glob("part-*.parquet")) for row in pq.read_table(p).to_pylist()]
+
+
+def test_same_bytes_whatever_the_workers_and_blocks(built: Path, subset: Path, vocab_txt: Path, tmp_path: Path) -> None:
+    again = tmp_path / "shards"
+    build_shards([subset], vocab_txt, again, CONFIG, num_workers=4, read_blocks=2)
+    first = part_hashes(built)
+    assert list(first) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert part_hashes(again) == first
+    assert [p["sha256"] for p in read_manifest(again)["parts"]] == list(first.values())
+
+
+def test_layout_and_manifest(built: Path, subset: Path, vocab_txt: Path) -> None:
+    assert sorted(p.name for p in built.iterdir()) == [
+        "_manifest.json", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "tokenizer",
+    ]
+    manifest = read_manifest(built)
+    assert manifest["config"] == dataclasses.asdict(CONFIG)
+    assert [i["name"] for i in manifest["inputs"]] == [f"wiki/{n}" for n in SUBSET]
+    for entry in manifest["inputs"]:
+        assert entry["sha256"] == hashlib.sha256((subset / Path(entry["name"]).name).read_bytes()).hexdigest()
+    counts = manifest["counts"]
+    assert counts["files"] == 6 and counts["documents"] == 367  # articles in wiki_20..25 (datasets MANIFEST.md)
+    assert counts["examples"] == sum(p["examples"] for p in manifest["parts"])
+    assert not any(manifest["skipped"].values())
+    tok = Tokenizer.load(built / "tokenizer")
+    assert manifest["tokenizer"]["vocab_size"] == tok.vocab_size == 30522
+    assert manifest["tokenizer"]["vocab_sha256"] == vocab_fingerprint(Tokenizer.from_vocab_file(vocab_txt))
+    for part in manifest["parts"]:  # balanced parts: documents are spread by a hash of their id
+        assert abs(part["examples"] / (counts["examples"] / 3) - 1) < 0.35
+    hist = manifest["statistics"]["length_histogram"]
+    assert sum(hist["counts"]) == counts["examples"] and len(hist["edges"]) == len(hist["counts"]) + 1
+
+
+def test_examples_meet_the_acceptance_statistics(built: Path) -> None:
+    manifest = read_manifest(built)
+    tok = Tokenizer.load(built / "tokenizer")
+    special = SpecialTokens.of(tok)
+    assert pq.read_schema(built / "part-00000.parquet").remove_metadata() == example_schema(False)
+    rows = read_rows(built)
+    masked = maskable = random_next = 0
+    kinds = {"mask": 0, "random": 0, "keep": 0}
+    for k, part in enumerate(sorted(built.glob("part-*.parquet"))):
+        for doc_id in set(pq.read_table(part, columns=["a_doc_id"]).column(0).to_pylist()):
+            assert shard_of(doc_id, 3) == k  # a document's examples live in the shard its id hashes to
+    for row in rows:
+        ids = np.array(row["input_ids"])
+        positions = np.array(row["masked_lm_positions"], dtype=np.int64)
+        labels = np.array(row["masked_lm_ids"])
+        assert row["length"] == len(ids) <= CONFIG.max_seq_length
+        assert not special.is_special[labels].any()
+        shown = ids[positions]
+        kinds["mask"] += int((shown == tok.mask_id).sum())
+        kinds["keep"] += int((shown == labels).sum())
+        kinds["random"] += int(((shown != tok.mask_id) & (shown != labels)).sum())
+        masked += len(positions)
+        maskable += int((~special.is_special[ids]).sum()) + int((shown == tok.mask_id).sum())
+        random_next += row["next_sentence_label"]
+        if row["next_sentence_label"] == 1:
+            assert row["a_doc_id"] != row["b_doc_id"]
+        else:
+            assert row["a_doc_id"] == row["b_doc_id"] and row["b_sentence_start"] == row["a_sentence_end"]
+    stats = manifest["statistics"]
+    assert abs(masked / maskable - 0.15) < 0.005
+    assert stats["masked_fraction"] == pytest.approx(masked / maskable)
+    for kind, share in (("mask", 0.8), ("random", 0.1), ("keep", 0.1)):
+        assert abs(kinds[kind] / masked - share) < 0.01
+        assert stats["masked_split"][kind] == pytest.approx(kinds[kind] / masked)
+    assert abs(random_next / len(rows) - 0.5) < 0.01
+    assert stats["next_sentence_random_fraction"] == pytest.approx(random_next / len(rows))
+
+
+def test_provenance_names_the_sentences_of_each_segment(built: Path, subset: Path) -> None:
+    """The audit columns point at the very text of A and B: re-read and re-tokenize it."""
+    tok = Tokenizer.load(built / "tokenizer")
+    stats = ReadStats()
+    docs = {d.doc_id: d for f in expand_inputs([subset]) for d in read_documents(f, stats)}
+    rows = pq.read_table(built / "part-00001.parquet").slice(0, 60).to_pylist()
+    for row in rows:
+        ids = np.array(row["input_ids"])
+        ids[row["masked_lm_positions"]] = row["masked_lm_ids"]
+        sep = int(np.flatnonzero(ids == tok.sep_id)[0])
+        for seg, side in ((ids[1:sep], "a"), (ids[sep + 1 : -1], "b")):
+            sentences = docs[row[f"{side}_doc_id"]].sentences[row[f"{side}_sentence_start"] : row[f"{side}_sentence_end"]]
+            run = [i for e in tok.encode_batch(list(sentences), add_special_tokens=False) for i in e.ids]
+            assert any(run[k : k + len(seg)] == seg.tolist() for k in range(len(run) - len(seg) + 1))
+
+
+def test_whole_word_and_dynamic_masking(ray_local, wiki_dir: Path, vocab_txt: Path, tmp_path: Path) -> None:
+    config = PretrainingDataConfig(dupe_factor=1, num_shards=2, whole_word_masking=True, dynamic_masking=True)
+    out = tmp_path / "shards"
+    build_shards([wiki_dir / "wiki_30.gz"], vocab_txt, out, config)
+    table = pq.read_table(out / "part-00000.parquet")
+    assert table.schema.remove_metadata() == example_schema(True)
+    rows = table.to_pylist()
+    assert rows and all(not r["masked_lm_positions"] and not r["masked_lm_ids"] for r in rows)
+    assert all(len(r["word_starts"]) == len(r["input_ids"]) for r in rows)
+    tok = Tokenizer.load(out / "tokenizer")
+    tokens = tok.convert_ids_to_tokens(rows[0]["input_ids"])
+    assert [not t.startswith("##") for t in tokens[1:-1]] == rows[0]["word_starts"][1:-1]
+
+
+def test_bad_inputs_are_counted_in_the_manifest(
+    ray_local, wiki_dir: Path, vocab_txt: Path, tmp_path: Path
+) -> None:
+    corpus = tmp_path / "mixed"
+    corpus.mkdir()
+    (corpus / "empty.txt").write_bytes(b"")
+    (corpus / "binary.bin").write_bytes(bytes(range(256)) * 64)
+    (corpus / "bad-utf8.txt").write_bytes(b"Caf\xe9 au lait.\nSecond line.\n\nOne sentence only.\n")
+    (corpus / "long.txt").write_text("word " * 1_000_000 + "\nAnd a normal sentence.\n")  # a 5 MB line
+    (corpus / "docs.jsonl").write_text(
+        "\n".join([json.dumps({"text": "A first sentence. And a second."}), json.dumps({"text": ""}), "oops"]) + "\n"
+    )
+    (corpus / "cut.gz").write_bytes((wiki_dir / "wiki_40.gz").read_bytes()[:60_000])
+    shutil.copy(wiki_dir / "wiki_41.gz", corpus / "wiki_41.gz")
+    out = tmp_path / "shards"
+    manifest = build_shards([corpus], vocab_txt, out, PretrainingDataConfig(dupe_factor=1, num_shards=2))
+    assert manifest["skipped"] == {
+        "empty_files": 1,
+        "binary_files": 1,
+        "unreadable_files": 1,
+        "empty_documents": 1,
+        "undecodable_lines": 1,
+        "bad_records": 1,
+        "long_sentences_cut": 1,
+        "documents_without_tokens": 0,
+    }
+    rows = read_rows(out)
+    doc_ids = {r["a_doc_id"] for r in rows} | {r["b_doc_id"] for r in rows}
+    assert {"mixed/long.txt:0", "mixed/docs.jsonl:0"} <= doc_ids
+    assert any(d.startswith("mixed/cut.gz:") for d in doc_ids)  # the part before the cut is kept
+    assert manifest["counts"]["files"] == 7
+
+
+def test_missing_path_fails_before_any_work(ray_local, subset: Path, vocab_txt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    with pytest.raises(InputError, match="does not exist: .*nowhere"):
+        build_shards([subset, tmp_path / "nowhere"], vocab_txt, out, CONFIG)
+    with pytest.raises(InputError, match="tokenizer path does not exist: .*no-vocab.txt"):
+        build_shards([subset], tmp_path / "no-vocab.txt", out, CONFIG)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary dir
+
+
+def test_an_existing_output_is_never_overwritten(built: Path, subset: Path, vocab_txt: Path) -> None:
+    before = part_hashes(built)
+    with pytest.raises(InputError, match="already exists"):
+        build_shards([subset], vocab_txt, built, CONFIG)
+    assert part_hashes(built) == before
+
+
+def test_cli_build_and_inspect(ray_local, wiki_dir: Path, vocab_txt: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "shards"
+    rc = main(["shards", "build", "--corpus", str(wiki_dir / "wiki_50.gz"), "--tokenizer", str(vocab_txt),
+               "--out", str(out), "--dupe-factor", "1", "--num-shards", "2", "--max-seq-length", "64"])
+    assert rc == 0
+    assert read_manifest(out)["config"]["max_seq_length"] == 64
+    assert main(["shards", "inspect", str(out), "--examples", "2"]) == 0
+    shown = capsys.readouterr().out
+    assert "length histogram" in shown and "[CLS]" in shown and "→" in shown and "random next" in shown
+    rc = main(["shards", "build", "--corpus", str(tmp_path / "missing"), "--tokenizer", str(vocab_txt),
+               "--out", str(tmp_path / "x")])
+    assert rc == 2 and "missing" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_full_extract(ray_local, wiki_dir: Path, vocab_txt: Path, tmp_path: Path) -> None:
+    """The whole extract with the default config (dupe factor 5, shards from the corpus size)."""
+    manifest = build_shards([wiki_dir], vocab_txt, tmp_path / "shards")
+    stats = manifest["statistics"]
+    assert manifest["counts"]["documents"] == 6510  # 6514 articles, 4 with only a title
+    assert abs(stats["masked_fraction"] - 0.15) < 0.005
+    assert abs(stats["next_sentence_random_fraction"] - 0.5) < 0.01
+    for kind, share in (("mask", 0.8), ("random", 0.1), ("keep", 0.1)):
+        assert abs(stats["masked_split"][kind] - share) < 0.01
