@@ -20,17 +20,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# `python benchmarks/shards.py` puts this folder first on sys.path, where benchmarks/tokenize.py
-# would shadow the standard library's `tokenize` (which linecache and traceback import).
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+import threading
+import time
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("BERTFLOW_DATASETS", ROOT.parent / "shared" / "datasets"))
