@@ -7,9 +7,7 @@ Hugging Face BERT config also uses, so a config maps 1:1 onto both.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 from bert.errors import InputError
@@ -95,19 +93,6 @@ class BertConfig:
             raise InputError(f"{source}: {exc}") from None
         except TypeError as exc:
             raise InputError(f"{source}: {exc}") from None
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> BertConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: config file not found")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(data, dict):
-            raise InputError(f"{path}: expected a JSON object with BERT config fields")
-        return cls.from_dict(data, source=str(path))
 
 
 def _preset(layers: int, hidden: int, **overrides: Any) -> BertConfig:
