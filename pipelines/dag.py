@@ -1,0 +1,574 @@
+"""The pipeline DAG: stages, their cache keys and output dirs, and a runner on Ray.
+
+A **stage** is a function from (typed config, upstream output dirs) to one output dir
+(DESIGN.md, "Stage output dir"). Its dir is `<workdir>/<kind>/<key>/`, where `key` hashes the
+stage kind, its code version, the config fields it reads and the keys of its upstream stages,
+so a key names an output, not a run: equal keys mean equal inputs.
+
+Life of a stage output:
+
+    <kind>/.<key>.tmp-<random>/   the stage writes here (a killed stage leaves only this)
+    <kind>/<key>.work/            stable scratch for resumable stages (pretraining checkpoints);
+                                  a re-run after a kill finds it and resumes
+    <kind>/<key>/                 renamed into place when the stage returns, `_manifest.json`
+                                  (written last, inside the temporary dir) marking it done
+    <kind>/<key>.running|.failed  markers for `bertflow status`
+
+A dir without `_manifest.json` is never taken as done. The runner holds an exclusive
+`fcntl.flock` on `<workdir>/.lock` for the whole run, so two runs of one workdir never
+interleave; under the lock it removes temporary dirs that killed runs left behind.
+
+The runner submits every stage whose upstream stages are done as a Ray task (so independent
+stages and the fine-tune fan-out run concurrently, as far as Ray's resources and
+`max_concurrent` allow), retries a failing stage up to its `max_retries`, and on a final
+failure skips the stage's descendants while the other branches finish. The DAG core knows
+nothing about BERT: `pipelines/stages.py` builds the stage table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bert.errors import BertflowError, InputError
+from bert.fsutil import write_json_atomic
+
+MANIFEST = "_manifest.json"
+LOCK_FILE = ".lock"
+KEY_LENGTH = 16
+
+
+class PipelineError(BertflowError):
+    """One or more stages failed; the message lists them, their errors and the stages skipped."""
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage function gets: where to write, where its upstream outputs are, who it is."""
+
+    name: str  # node name in the DAG, e.g. "finetune.sst2.seed1"
+    kind: str
+    key: str
+    config: Any  # the stage's typed config (a frozen dataclass)
+    inputs: Mapping[str, Path]  # input role -> upstream output dir
+    out: Path  # temporary dir, renamed to the final dir when the function returns
+    work: Path  # stable scratch dir `<key>.work/` (exists; removed after success)
+    final: Path  # the dir `out` becomes
+    tracking: Mapping[str, str] | None = None  # {"tracking_uri", "run_id"}: the stage's MLflow run, if any
+
+    def log(self, message: str) -> None:
+        print(f"[{self.name}] {message}", flush=True)
+
+
+StageFunction = Callable[[StageContext], Mapping[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One node of the DAG.
+
+    `config_fields` is what enters the key: the fields the stage reads, JSON-able. `inputs`
+    maps the function's input roles to upstream node names. `resources` are the Ray resources
+    of the stage's task (a stage that only drives Ray Train workers can ask for none).
+    """
+
+    name: str
+    kind: str
+    version: int
+    fn: StageFunction
+    config: Any = None
+    config_fields: Mapping[str, Any] = field(default_factory=dict)
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    resources: Mapping[str, float] = field(default_factory=lambda: {"num_cpus": 1})
+    max_retries: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\ "):
+            raise InputError(f"stage name {self.name!r}: expected a non-empty name without '/', '\\' or spaces")
+        if self.max_retries < 0:
+            raise InputError(f"stage {self.name}: max_retries must be >= 0, got {self.max_retries}")
+
+
+def _canonical(value: Any) -> Any:
+    """JSON-able form of a config value (dataclasses, tuples, paths) for hashing."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _canonical(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"config value {value!r} of type {type(value).__name__} cannot enter a stage key")
+
+
+def stage_key(kind: str, version: int, config_fields: Mapping[str, Any], upstream: Mapping[str, str]) -> str:
+    """sha256 over (kind, code version, config fields read, upstream keys by input role)."""
+    payload = json.dumps(
+        {"kind": kind, "version": version, "config": _canonical(config_fields), "upstream": dict(sorted(upstream.items()))},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
+
+
+# ----------------------------------------------------------------------------- the graph
+
+
+@dataclass(frozen=True)
+class Node:
+    """A stage with its resolved key and dirs."""
+
+    stage: Stage
+    key: str
+    final: Path
+    upstream: tuple[str, ...]  # node names (deduplicated, in input order)
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    @property
+    def work(self) -> Path:
+        return self.final.with_name(self.key + ".work")
+
+    @property
+    def running_marker(self) -> Path:
+        return self.final.with_name(self.key + ".running")
+
+    @property
+    def failed_marker(self) -> Path:
+        return self.final.with_name(self.key + ".failed")
+
+    def is_done(self) -> bool:
+        return (self.final / MANIFEST).is_file()
+
+
+def topological_order(stages: Sequence[Stage]) -> list[Stage]:
+    """Stages sorted so each comes after its inputs; InputError on unknown inputs or a cycle."""
+    by_name: dict[str, Stage] = {}
+    for s in stages:
+        if s.name in by_name:
+            raise InputError(f"two stages are named {s.name!r}")
+        by_name[s.name] = s
+    for s in stages:
+        for role, upstream in s.inputs.items():
+            if upstream not in by_name:
+                raise InputError(
+                    f"stage {s.name}: input {role!r} names stage {upstream!r}, which does not exist; "
+                    f"stages: {', '.join(by_name)}"
+                )
+    order: list[Stage] = []
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(name: str, path: list[str]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = (path[path.index(name):] + [name])[::-1]  # in data-flow order
+            raise InputError(f"the stages form a cycle (output -> input): {' -> '.join(cycle)}")
+        state[name] = 1
+        for upstream in by_name[name].inputs.values():
+            visit(upstream, path + [name])
+        state[name] = 2
+        order.append(by_name[name])
+
+    for s in stages:
+        visit(s.name, [])
+    return order
+
+
+@dataclass(frozen=True)
+class Graph:
+    """Stages in topological order with their keys and output dirs under `workdir`."""
+
+    workdir: Path
+    nodes: Mapping[str, Node]  # in topological order
+
+    @classmethod
+    def build(cls, stages: Sequence[Stage], workdir: str | Path) -> Graph:
+        workdir = Path(workdir).resolve()
+        nodes: dict[str, Node] = {}
+        for s in topological_order(stages):
+            upstream_keys = {role: nodes[name].key for role, name in s.inputs.items()}
+            key = stage_key(s.kind, s.version, s.config_fields, upstream_keys)
+            nodes[s.name] = Node(s, key, workdir / s.kind / key, tuple(dict.fromkeys(s.inputs.values())))
+        return cls(workdir, nodes)
+
+    def descendants(self, name: str) -> list[str]:
+        out: list[str] = []
+        frontier = {name}
+        for n, node in self.nodes.items():  # topological order: one pass suffices
+            if frontier.intersection(node.upstream):
+                frontier.add(n)
+                out.append(n)
+        return out
+
+    def ancestors(self, name: str) -> set[str]:
+        out: set[str] = set()
+        stack = list(self.nodes[name].upstream)
+        while stack:
+            n = stack.pop()
+            if n not in out:
+                out.add(n)
+                stack.extend(self.nodes[n].upstream)
+        return out
+
+    def select(self, pattern: str) -> list[str]:
+        """Node names matching a name, a kind, or a dotted prefix ("finetune.sst2")."""
+        hits = [n for n, node in self.nodes.items()
+                if n == pattern or node.stage.kind == pattern or n.startswith(pattern + ".")]
+        if not hits:
+            raise InputError(f"no stage matches {pattern!r}; stages: {', '.join(self.nodes)}")
+        return hits
+
+    def run_key(self) -> str:
+        """A name for this set of outputs: a hash of every node's key."""
+        payload = json.dumps({n: node.key for n, node in self.nodes.items()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:KEY_LENGTH]
+
+    def status(self) -> dict[str, str]:
+        """node -> cached | running | failed | missing (running only while a run holds the lock)."""
+        locked = lock_holder(self.workdir) is not None
+        result = {}
+        for n, node in self.nodes.items():
+            if node.is_done():
+                result[n] = "cached"
+            elif node.running_marker.exists() and locked:
+                result[n] = "running"
+            elif node.failed_marker.exists():
+                result[n] = "failed"
+            else:
+                result[n] = "missing"
+        return result
+
+
+# ----------------------------------------------------------------------------- the workdir lock
+
+
+def lock_holder(workdir: Path) -> str | None:
+    """Who holds `<workdir>/.lock` ("pid 123 on host since ..."), or None if nobody does."""
+    path = workdir / LOCK_FILE
+    if not path.is_file():
+        return None
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            f.seek(0)
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on the workdir; refuse (or wait, with `wait`) if another run holds it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    f = open(workdir / LOCK_FILE, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise InputError(
+                f"{workdir} is in use by another pipeline run ({holder}); wait for it to finish "
+                f"(or pass --wait-lock), or choose another --workdir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            f.seek(0)
+            f.truncate()
+        f.close()  # releases the lock
+
+
+def remove_leftovers(graph: Graph) -> list[Path]:
+    """Under the lock: temporary dirs and `.running` markers of killed runs, and final dirs
+    without a manifest (never taken as done). Returns what was removed."""
+    removed = []
+    for kind_dir in {node.final.parent for node in graph.nodes.values()}:
+        if not kind_dir.is_dir():
+            continue
+        for item in kind_dir.iterdir():
+            stale_tmp = item.name.startswith(".") and (".tmp-" in item.name or ".old-" in item.name)
+            if stale_tmp or item.name.endswith(".running"):
+                (shutil.rmtree if item.is_dir() else Path.unlink)(item)
+                removed.append(item)
+    for node in graph.nodes.values():
+        if node.final.exists() and not node.is_done():
+            shutil.rmtree(node.final)
+            removed.append(node.final)
+    return removed
+
+
+# ----------------------------------------------------------------------------- executing one stage
+
+
+def execute_stage(stage: Stage, key: str, final: str, inputs: Mapping[str, str], tracking: Mapping[str, str] | None,
+                  attempt: int) -> dict[str, Any]:
+    """Run one stage (inside a Ray task): write to a temporary dir, add `_manifest.json`, rename.
+
+    Returns the manifest. A stage found done (another attempt got there) is not run again.
+    """
+    final_path = Path(final)
+    if (final_path / MANIFEST).is_file():
+        return json.loads((final_path / MANIFEST).read_text())
+    work = final_path.with_name(key + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = final_path.with_name(f".{key}.tmp-{os.getpid()}-{attempt}-{time.time_ns() % 10**9:09d}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    ctx = StageContext(
+        name=stage.name, kind=stage.kind, key=key, config=stage.config,
+        inputs={role: Path(p) for role, p in inputs.items()}, out=tmp, work=work, final=final_path,
+        tracking=tracking,
+    )
+    started = time.time()
+    try:
+        result = stage.fn(ctx) or {}
+        manifest = {
+            "stage": stage.kind,
+            "name": stage.name,
+            "key": key,
+            "version": stage.version,
+            "config": _canonical(stage.config_fields),
+            "inputs": dict(inputs),
+            "result": _canonical(dict(result)),
+            "started": started,
+            "finished": time.time(),
+            "seconds": time.time() - started,
+            "host": socket.gethostname(),
+            "attempt": attempt,
+        }
+        write_json_atomic(tmp / MANIFEST, manifest)  # last file written: marks the dir complete
+        if final_path.exists():  # a dir without manifest (killed publish): never taken as done
+            shutil.rmtree(final_path)
+        os.replace(tmp, final_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+# ----------------------------------------------------------------------------- the runner
+
+
+@dataclass(frozen=True)
+class StageEvent:
+    """What the runner reports to its observer (progress lines, MLflow)."""
+
+    node: str
+    event: str  # cached | started | retry | done | failed | skipped
+    seconds: float = 0.0
+    attempt: int = 0
+    error: str = ""
+    manifest: Mapping[str, Any] | None = None
+
+
+class Observer:
+    """Hooks for progress and tracking; the default prints one line per event."""
+
+    def stage_tracking(self, node: Node) -> Mapping[str, str] | None:
+        """The MLflow run a stage may log into (None: no tracking)."""
+        return None
+
+    def on_event(self, node: Node, event: StageEvent) -> None:
+        detail = {
+            "cached": f"cached {node.final}",
+            "started": f"started (key {node.key}, attempt {event.attempt + 1}/{node.stage.max_retries + 1})",
+            "retry": f"failed after {event.seconds:.1f}s, retrying: {error_summary(event.error)}",
+            "done": f"done in {event.seconds:.1f}s -> {node.final}",
+            "failed": f"FAILED after {event.seconds:.1f}s: {error_summary(event.error)}",
+            "skipped": f"skipped: {event.error}",
+        }[event.event]
+        print(f"[{time.strftime('%H:%M:%S')}] {node.name:<28} {detail}", flush=True)
+
+
+@dataclass
+class RunResult:
+    done: list[str] = field(default_factory=list)  # ran in this invocation
+    cached: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # node -> error text
+    skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.skipped
+
+
+def run_graph(
+    graph: Graph,
+    *,
+    force: Sequence[str] = (),
+    until: Sequence[str] = (),
+    max_concurrent: int = 8,
+    observer: Observer | None = None,
+    wait_lock: bool = False,
+    lock: bool = True,
+    raise_on_failure: bool = True,
+) -> RunResult:
+    """Run every stage of `graph` that is not done, on Ray (which must be initialised).
+
+    `force` names stages (names, kinds or prefixes) to run again together with their
+    descendants, even if done. `until` limits the run to the named stages and what they need.
+    Holds the workdir lock throughout (`lock=False`: the caller holds it).
+    """
+    import ray
+
+    observer = observer or Observer()
+    with workdir_lock(graph.workdir, wait=wait_lock) if lock else contextlib.nullcontext():
+        remove_leftovers(graph)
+        forced: set[str] = set()
+        for pattern in force:
+            for n in graph.select(pattern):
+                forced.add(n)
+                forced.update(graph.descendants(n))
+        wanted = set(graph.nodes)
+        if until:
+            wanted = set()
+            for pattern in until:
+                for n in graph.select(pattern):
+                    wanted.update([n, *graph.ancestors(n)])
+        result = RunResult()
+        state: dict[str, str] = {}  # node -> pending | running | done | failed | skipped | unwanted
+        for n, node in graph.nodes.items():
+            if n not in wanted:
+                state[n] = "unwanted"
+            elif n not in forced and node.is_done():
+                state[n] = "done"
+                result.cached.append(n)
+                observer.on_event(node, StageEvent(n, "cached", manifest=_read_manifest(node)))
+            else:
+                state[n] = "pending"
+                node.failed_marker.unlink(missing_ok=True)
+
+        remote = ray.remote(execute_stage)
+        running: dict[Any, tuple[str, int, float]] = {}  # ObjectRef -> (node, attempt, started)
+
+        def submit(n: str, attempt: int) -> None:
+            node = graph.nodes[n]
+            if n in forced and node.final.exists() and attempt == 0:
+                shutil.rmtree(node.final)
+            inputs = {role: str(graph.nodes[u].final) for role, u in node.stage.inputs.items()}
+            options = {**node.stage.resources, "max_retries": 0}
+            ref = remote.options(**options).remote(
+                node.stage, node.key, str(node.final), inputs, observer.stage_tracking(node), attempt)
+            running[ref] = (n, attempt, time.time())
+            state[n] = "running"
+            node.running_marker.parent.mkdir(parents=True, exist_ok=True)
+            node.running_marker.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            observer.on_event(node, StageEvent(n, "started", attempt=attempt))
+
+        last_progress = time.time()
+
+        def skip_descendants(n: str, reason: str) -> None:
+            for d in graph.descendants(n):
+                if state[d] == "pending":
+                    state[d] = "skipped"
+                    result.skipped.append(d)
+                    observer.on_event(graph.nodes[d], StageEvent(d, "skipped", error=reason))
+
+        while True:
+            for n, node in graph.nodes.items():
+                if len(running) >= max_concurrent:
+                    break
+                if state[n] == "pending" and all(state[u] == "done" for u in node.upstream):
+                    submit(n, 0)
+            if not running:
+                break
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=10.0)
+            if not ready:
+                if time.time() - last_progress >= 60:  # a heartbeat for long stages
+                    last_progress = time.time()
+                    print(f"[{time.strftime('%H:%M:%S')}] running: " + ", ".join(
+                        f"{n} ({time.time() - t0:.0f}s)" for n, _, t0 in running.values()), flush=True)
+                continue
+            ref = ready[0]
+            n, attempt, started = running.pop(ref)
+            node = graph.nodes[n]
+            seconds = time.time() - started
+            try:
+                manifest = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - a stage's failure is reported, not raised here
+                error = _error_text(exc)
+                node.running_marker.unlink(missing_ok=True)
+                if attempt < node.stage.max_retries:
+                    observer.on_event(node, StageEvent(n, "retry", seconds, attempt, error))
+                    submit(n, attempt + 1)
+                    continue
+                state[n] = "failed"
+                result.failed[n] = error
+                result.seconds[n] = seconds
+                node.failed_marker.write_text(error)
+                observer.on_event(node, StageEvent(n, "failed", seconds, attempt, error))
+                skip_descendants(n, f"upstream stage {n} failed")
+                continue
+            node.running_marker.unlink(missing_ok=True)
+            state[n] = "done"
+            result.done.append(n)
+            result.seconds[n] = seconds
+            observer.on_event(node, StageEvent(n, "done", seconds, attempt, manifest=manifest))
+
+    if raise_on_failure and not result.ok:
+        raise PipelineError(describe_failure(result))
+    return result
+
+
+def describe_failure(result: RunResult) -> str:
+    lines = [f"{len(result.failed)} stage(s) failed"]
+    for n, error in result.failed.items():
+        lines.append(f"  {n}: {error_summary(error)}")
+    if result.skipped:
+        lines.append(f"  not run (downstream of a failure): {', '.join(result.skipped)}")
+    if result.done or result.cached:
+        lines.append(f"  finished: {len(result.done)} ran, {len(result.cached)} cached; re-run to retry the rest")
+    return "\n".join(lines)
+
+
+def _read_manifest(node: Node) -> dict[str, Any] | None:
+    try:
+        return json.loads((node.final / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _error_text(exc: BaseException) -> str:
+    """First line: the stage's own exception (unwrapped from Ray's task error); then the full report."""
+    cause = getattr(exc, "cause", None)
+    inner = cause if isinstance(cause, BaseException) else exc
+    summary = f"{type(inner).__name__}: {inner}".strip().splitlines()[0]
+    return f"{summary}\n\n{exc}"
+
+
+def error_summary(error: str) -> str:
+    return error.strip().splitlines()[0] if error.strip() else "unknown error"
