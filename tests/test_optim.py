@@ -1,0 +1,66 @@
+"""Optimisers and schedules (bert/optim.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bert.config import BertConfig
+from bert.errors import InputError
+from bert.model import BertForPreTraining
+from bert.optim import Lamb, build_optimizer, lr_multiplier, param_groups
+
+SMALL = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def test_weight_decay_skips_biases_and_layernorm():
+    model = BertForPreTraining(SMALL)
+    decay, no_decay = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert all(not names[id(p)].endswith("bias") and "LayerNorm" not in names[id(p)] for p in decay["params"])
+    assert all(names[id(p)].endswith("bias") or "LayerNorm" in names[id(p)] for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    f = lambda step, **kw: lr_multiplier(step, warmup_steps=10, total_steps=110, **kw)  # noqa: E731
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == 0.0
+    assert f(60, schedule="poly", power=2.0) == pytest.approx(0.25)
+    assert f(100, schedule="constant") == 1.0
+    with pytest.raises(InputError, match="unknown schedule"):
+        f(5, schedule="cosine")
+
+
+def test_lamb_first_step_moves_each_tensor_by_lr_times_its_norm():
+    """LAMB's trust ratio ||w|| / ||update|| makes every tensor's step length lr * ||w||."""
+    torch.manual_seed(0)
+    weights = [torch.randn(8, 4, requires_grad=True), torch.randn(16, requires_grad=True)]
+    before = [w.detach().clone() for w in weights]
+    optimizer = Lamb(weights, lr=0.01, weight_decay=0.01)
+    sum((w * torch.randn_like(w)).sum() for w in weights).backward()
+    optimizer.step()
+    for w, w0 in zip(weights, before):
+        assert (w.detach() - w0).norm().item() == pytest.approx(0.01 * w0.norm().item(), rel=1e-5)
+
+
+def test_lamb_trains_a_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.randn(128, 4)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    optimizer = build_optimizer(model, "lamb", lr=0.05, weight_decay=0.0)
+    losses = []
+    for _ in range(200):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.05 * losses[0]
+
+
+def test_unknown_optimizer():
+    with pytest.raises(InputError, match="unknown optimizer 'sgd'"):
+        build_optimizer(BertForPreTraining(SMALL), "sgd", lr=1e-3, weight_decay=0.0)
