@@ -586,10 +586,10 @@ def _log_model(handle, checkpoint: Path) -> str | None:
     import mlflow
 
     from pipelines.pyfunc_model import log_pyfunc_model
+    from pipelines.tracking import fluent_tracking_uri
 
     try:
-        mlflow.set_tracking_uri(handle.tracking_uri)
-        with mlflow.start_run(run_id=handle.run_id):
+        with fluent_tracking_uri(handle.tracking_uri), mlflow.start_run(run_id=handle.run_id):
             return log_pyfunc_model(checkpoint)
     except Exception as exc:  # noqa: BLE001 - tracking must never fail the job
         warnings.warn(f"could not log the pyfunc model to MLflow run {handle.run_id}: {exc}", stacklevel=2)

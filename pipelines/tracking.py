@@ -12,6 +12,7 @@ deprecates the plain `./mlruns` file store. `MLFLOW_TRACKING_URI` overrides it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -20,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,28 @@ def check_reachable(uri: str, timeout: float = 5.0) -> str | None:
         except (urllib.error.URLError, OSError, ValueError) as exc:
             return f"cannot reach MLflow tracking server {uri}: {getattr(exc, 'reason', exc)}"
     return None
+
+
+@contextlib.contextmanager
+def fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (`mlflow.start_run`, `mlflow.pyfunc.log_model`) at `uri` for one block.
+
+    `mlflow.set_tracking_uri` is process-global and also exports `MLFLOW_TRACKING_URI`; left
+    set, every later job in the process would log into this store. Both are restored on exit.
+    """
+    import mlflow
+
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    saved = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -17,6 +17,7 @@ import torch
 
 from bert.errors import InputError
 from pipelines.finetune import FinetuneConfig, layerwise_groups, prepare, run_finetune
+from pipelines.tracking import fluent_tracking_uri
 
 pytestmark = pytest.mark.integration
 
@@ -94,8 +95,8 @@ def test_mrpc_checkpoint_loads_in_transformers_and_pyfunc(mrpc_run, datasets_dir
     assert client.get_metric_history(run["run_id"], "dev/f1")
     artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
     assert {"metrics.json", "predictions.jsonl"} <= artifacts
-    mlflow.set_tracking_uri(run["tracking_uri"])
-    model = mlflow.pyfunc.load_model(run["model_uri"])
+    with fluent_tracking_uri(run["tracking_uri"]):
+        model = mlflow.pyfunc.load_model(run["model_uri"])
     rows = []
     with open(datasets_dir / "glue" / "MRPC" / "dev.tsv", encoding="utf-8-sig", newline="") as f:
         for i, row in enumerate(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)):

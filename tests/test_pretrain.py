@@ -43,6 +43,14 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "checkpoint" / "model.safetensors")
 
 
+def runs_for(out: Path) -> list:
+    """The MLflow runs that logged for pretraining output dir `out`."""
+    run = json.loads((out / "mlflow_run.json").read_text())
+    client = MlflowClient(run["tracking_uri"])
+    experiment = client.get_run(run["run_id"]).info.experiment_id
+    return client.search_runs([experiment], filter_string=f"tags.`bertflow.out` = '{out.resolve()}'")
+
+
 def test_resume_is_exact_with_two_workers(small_shards, tmp_path):
     """Stopped at step k and resumed, a run reaches step 2k with the weights of an uninterrupted run."""
     common = dict(TINY_RUN, shards=str(small_shards), max_steps=6)
@@ -67,9 +75,7 @@ def test_resume_is_exact_with_two_workers(small_shards, tmp_path):
     assert isinstance(model, BertForPreTraining)
     assert (tmp_path / "resumed" / "checkpoint" / "vocab.txt").is_file()
     # one MLflow run for the stopped-and-resumed output dir
-    run = json.loads((tmp_path / "resumed" / "mlflow_run.json").read_text())
-    client = MlflowClient(run["tracking_uri"])
-    assert len(client.search_runs([client.get_run(run["run_id"]).info.experiment_id])) == 1
+    assert len(runs_for(tmp_path / "resumed")) == 1
     # re-running a finished run does nothing
     assert run_pretraining(PretrainConfig(**common, out=str(tmp_path / "resumed"), stop_at_step=3))["step"] == 6
 
@@ -102,8 +108,7 @@ def test_killed_worker_is_replaced_and_training_completes(small_shards, small_va
 
     run = json.loads((out / "mlflow_run.json").read_text())
     client = MlflowClient(run["tracking_uri"])
-    experiment = client.get_run(run["run_id"]).info.experiment_id
-    assert len(client.search_runs([experiment])) == 1  # the restart logged into the same run
+    assert len(runs_for(out)) == 1  # the restart logged into the same run
     loss = sorted(client.get_metric_history(run["run_id"], "loss"), key=lambda m: m.step)
     assert loss[-1].value < loss[0].value  # it learns
     for key in ("mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "learning_rate", "grad_norm",
