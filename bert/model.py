@@ -27,7 +27,6 @@ Deviations from the paper / the original TensorFlow code, all deliberate:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

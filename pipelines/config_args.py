@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 import types
 import typing
 from typing import Any
@@ -41,3 +42,9 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     values.update(overrides)
     return cls(**values)
+
+
+def resolve_paths(config, fields: tuple[str, ...]):
+    """`config` with its path fields made absolute: Ray workers run in other directories and on other nodes."""
+    changes = {name: str(Path(getattr(config, name)).resolve()) for name in fields if getattr(config, name) is not None}
+    return dataclasses.replace(config, **changes)

@@ -144,10 +144,9 @@ class FinetuneConfig:
 
 
 def absolute_paths(config: FinetuneConfig) -> FinetuneConfig:
-    """Workers run in other directories (and on other nodes): hand them absolute paths."""
-    changes = {name: str(Path(getattr(config, name)).resolve()) for name in ("data", "checkpoint", "out", "tokenizer")
-               if getattr(config, name) is not None}
-    return dataclasses.replace(config, **changes)
+    from pipelines.config_args import resolve_paths
+
+    return resolve_paths(config, ("data", "checkpoint", "out", "tokenizer"))
 
 
 # ----------------------------------------------------------------------------- data (driver side)
@@ -367,7 +366,7 @@ def train_loop(loop_config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from bert.checkpoint import copy_tokenizer_files, from_pretrained, save_pretrained
+    from bert.checkpoint import from_pretrained, save_pretrained
     from bert.optim import clip_grad_norm, lr_multiplier
     from bert.tasks import collate, get_task
     from pipelines.inference import HEAD_OF_KIND, write_task_file

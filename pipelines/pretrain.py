@@ -350,7 +350,7 @@ def train_loop(loop_config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from bert.checkpoint import copy_tokenizer_files, from_pretrained, save_pretrained
+    from bert.checkpoint import from_pretrained, save_pretrained
     from bert.model import BertForPreTraining, flops_per_token
     from bert.optim import build_optimizer, clip_grad_norm, lr_multiplier
     from pipelines.tracking import MetricLogger, RunHandle
@@ -615,12 +615,10 @@ def majority_baseline(shards: ShardSet, limit: int, seed: int) -> float:
 
 
 def absolute_paths(config: PretrainConfig) -> PretrainConfig:
-    """Workers run in other directories (and on other nodes): hand them absolute paths."""
-    changes = {name: str(Path(getattr(config, name)).resolve()) for name in ("shards", "out", "val_shards")
-               if getattr(config, name) is not None}
-    if config.model not in PRESETS:
-        changes["model"] = str(Path(config.model).resolve())
-    return dataclasses.replace(config, **changes)
+    """Path fields made absolute for the workers; `model` too when it names a checkpoint, not a preset."""
+    from pipelines.config_args import resolve_paths
+
+    return resolve_paths(config, ("shards", "out", "val_shards") + (() if config.model in PRESETS else ("model",)))
 
 
 def run_pretraining(config: PretrainConfig) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import bert
-from bert.config import PRESETS, BertConfig, preset
+from bert.config import BertConfig, preset
 from bert.errors import CheckpointError, InputError
 from bert.model import BertForPreTraining, BertModel, count_parameters
 from pipelines.cli import main as cli

@@ -77,7 +77,6 @@ def cluster(tmp_path_factory):
                                             "--dashboard-agent-grpc-port", "--metrics-export-port",
                                             "--runtime-env-agent-port", "--node-manager-port",
                                             "--object-manager-port")}
-    worker_lo = free_port()
     subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
          "--num-cpus", "4", "--temp-dir", str(temp_dir), "--include-dashboard", "true",
