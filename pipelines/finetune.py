@@ -367,9 +367,10 @@ def train_loop(loop_config: dict) -> None:
     import torch
 
     from bert.checkpoint import from_pretrained, save_pretrained
-    from bert.optim import clip_grad_norm, lr_multiplier
+    from bert.optim import adamw, clip_grad_norm, lr_multiplier
     from bert.tasks import collate, get_task
     from pipelines.inference import HEAD_OF_KIND, write_task_file
+    from pipelines.ray_runtime import worker_progress
     from pipelines.tracking import MetricLogger, RunHandle
 
     config = FinetuneConfig(**loop_config["config"])
@@ -398,8 +399,7 @@ def train_loop(loop_config: dict) -> None:
     groups = layerwise_groups(model, config.weight_decay, config.layer_lr_decay)
     model = ray.train.torch.prepare_model(model)
     raw_model = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.999), eps=config.adam_eps,
-                                  fused=device.type == "cuda")
+    optimizer = adamw(groups, lr=config.learning_rate, eps=config.adam_eps)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     train = prepared.train_features
     lengths = [len(f.input_ids) for f in train]
@@ -431,16 +431,17 @@ def train_loop(loop_config: dict) -> None:
             grad_norm = clip_grad_norm(trainable, config.max_grad_norm)
             optimizer.step()
             step += 1
-            epoch_loss += float(loss)
+            loss_value = loss.item()
+            epoch_loss += loss_value
             epoch_batches_done += 1
-            window_loss += float(loss)
+            window_loss += loss_value
             window_steps += 1
             if step % config.log_every == 0:
                 logger.log_metrics({"train/loss": window_loss / window_steps, "train/learning_rate": lr,
                                     "train/grad_norm": grad_norm}, step)
                 if rank == 0:
-                    print(f"[finetune {prepared.task} seed {seed}] step {step}/{total_steps} "
-                          f"loss {window_loss / window_steps:.4f} lr {lr:.2e}", flush=True)
+                    worker_progress(f"[finetune {prepared.task} seed {seed}] step {step}/{total_steps} "
+                                    f"loss {window_loss / window_steps:.4f} lr {lr:.2e}")
                 window_loss, window_steps = 0.0, 0
 
         # ---- report: dev metrics every epoch; a checkpoint (with its predictions) when the primary metric improves
@@ -455,8 +456,8 @@ def train_loop(loop_config: dict) -> None:
                 history.append(entry)
                 logger.log_metrics({**metrics, "epoch": epoch + 1, "train/epoch_loss": entry["train_loss"]}, step)
                 shown = {k: v for k, v in metrics.items() if k == spec.primary_metric or "_" not in k}
-                print(f"[finetune {prepared.task} seed {seed}] epoch {epoch + 1}: "
-                      + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()), flush=True)
+                worker_progress(f"[finetune {prepared.task} seed {seed}] epoch {epoch + 1}: "
+                                + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
                 report["history"] = json.dumps(history)
                 first = len(history) == 1  # always keep the first epoch, so a checkpoint exists
                 if first or (math.isfinite(score) and score > best):

@@ -353,6 +353,7 @@ def train_loop(loop_config: dict) -> None:
     from bert.checkpoint import from_pretrained, save_pretrained
     from bert.model import BertForPreTraining, flops_per_token
     from bert.optim import build_optimizer, clip_grad_norm, lr_multiplier
+    from pipelines.ray_runtime import worker_progress
     from pipelines.tracking import MetricLogger, RunHandle
 
     config = PretrainConfig(**loop_config["config"])
@@ -511,10 +512,9 @@ def train_loop(loop_config: dict) -> None:
                 elapsed = now - start_time
                 done = step - loop_config["start_step"]
                 eta = elapsed / max(done, 1) * (config.max_steps - step)
-                print(f"[pretrain] step {step}/{config.max_steps} loss {metrics['loss']:.4f} "
-                      f"mlm_acc {metrics['mlm_accuracy']:.3f} nsp_acc {metrics['nsp_accuracy']:.3f} "
-                      f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s mfu {metrics['mfu']:.1%} eta {eta / 60:.1f} min",
-                      flush=True)
+                worker_progress(f"[pretrain] step {step}/{config.max_steps} loss {metrics['loss']:.4f} "
+                                f"mlm_acc {metrics['mlm_accuracy']:.3f} nsp_acc {metrics['nsp_accuracy']:.3f} "
+                                f"lr {lr:.2e} {tokens_per_s:,.0f} tok/s mfu {metrics['mfu']:.1%} eta {eta / 60:.1f} min")
             window.zero_()
             window_examples = 0
             last_log_time, last_log_tokens = now, state["tokens_seen"]
@@ -536,7 +536,7 @@ def train_loop(loop_config: dict) -> None:
             save_checkpoint(step, final)
         if stop_reason:
             if rank == 0:
-                print(f"[pretrain] stopping at step {step} ({stop_reason}); re-run the same command to resume", flush=True)
+                worker_progress(f"[pretrain] stopping at step {step} ({stop_reason}); re-run the same command to resume")
             break
     logger.close()
 

@@ -46,7 +46,10 @@ def ray_local():
     """
     import ray
 
+    from pipelines.ray_runtime import drop_stale_address_file
+
     if not ray.is_initialized():
+        drop_stale_address_file()  # a killed `ray start` head would cost every Ray Train run ~12 s
         ray.init(
             address="local",  # never join a `ray start` cluster another test (or person) left running
             num_cpus=4,

@@ -130,7 +130,10 @@ def test_two_ray_nodes_run_ddp_with_one_worker_each(small_shards, tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     ray_bin = str(Path(sys.executable).parent / "ray")
-    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"]
+    # a temp dir of its own: `ray start` records the head there, not in /tmp/ray where it would outlive the test
+    temp_dir = Path("/tmp") / f"rayn-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
+              f"--temp-dir={temp_dir}"]
     nodes = []
 
     def start(*args: str) -> None:
@@ -162,6 +165,7 @@ def test_two_ray_nodes_run_ddp_with_one_worker_each(small_shards, tmp_path):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 120) -> None:
