@@ -235,6 +235,9 @@ def prepare(config: FinetuneConfig) -> Prepared:
     if spec.kind in ("classification", "token_classification") and len(data.labels) < 2:
         raise InputError(f"task {spec.name}: the train file of {config.data} has {len(data.labels)} label(s) "
                          f"{list(data.labels)}; classification needs at least 2")
+    if spec.positive_label is not None and spec.positive_label not in data.labels:
+        raise InputError(f"task {spec.name}: F1 is of the class {spec.positive_label!r}, but the train file of "
+                         f"{config.data} has labels {list(data.labels)} (name the positive class: positive=LABEL)")
     return Prepared(
         task=spec.name,
         labels=tuple(data.labels),
@@ -339,7 +342,11 @@ def evaluate(model, prepared: Prepared, rank: int, world: int, device, batch_siz
     spec = get_task(prepared.task)
     metrics: dict[str, float] = {}
     records: list[dict] = []
-    for split, features in prepared.eval_features.items():
+    primary_split = spec.primary_metric.split("/")[0]
+    threshold = None
+    # the primary split first: a task's decision threshold (SQuAD 2.0 no-answer) is chosen there
+    for split in sorted(prepared.eval_features, key=lambda name: name != primary_split):
+        features = prepared.eval_features[split]
         chunks = length_sorted_chunks(features, batch_size)
         mine = head_outputs(model, features, prepared.pad_id, chunks[rank::world], device)
         if world > 1:
@@ -350,6 +357,11 @@ def evaluate(model, prepared: Prepared, rank: int, world: int, device, batch_siz
             continue
         examples = prepared.eval_examples[split]
         predictions = spec.postprocess(examples, features, [mine[i] for i in range(len(features))], prepared.labels)
+        if spec.choose_threshold is not None:
+            if threshold is None:
+                threshold = spec.choose_threshold(predictions, examples)
+                metrics[f"{primary_split}/threshold"] = threshold  # reported, and saved with the checkpoint
+            predictions = spec.apply_threshold(predictions, threshold)
         metrics |= spec.score(split, predictions, examples)
         records += prediction_records(spec.kind, split, examples, predictions)
     model.train()
@@ -463,7 +475,8 @@ def train_loop(loop_config: dict) -> None:
                 if first or (math.isfinite(score) and score > best):
                     best = score if math.isfinite(score) else best
                     directory = save_pretrained(raw_model, Path(tmp) / "ckpt", tokenizer_dir=prepared.tokenizer_dir)
-                    write_task_file(directory, prepared.task, prepared.max_seq_length)
+                    write_task_file(directory, prepared.task, prepared.max_seq_length,
+                                    threshold=metrics.get(f"{spec.primary_metric.split('/')[0]}/threshold"))
                     with open(directory / PREDICTIONS, "w", encoding="utf-8") as f:
                         for record in records:
                             f.write(json.dumps(record, allow_nan=False) + "\n")

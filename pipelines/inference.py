@@ -71,8 +71,12 @@ def head_outputs(model, features: Sequence[Any], pad_id: int, batches: Sequence[
     return outputs
 
 
-def write_task_file(directory: str | Path, task: str, max_seq_length: int) -> None:
-    (Path(directory) / TASK_FILE).write_text(json.dumps({"task": task, "max_seq_length": max_seq_length}, indent=2) + "\n")
+def write_task_file(directory: str | Path, task: str, max_seq_length: int, threshold: float | None = None) -> None:
+    """`bertflow_task.json`: the task row, the sequence length, and a decision threshold chosen on dev (if any)."""
+    meta: dict[str, Any] = {"task": task, "max_seq_length": max_seq_length}
+    if threshold is not None:
+        meta["threshold"] = float(threshold)
+    (Path(directory) / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def words_with_offsets(text: str) -> tuple[list[str], list[tuple[int, int]]]:
@@ -98,6 +102,7 @@ class Predictor:
         meta = json.loads(task_file.read_text())
         self.spec = get_task(meta["task"])
         self.max_seq_length = int(meta["max_seq_length"])
+        self.threshold: float | None = meta.get("threshold")  # SQuAD 2.0: no-answer threshold chosen on dev
         info = read_checkpoint_info(checkpoint)
         if info.head != HEAD_OF_KIND[self.spec.kind]:
             raise InputError(f"{checkpoint}: head {info.head!r} does not fit task {self.spec.name} ({self.spec.kind})")
@@ -152,6 +157,8 @@ class Predictor:
                                 length_sorted_chunks(features, self.batch_size), self.device)
         outputs = [by_index[i] for i in range(len(features))]
         predictions = self.spec.postprocess(examples, features, outputs, self.labels)
+        if self.threshold is not None and self.spec.choose_threshold is not None:
+            predictions = self.spec.apply_threshold(predictions, self.threshold)
         if kind == "span":
             return [p.answer for p in predictions]
         if kind == "token_classification":

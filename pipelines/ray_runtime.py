@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from pathlib import Path
+import socket
+from typing import Any
 
-log = logging.getLogger(__name__)
 _progress = logging.getLogger("bertflow.progress")
 
 
 def ensure_ray() -> None:
-    """Initialise Ray once per process.
-
-    With `RAY_ADDRESS` set (as `ray job submit` does), join that cluster. Otherwise start a
-    private local runtime with more logical CPUs than cores: Ray Data and Ray Train otherwise
-    wait on each other on small machines. `address="local"` keeps a stray `ray start` cluster
-    on the same machine from being joined by accident.
-    """
+    """Initialise Ray once per process: join `RAY_ADDRESS`'s cluster (as `ray job submit` sets), else start a local one."""
     import ray
 
     if ray.is_initialized():
@@ -26,46 +19,40 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        drop_stale_address_file()
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+        start_local_ray()
 
 
-def drop_stale_address_file() -> None:
-    """Remove Ray's "latest cluster" file when it names a dead head on this machine.
+def start_local_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None, **init_kwargs: Any) -> None:
+    """A private local Ray runtime, with its dashboard, that Ray's own helpers can find.
 
-    `ray start` records its GCS address in `<ray temp dir>/ray_current_cluster` and `ray stop`
-    removes it; a head that was killed leaves it behind. Ray Train's helper actors look the
-    cluster up through that file even inside a private local runtime, and with a dead address
-    every training run then waits ~12 s at its end on a connection timeout. Only a file whose
-    host is an address of this machine and whose port refuses connections is removed.
+    More logical CPUs than cores (at least 4): Ray Data and Ray Train otherwise wait on each
+    other on small machines. `address="local"` keeps a stray `ray start` cluster on the same
+    machine from being joined by accident. Ray Train's placement-group cleaner looks the
+    cluster up by `RAY_ADDRESS` or by auto-detection, which in a local runtime finds a stale
+    `ray start` address, or several runtimes, or (without the dashboard's state API) nothing:
+    it then fails or waits ~12 s at the end of every training run. So the GCS gets a port
+    chosen here and every worker gets `RAY_ADDRESS` naming it, and the dashboard runs.
     """
-    import socket
+    import ray
 
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    saved = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the head's GCS
     try:
-        from ray._common.utils import get_ray_address_file
-    except ImportError:  # another Ray layout: leave the file alone
-        return
-    path = Path(get_ray_address_file(None))
-    try:
-        host, _, port = path.read_text().strip().rpartition(":")
-        address = (host, int(port))
-    except (OSError, ValueError):
-        return
-    try:
-        with socket.socket() as probe:
-            probe.bind((host, 0))  # fails unless `host` is an address of this machine
-    except OSError:
-        return
-    try:
-        with socket.create_connection(address, timeout=1.0):
-            return  # a live head: not ours to touch
-    except ConnectionRefusedError:
-        pass
-    except OSError:
-        return
-    with contextlib.suppress(OSError):
-        path.unlink()
-        log.warning("removed %s: it named a Ray head at %s:%s that is no longer running", path, host, port)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+            include_dashboard=True,
+            runtime_env={"env_vars": {**(env_vars or {}), "RAY_ADDRESS": f"127.0.0.1:{port}"}},
+            **init_kwargs,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = saved
 
 
 def worker_progress(message: str) -> None:

@@ -46,17 +46,10 @@ def ray_local():
     """
     import ray
 
-    from pipelines.ray_runtime import drop_stale_address_file
+    from pipelines.ray_runtime import start_local_ray
 
     if not ray.is_initialized():
-        drop_stale_address_file()  # a killed `ray start` head would cost every Ray Train run ~12 s
-        ray.init(
-            address="local",  # never join a `ray start` cluster another test (or person) left running
-            num_cpus=4,
-            include_dashboard=False,
-            configure_logging=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-        )
+        start_local_ray(4, {"PYTHONPATH": str(ROOT)}, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -240,6 +240,44 @@ def test_cli_unknown_task_lists_known_tasks(tmp_path, datasets_dir, minilm_dir):
     assert not (tmp_path / "o").exists()
 
 
+def test_own_tsv_dataset_by_column_mapping_end_to_end(ray_local, tmp_path, datasets_dir, minilm_dir):
+    """SST-2 rows rewritten into another layout (label first, renamed columns, ids, labels pos/neg): the
+    task is named by its column mapping on the command line; metrics, ids and the checkpoint follow it."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from pipelines.inference import Predictor
+
+    data = tmp_path / "reviews"
+    data.mkdir()
+    for name, rows in (("train.tsv", slice(1, 193)), ("dev.tsv", slice(1, 97))):
+        lines = (datasets_dir / "glue" / "SST-2" / name).read_text(encoding="utf-8").splitlines()[rows]
+        out = ["polarity\trid\treview"]
+        for i, line in enumerate(lines):
+            sentence, label = line.rsplit("\t", 1)
+            out.append(f"{'pos' if label == '1' else 'neg'}\t{name[:3]}-{i}\t{sentence}")
+        (data / name).write_text("\n".join(out) + "\n", encoding="utf-8")
+    task = "tsv:text=review,label=polarity,id=rid,metric=f1,positive=pos"
+    code, err = cli("finetune", "--task", task, "--data", str(data), "--checkpoint", str(minilm_dir),
+                    "--out", str(tmp_path / "o"), "--epochs", "1", "--learning-rate", "1e-4", "--no-log-model")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    records = read_jsonl(tmp_path / "o" / "predictions.jsonl")
+    assert [r["id"] for r in records] == [f"dev-{i}" for i in range(96)]
+    gold, predicted = [r["label"] for r in records], [r["prediction"] for r in records]
+    assert set(gold) == {"pos", "neg"} and metrics["labels"] == ["neg", "pos"]
+    assert metrics["metrics"]["dev/f1"] == pytest.approx(f1_score(gold, predicted, pos_label="pos"))
+    assert metrics["metrics"]["dev/accuracy"] == pytest.approx(accuracy_score(gold, predicted))
+    checkpoint = tmp_path / "o" / "checkpoint"
+    assert json.loads((checkpoint / "bertflow_task.json").read_text())["task"] == task
+    dev = (data / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    assert Predictor(checkpoint).predict([{"text": line.split("\t")[2]} for line in dev]) == predicted
+
+    # the F1 class must be one of the file's labels
+    code, err = cli("finetune", "--task", task.replace("positive=pos", "positive=1"), "--data", str(data),
+                    "--checkpoint", str(minilm_dir), "--out", str(tmp_path / "o2"))
+    assert code == 2 and "F1 is of the class '1'" in err and "['neg', 'pos']" in err
+
+
 def test_cli_missing_column_and_ragged_row_name_file_and_line(tmp_path, datasets_dir, minilm_dir):
     data = _mrpc_copy(datasets_dir, tmp_path)
     lines = (data / "train.tsv").read_text(encoding="utf-8-sig").splitlines()
@@ -308,6 +346,60 @@ def test_squad_run_reports_skipped_in_metrics(ray_local, tmp_path, datasets_dir,
     assert result["skipped"] == {"train": 1, "dev": 0}
     records = read_jsonl(tmp_path / "out" / "predictions.jsonl")
     assert len(records) == 32 and all(isinstance(r["prediction"], str) for r in records)
+
+
+def squad_v2_from_v1_dev(datasets_dir: Path, out: Path, articles: slice, name: str) -> None:
+    """A SQuAD 2.0 file from real v1.1 dev articles: every third question is moved to a paragraph of the
+    next article, where it has no answer (is_impossible, its old answer kept as `plausible_answers`)."""
+    data = json.loads((datasets_dir / "squad_v1.1" / "dev-v1.1.json").read_text())["data"]
+    chosen = data[articles]
+    moved = []
+    for article in chosen:
+        for paragraph in article["paragraphs"][:3]:
+            keep = []
+            for i, qa in enumerate(paragraph["qas"]):
+                (moved if i % 3 == 2 else keep).append(qa)
+            paragraph["qas"] = keep
+        article["paragraphs"] = article["paragraphs"][:3]
+    for k, qa in enumerate(moved):  # into the next article's paragraphs: a question about another text
+        target = chosen[(k % len(chosen) + 1) % len(chosen)]["paragraphs"][k % 3]
+        target["qas"].append({"id": qa["id"] + "_na", "question": qa["question"], "answers": [],
+                              "is_impossible": True, "plausible_answers": qa["answers"]})
+    (out / name).write_text(json.dumps({"version": "v2.0", "data": chosen}))
+
+
+def test_squad_v2_threshold_chosen_on_dev_is_used_by_predictions_and_the_checkpoint(
+        ray_local, tmp_path, datasets_dir, minilm_dir):
+    from bert.tasks.metrics import squad_v2_scores
+    from pipelines.inference import Predictor
+
+    data = tmp_path / "squad2"
+    data.mkdir()
+    squad_v2_from_v1_dev(datasets_dir, data, slice(0, 4), "train-v2.0.json")
+    squad_v2_from_v1_dev(datasets_dir, data, slice(4, 8), "dev-v2.0.json")
+    result = run_finetune(_config(tmp_path, "squad_v2", data, minilm_dir, max_train_examples=48,
+                                  max_eval_examples=40, epochs=1, max_seq_length=192, learning_rate=1e-4,
+                                  log_model=False))
+    metrics = result["metrics"]
+    threshold = metrics["dev/threshold"]
+    records = read_jsonl(tmp_path / "out" / "predictions.jsonl")
+    assert len(records) == 40 and sum(not r["answers"] for r in records) > 5
+    # every answer is the best span, or "" where its null odds exceed the chosen threshold
+    for r in records:
+        assert r["prediction"] == ("" if r["null_odds"] is None or r["null_odds"] > threshold else r["best_span"])
+    # the reported scores are the official v2.0 scores of those answers; the threshold is the search's best
+    gold = {r["id"]: r["answers"] for r in records}
+    official = squad_v2_scores({r["id"]: r["prediction"] for r in records}, gold)
+    assert metrics["dev/f1"] == pytest.approx(official["f1"]) and metrics["dev/exact"] == pytest.approx(official["exact"])
+    assert metrics["dev/f1"] == pytest.approx(metrics["dev/best_f1"])
+    # the checkpoint carries the threshold, and predicting with it gives the same answers
+    checkpoint = tmp_path / "out" / "checkpoint"
+    assert json.loads((checkpoint / "bertflow_task.json").read_text())["threshold"] == pytest.approx(threshold)
+    from bert.tasks import get_task
+
+    examples = get_task("squad_v2").reader(data).evals["dev"][:40]
+    answers = Predictor(checkpoint).predict([{"question": ex.question, "context": ex.context} for ex in examples])
+    assert answers == [r["prediction"] for r in records]
 
 
 def test_checkpoint_vocab_that_does_not_match_the_tokenizer(tmp_path, datasets_dir, minilm_dir, vocab_txt):

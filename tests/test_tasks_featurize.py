@@ -18,7 +18,7 @@ from bert.model import IGNORE_INDEX
 from bert.tasks import SquadAnswer, SquadExample, TokenExample, collate, get_task, length_grouped_batches
 from bert.tasks.metrics import normalize_answer
 from bert.tasks.ner import featurize_ner, word_predictions
-from bert.tasks.squad import featurize_squad, postprocess_squad
+from bert.tasks.squad import SpanPrediction, featurize_squad, postprocess_squad
 from bert.tokenizer import Tokenizer
 
 
@@ -299,6 +299,30 @@ def test_squad_v2_null_answer(tokenizer: Tokenizer) -> None:
     assert scores["dev/best_f1"] == 100.0
     v1 = postprocess_squad(SQUAD2, features, outputs)
     assert [p.answer for p in v1] == ["the mat", "the mat"]  # v1.1 never answers "no answer"
+
+
+def test_squad_v2_threshold_chosen_on_dev_maximises_official_f1() -> None:
+    spec = get_task("squad_v2")
+    pred = lambda text, odds: SpanPrediction(text, 1.0, odds, text)  # noqa: E731 - answers decided below
+    predictions = [pred("the mat", -2.0), pred("the mat", 1.2)]
+    # Ascending null odds: answering "a" (-2.0) gains 1 over "no answer everywhere"; answering "b" too loses it.
+    threshold = spec.choose_threshold(predictions, SQUAD2)
+    assert threshold == -2.0
+    decided = spec.apply_threshold(predictions, threshold)
+    assert [p.answer for p in decided] == ["the mat", ""]
+    scores = spec.score("dev", decided, SQUAD2)
+    assert scores["dev/f1"] == scores["dev/best_f1"] == 100.0 and scores["dev/best_f1_thresh"] == -2.0
+    # Only unanswerable questions, all with a span: "no answer" everywhere is best. The official
+    # search then reports 0.0, which with these negative null odds would answer both; the chosen
+    # threshold lies below every null odds instead.
+    unanswerable = [SQUAD2[1], SquadExample("c", "T", SQUAD2[1].context, "Who?", (), True)]
+    odds = [pred("Paris", -0.5), pred("cat", -0.25)]
+    assert spec.score("dev", odds, unanswerable)["dev/best_f1_thresh"] == 0.0
+    threshold = spec.choose_threshold(odds, unanswerable)
+    assert threshold < -0.5
+    assert spec.score("dev", spec.apply_threshold(odds, threshold), unanswerable)["dev/f1"] == 100.0
+    with pytest.raises(InputError, match="squad_v1 has no decision threshold"):
+        get_task("squad_v1").apply_threshold(predictions, 0.0)
 
 
 def test_squad_answer_outside_window_points_at_cls(tokenizer: Tokenizer) -> None:

@@ -291,6 +291,20 @@ def find_best_thresh(
     return 100.0 * best / len(scores), threshold
 
 
+def squad_v2_raw_scores(
+    predictions: Mapping[str, str], gold: Mapping[str, Sequence[str]]
+) -> tuple[dict[str, bool], dict[str, float], dict[str, float]]:
+    """The v2.0 script's per-question (has answer, exact, F1) before any no-answer threshold."""
+    has_answer = {qid: bool(golds) for qid, golds in gold.items()}
+    exact_raw: dict[str, float] = {}
+    f1_raw: dict[str, float] = {}
+    for qid, golds in gold.items():
+        candidates = [g for g in golds if normalize_answer(g)] or [""]
+        exact_raw[qid] = float(max(squad_exact(predictions[qid], g) for g in candidates))
+        f1_raw[qid] = max(squad_f1_v2(predictions[qid], g) for g in candidates)
+    return has_answer, exact_raw, f1_raw
+
+
 def squad_v2_scores(
     predictions: Mapping[str, str],
     gold: Mapping[str, Sequence[str]],
@@ -305,13 +319,7 @@ def squad_v2_scores(
     best thresholds for EM and F1 are searched (`best_exact`, `best_exact_thresh`, ...).
     """
     _check_predictions(predictions, gold, "squad_v2_scores")
-    has_answer = {qid: bool(golds) for qid, golds in gold.items()}
-    exact_raw: dict[str, float] = {}
-    f1_raw: dict[str, float] = {}
-    for qid, golds in gold.items():
-        candidates = [g for g in golds if normalize_answer(g)] or [""]
-        exact_raw[qid] = float(max(squad_exact(predictions[qid], g) for g in candidates))
-        f1_raw[qid] = max(squad_f1_v2(predictions[qid], g) for g in candidates)
+    has_answer, exact_raw, f1_raw = squad_v2_raw_scores(predictions, gold)
 
     def thresholded(raw: dict[str, float]) -> dict[str, float]:
         if na_probs is None:

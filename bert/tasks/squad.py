@@ -15,7 +15,9 @@ spans; a span counts if both ends are context tokens, start <= end, it is at mos
 `max_answer_length` tokens long and its start has its most context in this window. The best
 span over all the example's features is cut from the original context by character offsets.
 For SQuAD 2.0 its score is compared with the null score (the lowest [CLS] start + end over the
-windows): "no answer" when null score - best score > `null_score_diff_threshold`.
+windows): "no answer" when null score - best score > `null_score_diff_threshold`. The original
+leaves that threshold to a flag tuned by hand on dev; the fine-tune job chooses it on dev after
+every epoch (`bert.tasks.table.choose_null_threshold`) and stores it with the checkpoint.
 
 Deviations from the original, both deliberate: answer tokens come from character offsets
 rather than whitespace tokens plus `_improve_answer_span`, and an example with no valid span at
@@ -213,3 +215,10 @@ def postprocess_squad(
         answer = "" if version_2_with_negative and null_odds > null_score_diff_threshold else best_text
         predictions.append(SpanPrediction(best_text, best_score, null_odds, answer))
     return predictions
+
+
+def with_null_threshold(predictions: Sequence[SpanPrediction], threshold: float) -> list[SpanPrediction]:
+    """SQuAD 2.0 answers re-decided at another threshold: "" where `null_odds` > `threshold`, else the best span."""
+    return [
+        SpanPrediction(p.text, p.score, p.null_odds, "" if p.null_odds > threshold else p.text) for p in predictions
+    ]

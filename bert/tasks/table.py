@@ -13,6 +13,8 @@ score them. The fine-tune job does, for any row:
         features = spec.featurize(examples, tokenizer, data.labels, spec.max_seq_length)
         outputs = [one head output per feature, in feature order]
         predictions = spec.postprocess(examples, features, outputs, data.labels)   # one per example
+        if spec.choose_threshold:  # SQuAD 2.0: the no-answer threshold, chosen on the primary split
+            predictions = spec.apply_threshold(predictions, threshold)
         metrics |= spec.score(split, predictions, examples)  # {"<split>/<metric>": value}
     best checkpoint: the highest metrics[spec.primary_metric]
 
@@ -23,9 +25,10 @@ validation file for CoNLL-2003; F1 for SQuAD.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -44,12 +47,12 @@ from bert.tasks.readers import (
     read_squad_task,
     read_tsv_task,
 )
-from bert.tasks.squad import SpanPrediction, featurize_squad, postprocess_squad
+from bert.tasks.squad import SpanPrediction, featurize_squad, postprocess_squad, with_null_threshold
 
 Kind = Literal["classification", "regression", "token_classification", "span"]
 KINDS: tuple[str, ...] = get_args(Kind)
 
-# The SQuAD 2.0 "no answer" margin (null score - best span score), shared by prediction and scoring.
+# The SQuAD 2.0 "no answer" margin (null score - best span score) before one is chosen on dev.
 SQUAD_V2_NULL_THRESHOLD = 0.0
 
 
@@ -63,6 +66,9 @@ class TaskSpec:
     metric: (predictions, examples) -> {metric name: value}.
     primary_metric: "<eval split>/<metric name>", the number that picks the best checkpoint
     (higher is better). subdir: the task's folder under a datasets root (GLUE download layout).
+    choose_threshold: (predictions, examples) -> a decision threshold picked on the primary
+    eval split and applied with `apply_threshold` (SQuAD 2.0: the no-answer threshold); None
+    for tasks without one. positive_label: the class whose F1 the metric reports (MRPC, QQP: "1").
     """
 
     name: str
@@ -75,6 +81,8 @@ class TaskSpec:
     metric: Callable[[Sequence[Any], Sequence[Any]], dict[str, float]]
     primary_metric: str
     max_seq_length: int
+    choose_threshold: Callable[[Sequence[Any], Sequence[Any]], float] | None = None
+    positive_label: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -89,6 +97,12 @@ class TaskSpec:
         if self.kind == "span":
             return 2
         return len(labels)
+
+    def apply_threshold(self, predictions: Sequence[Any], threshold: float) -> list[Any]:
+        """Predictions re-decided at `threshold` (only for rows with `choose_threshold`)."""
+        if self.choose_threshold is None:
+            raise InputError(f"task {self.name} has no decision threshold")
+        return with_null_threshold(predictions, threshold)
 
     def score(self, split: str, predictions: Sequence[Any], examples: Sequence[Any]) -> dict[str, float]:
         """The task's metrics on one eval split, named "<split>/<metric>"."""
@@ -107,10 +121,12 @@ def accuracy_metric(predictions: Sequence[str], examples: Sequence[TextExample])
     return {"accuracy": metrics.accuracy(predictions, [ex.label for ex in examples])}
 
 
-def f1_accuracy_metric(predictions: Sequence[str], examples: Sequence[TextExample]) -> dict[str, float]:
-    """{"f1", "accuracy"}: F1 of the positive class "1" (MRPC paraphrase, QQP duplicate) and accuracy."""
+def f1_accuracy_metric(
+    predictions: Sequence[str], examples: Sequence[TextExample], positive: str = "1"
+) -> dict[str, float]:
+    """{"f1", "accuracy"}: F1 of the `positive` class ("1": MRPC paraphrase, QQP duplicate) and accuracy."""
     gold = [ex.label for ex in examples]
-    return {"f1": metrics.binary_f1(predictions, gold, positive="1"), "accuracy": metrics.accuracy(predictions, gold)}
+    return {"f1": metrics.binary_f1(predictions, gold, positive=positive), "accuracy": metrics.accuracy(predictions, gold)}
 
 
 def matthews_metric(predictions: Sequence[str], examples: Sequence[TextExample]) -> dict[str, float]:
@@ -146,23 +162,41 @@ def squad_v1_metric(predictions: Sequence[SpanPrediction], examples: Sequence[Sq
     )
 
 
-def squad_v2_metric(
-    predictions: Sequence[SpanPrediction],
-    examples: Sequence[SquadExample],
-    null_score_diff_threshold: float = SQUAD_V2_NULL_THRESHOLD,
-) -> dict[str, float]:
-    """Official SQuAD v2.0 scores (0-100) with null odds as the script's na_probs.
+def squad_v2_metric(predictions: Sequence[SpanPrediction], examples: Sequence[SquadExample]) -> dict[str, float]:
+    """Official SQuAD v2.0 scores (0-100) of the predictions' answers, plus the script's threshold search.
 
-    Scoring the best non-null texts with the threshold applied to the null odds gives exactly the
-    scores of the thresholded answers ("exact", "f1", HasAns_, NoAns_), and lets the threshold
-    search ("best_f1", "best_f1_thresh", ...) consider every question's span.
+    "exact", "f1", HasAns_* and NoAns_* score each prediction's `answer` (already decided at its
+    no-answer threshold). "best_exact"/"best_f1" and their "_thresh" values score the best
+    non-null texts with the null odds as the script's na_probs, so the search sees every
+    question's span whatever threshold decided the answers.
     """
-    return metrics.squad_v2_scores(
+    gold = {ex.id: [a.text for a in ex.answers] for ex in examples}
+    scores = metrics.squad_v2_scores({ex.id: p.answer for ex, p in zip(examples, predictions)}, gold)
+    search = metrics.squad_v2_scores(
         {ex.id: p.text for ex, p in zip(examples, predictions)},
-        {ex.id: [a.text for a in ex.answers] for ex in examples},
+        gold,
         na_probs={ex.id: p.null_odds for ex, p in zip(examples, predictions)},
-        na_prob_thresh=null_score_diff_threshold,
+        na_prob_thresh=math.inf,
     )
+    return scores | {k: search[k] for k in ("best_exact", "best_exact_thresh", "best_f1", "best_f1_thresh")}
+
+
+def choose_null_threshold(predictions: Sequence[SpanPrediction], examples: Sequence[SquadExample]) -> float:
+    """The SQuAD 2.0 no-answer threshold (on null odds) with the best official F1 on these examples.
+
+    The official script's search (`find_best_thresh` over the null odds). Where answering no
+    question beats every threshold it tries, the script reports 0.0, which for null odds (any
+    real number, not a probability) need not mean "no answer everywhere"; here the threshold is
+    then put below every question's null odds, so that applying it reproduces the best score.
+    """
+    texts = {ex.id: p.text for ex, p in zip(examples, predictions)}
+    odds = {ex.id: p.null_odds for ex, p in zip(examples, predictions)}
+    has_answer, _, f1_raw = metrics.squad_v2_raw_scores(texts, {ex.id: [a.text for a in ex.answers] for ex in examples})
+    best, threshold = metrics.find_best_thresh(texts, f1_raw, odds, has_answer)
+    start = 100.0 * sum(not has for has in has_answer.values()) / len(has_answer)
+    if best == start:
+        threshold = min(odds.values()) - 1.0
+    return float(threshold)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -179,6 +213,7 @@ def tsv_task(
     train_file: str = "train.tsv",
     eval_files: Sequence[str] = ("dev.tsv",),
     max_seq_length: int = 128,
+    positive_label: str | None = None,
 ) -> TaskSpec:
     """A row for any sentence(-pair) task stored as GLUE-style TSV files, with your column mapping.
 
@@ -195,6 +230,7 @@ def tsv_task(
         metric=metric,
         primary_metric=primary_metric,
         max_seq_length=max_seq_length,
+        positive_label=positive_label,
     )
 
 
@@ -216,6 +252,7 @@ def _squad_row(name: str, subdir: str, reader: Callable[[str | Path], TaskData],
         metric=squad_v2_metric if version_2 else squad_v1_metric,
         primary_metric="dev/f1",
         max_seq_length=384,
+        choose_threshold=choose_null_threshold if version_2 else None,
     )
 
 
@@ -236,6 +273,7 @@ _ROWS = (
         TsvColumns(text_a="#1 String", text_b="#2 String", label="Quality"),
         metric=f1_accuracy_metric,
         primary_metric="dev/f1",
+        positive_label="1",
     ),
     tsv_task(
         "stsb",
@@ -251,6 +289,7 @@ _ROWS = (
         TsvColumns(text_a="question1", text_b="question2", label="is_duplicate", id="id"),
         metric=f1_accuracy_metric,
         primary_metric="dev/f1",
+        positive_label="1",
     ),
     tsv_task(
         "mnli",
@@ -294,10 +333,87 @@ _ROWS = (
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in _ROWS}
 
+# ----------------------------------------------------------------------------- your own TSV task, by name
+
+TSV_PREFIX = "tsv:"
+TSV_TASK_HELP = (
+    "a TSV task is named 'tsv:text=COL[,pair=COL],label=COL[,id=COL][,kind=classification|regression]"
+    "[,metric=accuracy|f1|matthews|correlation][,positive=LABEL][,header=yes|no][,train=FILE][,eval=FILE[+FILE...]]' "
+    "where COL is a header name or a 0-based column index"
+)
+_TSV_KEYS = ("text", "pair", "label", "id", "kind", "metric", "positive", "header", "train", "eval")
+_TSV_METRICS: dict[str, tuple[Callable[..., dict[str, float]], str, str]] = {
+    # name: (metric, primary metric name, label kind it scores)
+    "accuracy": (accuracy_metric, "accuracy", "classification"),
+    "f1": (f1_accuracy_metric, "f1", "classification"),
+    "matthews": (matthews_metric, "matthews_corrcoef", "classification"),
+    "correlation": (correlation_metric, "spearman", "regression"),
+}
+
+
+@lru_cache(maxsize=64)
+def parse_tsv_task(name: str) -> TaskSpec:
+    """The row of a TSV dataset in GLUE's shapes with your column mapping, described by its name.
+
+    `tsv:text=#1 String,pair=#2 String,label=Quality,metric=f1` is MRPC's row; the name is the
+    whole description, so it travels wherever a task name does (configs, pipeline specs, Ray
+    workers, the fine-tuned checkpoint's `bertflow_task.json`, `bertflow predict`). Defaults:
+    classification, accuracy (correlation for regression), header=yes, train=train.tsv,
+    eval=dev.tsv; the primary metric is the first eval file's. A column given as digits is a
+    0-based index; with header=no every column must be one.
+    """
+    fields: dict[str, str] = {}
+    for item in name[len(TSV_PREFIX) :].split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not value:
+            raise InputError(f"task {name!r}: {item!r} is not KEY=VALUE; {TSV_TASK_HELP}")
+        if key not in _TSV_KEYS:
+            raise InputError(f"task {name!r}: unknown key {key!r}; known keys: {', '.join(_TSV_KEYS)}")
+        if key in fields:
+            raise InputError(f"task {name!r}: {key!r} given twice")
+        fields[key] = value
+    for key in ("text", "label"):
+        if key not in fields:
+            raise InputError(f"task {name!r}: no {key}=COL; {TSV_TASK_HELP}")
+    header = fields.get("header", "yes")
+    if header not in ("yes", "no"):
+        raise InputError(f"task {name!r}: header must be yes or no, got {header!r}")
+    kind = fields.get("kind", "classification")
+    if kind not in ("classification", "regression"):
+        raise InputError(f"task {name!r}: kind must be classification or regression, got {kind!r}")
+    metric_name = fields.get("metric", "accuracy" if kind == "classification" else "correlation")
+    if metric_name not in _TSV_METRICS:
+        raise InputError(f"task {name!r}: unknown metric {metric_name!r}; known: {', '.join(_TSV_METRICS)}")
+    metric, primary, scores_kind = _TSV_METRICS[metric_name]
+    if scores_kind != kind:
+        raise InputError(f"task {name!r}: metric {metric_name} scores {scores_kind} labels, but kind={kind}")
+    positive = fields.get("positive")
+    if positive is not None:
+        if metric_name != "f1":
+            raise InputError(f"task {name!r}: positive=LABEL only goes with metric=f1")
+        metric = partial(f1_accuracy_metric, positive=positive)
+    elif metric_name == "f1":
+        positive = "1"
+
+    def column(key: str) -> str | int | None:
+        value = fields.get(key)
+        return int(value) if value is not None and value.isdigit() else value
+
+    columns = TsvColumns(text_a=column("text"), label=column("label"), text_b=column("pair"), id=column("id"),
+                         header=header == "yes")
+    eval_files = tuple(fields.get("eval", "dev.tsv").split("+"))
+    if any(not f for f in eval_files) or len({Path(f).stem for f in eval_files}) != len(eval_files):
+        raise InputError(f"task {name!r}: eval files must be named, with distinct stems, got {fields.get('eval')!r}")
+    return tsv_task(name, "", columns, kind=kind, metric=metric, primary_metric=f"{Path(eval_files[0]).stem}/{primary}",
+                    train_file=fields.get("train", "train.tsv"), eval_files=eval_files, positive_label=positive)
+
 
 def get_task(name: str) -> TaskSpec:
-    """The row for `name`; an unknown name is an InputError that lists the known tasks."""
+    """The row for `name` (a table row, or a `tsv:` description); an unknown name is an InputError listing the known tasks."""
+    if name.startswith(TSV_PREFIX):
+        return parse_tsv_task(name)
     try:
         return TASKS[name]
     except KeyError:
-        raise InputError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+        raise InputError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}, or {TSV_TASK_HELP}") from None

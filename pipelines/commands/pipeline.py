@@ -298,10 +298,12 @@ def ensure_ray(address: str | None, spec) -> None:
     elif os.environ.get("RAY_ADDRESS"):
         ray.init(configure_logging=False)
     else:
+        from pipelines.ray_runtime import start_local_ray
+
         num_cpus = int(spec.ray.get("num_cpus", max(4, os.cpu_count() or 1)))
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(
-                     [str(PROJECT_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}})
+        start_local_ray(num_cpus, {"PYTHONPATH": os.pathsep.join(
+            [str(PROJECT_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])},
+            configure_logging=False)
 
 
 def run_command(args: argparse.Namespace) -> int:
