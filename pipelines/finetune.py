@@ -452,8 +452,9 @@ def train_loop(loop_config: dict) -> None:
                 logger.log_metrics({"train/loss": window_loss / window_steps, "train/learning_rate": lr,
                                     "train/grad_norm": grad_norm}, step)
                 if rank == 0:
+                    eta = (time.time() - start) / step * (total_steps - step)  # evaluations included, pro rata
                     worker_progress(f"[finetune {prepared.task} seed {seed}] step {step}/{total_steps} "
-                                    f"loss {window_loss / window_steps:.4f} lr {lr:.2e}")
+                                    f"loss {window_loss / window_steps:.4f} lr {lr:.2e} eta {eta / 60:.1f} min")
                 window_loss, window_steps = 0.0, 0
 
         # ---- report: dev metrics every epoch; a checkpoint (with its predictions) when the primary metric improves
