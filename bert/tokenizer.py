@@ -360,6 +360,21 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(backend={self.backend!r}, vocab_size={self.vocab_size}, lowercase={self.lowercase})"
 
+    def fingerprint(self) -> str:
+        """sha256 of the id -> token table and the special ids: equal iff the vocabularies are.
+
+        Shards record it in their manifest, so a trainer refuses shards built with another
+        vocabulary of the same size.
+        """
+        import hashlib
+
+        digest = hashlib.sha256()
+        for token in self.convert_ids_to_tokens(list(range(self.vocab_size))):
+            digest.update(token.encode("utf-8") + b"\n")
+        specials = {"cls_id": self.cls_id, "sep_id": self.sep_id, "mask_id": self.mask_id, "pad_id": self.pad_id}
+        digest.update(json.dumps(specials, sort_keys=True).encode())
+        return digest.hexdigest()
+
     # ------------------------------------------------------------------------------- encoding
 
     def encode(

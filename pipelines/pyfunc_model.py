@@ -2,7 +2,7 @@
 a model imports MLflow).
 
 `mlflow.pyfunc.load_model(uri).predict(pandas.DataFrame)` takes the columns that
-`pipelines.inference.Predictor` reads (`text` / `text_pair`, `question` / `context`, `tokens`)
+`bert.inference.Predictor` reads (`text` / `text_pair`, `question` / `context`, `tokens`)
 and returns one prediction per row: labels, floats, answer texts or entity lists.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
-from pipelines.inference import Predictor
+from bert.inference import Predictor
 
 with warnings.catch_warnings():  # mlflow asks for type hints; inputs are DataFrames, dicts or lists of dicts
     warnings.simplefilter("ignore", UserWarning)

@@ -63,7 +63,7 @@ def wiki_dir(datasets_dir) -> Path:
 def small_shards(ray_local, wiki_dir, vocab_txt, tmp_path_factory) -> Path:
     """Statically masked MLM/NSP shards (2 parts) from one real Wikipedia file, built once per session."""
     from bert.pretraining_data import PretrainingDataConfig
-    from pipelines.shards import build_shards
+    from pipelines.jobs.shards import build_shards
 
     out = tmp_path_factory.mktemp("shards") / "train"
     build_shards([wiki_dir / "wiki_00.gz"], vocab_txt, out, PretrainingDataConfig(dupe_factor=1, num_shards=2))
@@ -74,7 +74,7 @@ def small_shards(ray_local, wiki_dir, vocab_txt, tmp_path_factory) -> Path:
 def small_val_shards(ray_local, wiki_dir, vocab_txt, tmp_path_factory) -> Path:
     """Held-out shards from another Wikipedia file, unmasked (dynamic masking), one part."""
     from bert.pretraining_data import PretrainingDataConfig
-    from pipelines.shards import build_shards
+    from pipelines.jobs.shards import build_shards
 
     out = tmp_path_factory.mktemp("shards") / "val"
     build_shards(

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bert.errors import InputError
-from pipelines.dag import MANIFEST, Graph, PipelineError, Stage, StageContext, lock_holder, run_graph, workdir_lock
+from pipelines.dag.graph import MANIFEST, Graph, PipelineError, Stage, StageContext, lock_holder, run_graph, workdir_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,7 +193,7 @@ def test_second_run_of_a_workdir_is_refused(tmp_path):
             import sys, time
             sys.path.insert(0, {str(ROOT)!r})
             from pathlib import Path
-            from pipelines.dag import workdir_lock
+            from pipelines.dag.graph import workdir_lock
             with workdir_lock(Path({str(work)!r})):
                 print("locked", flush=True)
                 time.sleep(60)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bert.errors import InputError
-from pipelines.finetune import FinetuneConfig, layerwise_groups, prepare, run_finetune
+from pipelines.jobs.finetune import FinetuneConfig, layerwise_groups, prepare, run_finetune
 from pipelines.tracking import fluent_tracking_uri
 
 pytestmark = pytest.mark.integration
@@ -184,7 +184,7 @@ def test_two_workers_ddp_conll(ray_local, datasets_dir, minilm_dir, tmp_path):
 
 def test_layer_lr_decay_and_freezing(minilm_dir):
     from bert.checkpoint import from_pretrained
-    from pipelines.finetune import freeze
+    from pipelines.jobs.finetune import freeze
 
     model = from_pretrained(minilm_dir, head="sequence_classification", num_labels=2)
     groups = layerwise_groups(model, 0.01, 0.5)
@@ -245,7 +245,7 @@ def test_own_tsv_dataset_by_column_mapping_end_to_end(ray_local, tmp_path, datas
     task is named by its column mapping on the command line; metrics, ids and the checkpoint follow it."""
     from sklearn.metrics import accuracy_score, f1_score
 
-    from pipelines.inference import Predictor
+    from bert.inference import Predictor
 
     data = tmp_path / "reviews"
     data.mkdir()
@@ -371,7 +371,7 @@ def squad_v2_from_v1_dev(datasets_dir: Path, out: Path, articles: slice, name: s
 def test_squad_v2_threshold_chosen_on_dev_is_used_by_predictions_and_the_checkpoint(
         ray_local, tmp_path, datasets_dir, minilm_dir):
     from bert.tasks.metrics import squad_v2_scores
-    from pipelines.inference import Predictor
+    from bert.inference import Predictor
 
     data = tmp_path / "squad2"
     data.mkdir()

@@ -15,8 +15,8 @@ import torch
 
 from bert.checkpoint import from_pretrained, save_pretrained
 from bert.errors import InputError
-from pipelines.inference import Predictor, write_task_file
-from pipelines.predict import PredictConfig, run_predict
+from bert.inference import Predictor, write_task_file
+from pipelines.jobs.predict import PredictConfig, run_predict
 
 
 def make_checkpoint(minilm_dir: Path, out: Path, task: str, head: str, labels=None, max_seq_length: int = 128) -> Path:

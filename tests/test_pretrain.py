@@ -22,8 +22,8 @@ import bert
 from bert.config import BertConfig
 from bert.errors import InputError
 from bert.model import BertForPreTraining
-from pipelines.pretrain import PretrainConfig, latest_checkpoint, run_pretraining
-from pipelines.shards import load_tokenizer
+from pipelines.jobs.pretrain import PretrainConfig, latest_checkpoint, run_pretraining
+from pipelines.jobs.shards import load_tokenizer
 
 pytestmark = pytest.mark.integration
 

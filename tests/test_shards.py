@@ -20,7 +20,12 @@ from bert.errors import InputError
 from bert.pretraining_data import PretrainingDataConfig, SpecialTokens
 from bert.tokenizer import Tokenizer
 from pipelines.cli import main
-from pipelines.shards import build_shards, example_schema, read_manifest, shard_of, vocab_fingerprint
+from bert.shards import ShardsManifest, example_schema
+from pipelines.jobs.shards import build_shards, shard_of
+
+
+def read_manifest(path):
+    return ShardsManifest.read(path).raw
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +86,7 @@ def test_layout_and_manifest(built: Path, subset: Path, vocab_txt: Path) -> None
     assert not any(manifest["skipped"].values())
     tok = Tokenizer.load(built / "tokenizer")
     assert manifest["tokenizer"]["vocab_size"] == tok.vocab_size == 30522
-    assert manifest["tokenizer"]["vocab_sha256"] == vocab_fingerprint(Tokenizer.from_vocab_file(vocab_txt))
+    assert manifest["tokenizer"]["vocab_sha256"] == Tokenizer.from_vocab_file(vocab_txt).fingerprint()
     for part in manifest["parts"]:  # balanced parts: documents are spread by a hash of their id
         assert abs(part["examples"] / (counts["examples"] / 3) - 1) < 0.35
     hist = manifest["statistics"]["length_histogram"]

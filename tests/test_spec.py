@@ -14,9 +14,9 @@ import yaml
 from bert.errors import InputError
 from pipelines.cli import main
 from pipelines.commands.pipeline import validate_cron
-from pipelines.dag import Graph
-from pipelines.spec import load_spec
-from pipelines.stages import build_stages
+from pipelines.dag.graph import Graph
+from pipelines.dag.spec import load_spec
+from pipelines.dag.stages import build_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "pipelines" / "quickstart.yaml"

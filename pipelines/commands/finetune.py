@@ -7,8 +7,8 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     from pipelines.config_args import add_dataclass_arguments
-    from pipelines.finetune import FinetuneConfig
-    from pipelines.predict import PredictConfig
+    from pipelines.jobs.finetune import FinetuneConfig
+    from pipelines.jobs.predict import PredictConfig
 
     p = sub.add_parser(
         "finetune",
@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_finetune_command(args: argparse.Namespace) -> int:
     from pipelines.config_args import dataclass_from_args
-    from pipelines.finetune import FinetuneConfig, describe, run_finetune
+    from pipelines.jobs.finetune import FinetuneConfig, describe, run_finetune
 
     result = run_finetune(dataclass_from_args(FinetuneConfig, args))
     print(f"[finetune] {describe(result)}; outputs in {result['config']['out']}")
@@ -74,7 +74,7 @@ def run_finetune_command(args: argparse.Namespace) -> int:
 
 def run_predict_command(args: argparse.Namespace) -> int:
     from pipelines.config_args import dataclass_from_args
-    from pipelines.predict import PredictConfig, run_predict
+    from pipelines.jobs.predict import PredictConfig, run_predict
 
     summary = run_predict(dataclass_from_args(PredictConfig, args))
     print(f"[predict] {summary['rows']} predictions ({summary['task']}) written to {summary['output']}")

@@ -79,8 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 @dataclass(frozen=True)
 class Plan:
-    spec: Any  # pipelines.spec.Spec
-    graph: Any  # pipelines.dag.Graph
+    spec: Any  # pipelines.dag.spec.Spec
+    graph: Any  # pipelines.dag.graph.Graph
 
     @property
     def run_key(self) -> str:
@@ -89,9 +89,9 @@ class Plan:
 
 def plan(args: argparse.Namespace) -> Plan:
     """Load, override and validate the spec; build the graph (keys, dirs). Writes nothing."""
-    from pipelines.dag import Graph
-    from pipelines.spec import load_spec
-    from pipelines.stages import build_stages
+    from pipelines.dag.graph import Graph
+    from pipelines.dag.spec import load_spec
+    from pipelines.dag.stages import build_stages
 
     spec = load_spec(args.spec, args.overrides, args.workdir)
     graph = Graph.build(build_stages(spec), spec.workdir)
@@ -261,7 +261,7 @@ class TrackingObserver:
     """Progress lines (from the DAG's default observer) plus the MLflow stage runs."""
 
     def __init__(self, tracker: Tracker | None):
-        from pipelines.dag import Observer
+        from pipelines.dag.graph import Observer
 
         self.printer = Observer()
         self.tracker = tracker
@@ -307,7 +307,7 @@ def ensure_ray(address: str | None, spec) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from pipelines.dag import run_graph, workdir_lock
+    from pipelines.dag.graph import run_graph, workdir_lock
 
     started = time.time()
     p = plan(args)

@@ -7,7 +7,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     from pipelines.config_args import add_dataclass_arguments
-    from pipelines.pretrain import PretrainConfig
+    from pipelines.jobs.pretrain import PretrainConfig
 
     p = sub.add_parser(
         "pretrain",
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.config_args import dataclass_from_args
-    from pipelines.pretrain import PretrainConfig, describe_finish, run_pretraining
+    from pipelines.jobs.pretrain import PretrainConfig, describe_finish, run_pretraining
 
     manifest = run_pretraining(dataclass_from_args(PretrainConfig, args))
     print(f"[pretrain] {describe_finish(manifest)}")

@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from bert.corpus import CorpusConfig
-    from pipelines.shards import build_shards
+    from pipelines.jobs.shards import build_shards
 
     config = PretrainingDataConfig(
         max_seq_length=args.max_seq_length,
@@ -82,20 +82,19 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import pyarrow.parquet as pq
 
+    from bert.shards import MANIFEST, ShardSet
     from bert.tokenizer import Tokenizer
-    from pipelines.shards import MANIFEST, TOKENIZER_DIR, read_manifest
 
-    manifest = read_manifest(args.dir)
-    tok = Tokenizer.load(Path(args.dir) / TOKENIZER_DIR)
-    stats, counts = manifest["statistics"], manifest["counts"]
-    print(f"{args.dir}: {len(manifest['parts'])} parts, {counts['examples']} examples, "
+    shards = ShardSet.open(args.dir)  # every part file checked against the manifest
+    manifest = shards.manifest
+    tok = Tokenizer.load(manifest.tokenizer.dir)
+    stats, counts = manifest.statistics, manifest.counts
+    print(f"{args.dir}: {len(manifest.parts)} parts (verified), {counts['examples']} examples, "
           f"{counts['documents']} documents, {counts['tokens']} tokens (see {MANIFEST})")
-    print(f"config: {manifest['config']}")
-    skipped = {k: v for k, v in manifest["skipped"].items() if v}
+    print(f"config: {manifest.raw['config']}")
+    skipped = {k: v for k, v in manifest.skipped.items() if v}
     print(f"skipped: {skipped or 'nothing'}")
     split = stats["masked_split"]
     print(
@@ -108,7 +107,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     peak = max(hist["counts"]) or 1
     for lo, hi, n in zip(hist["edges"], hist["edges"][1:], hist["counts"]):
         print(f"  {lo:5.0f}-{hi:<5.0f} {n:9d} {'#' * round(40 * n / peak)}")
-    first = pq.ParquetFile(Path(args.dir) / manifest["parts"][0]["part"])
+    first = pq.ParquetFile(shards.path / shards.files[0])
     rows = first.read_row_group(0).slice(0, args.examples).to_pylist() if first.num_row_groups else []
     for n, row in enumerate(rows):
         print(f"\nexample {n}: next_sentence_label={row['next_sentence_label']} "

@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from bert.corpus import CorpusConfig, InputFile, ReadStats, expand_inputs, read_documents
 from bert.errors import InputError
 from bert.fsutil import atomic_directory, sha256_file, write_json_atomic
+from bert.shards import FORMAT, MANIFEST, TOKENIZER_DIR, example_schema
 from bert.pretraining_data import (
     Example,
     PretrainingDataConfig,
@@ -54,9 +55,6 @@ from bert.pretraining_data import (
     create_examples,
 )
 
-MANIFEST = "_manifest.json"
-TOKENIZER_DIR = "tokenizer"
-FORMAT = "bertflow-shards/1"
 SHARD_TEXT_BYTES = 32 << 20  # default shard size: about 32 MiB of text, ~120 MB to build
 ROW_GROUP_ROWS = 4096  # examples per parquet row group
 HISTOGRAM_BINS = 16
@@ -86,20 +84,6 @@ def default_num_shards(files: Sequence[InputFile]) -> int:
                 size = max(size, struct.unpack("<I", fh.read(4))[0])
         total += size * 3 if f.path.name.lower().endswith(".parquet") else size
     return max(1, math.ceil(total / SHARD_TEXT_BYTES))
-
-
-def vocab_fingerprint(tokenizer: Any) -> str:
-    """sha256 of the id -> token table and the special ids: equal iff the vocabularies are.
-
-    The trainer compares it with the manifest's `tokenizer.vocab_sha256` to refuse shards
-    built with another vocabulary.
-    """
-    digest = hashlib.sha256()
-    for token in tokenizer.convert_ids_to_tokens(list(range(tokenizer.vocab_size))):
-        digest.update(token.encode("utf-8") + b"\n")
-    specials = {k: getattr(tokenizer, k) for k in ("cls_id", "sep_id", "mask_id", "pad_id")}
-    digest.update(json.dumps(specials, sort_keys=True).encode())
-    return digest.hexdigest()
 
 
 def load_tokenizer(path: str | os.PathLike[str], lowercase: bool = True) -> Any:
@@ -357,29 +341,6 @@ def read_bucket_documents(paths: Iterable[Path], word_starts: bool) -> list[Toke
     return docs
 
 
-def example_schema(whole_word_masking: bool) -> pa.Schema:
-    """The part files' schema; `word_starts` only with whole-word masking (for dynamic WWM)."""
-    fields = [
-        pa.field("input_ids", pa.list_(pa.int32())),
-        pa.field("token_type_ids", pa.list_(pa.int8())),
-        pa.field("masked_lm_positions", pa.list_(pa.int32())),
-        pa.field("masked_lm_ids", pa.list_(pa.int32())),
-        pa.field("next_sentence_label", pa.int8()),
-        pa.field("length", pa.int32()),
-    ]
-    if whole_word_masking:
-        fields.append(pa.field("word_starts", pa.list_(pa.bool_())))
-    fields += [  # provenance, for auditing: the documents and sentence ranges A and B come from
-        pa.field("a_doc_id", pa.string()),
-        pa.field("a_sentence_start", pa.int32()),
-        pa.field("a_sentence_end", pa.int32()),
-        pa.field("b_doc_id", pa.string()),
-        pa.field("b_sentence_start", pa.int32()),
-        pa.field("b_sentence_end", pa.int32()),
-    ]
-    return pa.schema(fields)
-
-
 def _list_array(arrays: list[np.ndarray], dtype: pa.DataType) -> pa.Array:
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum([len(a) for a in arrays], out=offsets[1:])
@@ -505,7 +466,7 @@ def _manifest(
         "tokenizer": {
             "dir": TOKENIZER_DIR,
             "vocab_size": tok.vocab_size,
-            "vocab_sha256": vocab_fingerprint(tok),
+            "vocab_sha256": tok.fingerprint(),
             "files_sha256": {
                 p.relative_to(tokenizer_dir).as_posix(): sha256_file(p)
                 for p in sorted(tokenizer_dir.rglob("*"))
@@ -537,14 +498,3 @@ def _manifest(
         ],
         "columns": example_schema(config.whole_word_masking).names,
     }
-
-
-def read_manifest(shards_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of a finished shards dir; `InputError` if the dir is not one."""
-    path = Path(shards_dir) / MANIFEST
-    if not path.is_file():
-        raise InputError(f"not a finished shards dir (no {MANIFEST}): {shards_dir}")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT:
-        raise InputError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest

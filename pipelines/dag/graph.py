@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -44,9 +42,10 @@ from typing import Any
 
 from bert.errors import BertflowError, InputError
 from bert.fsutil import write_json_atomic
+from pipelines import outdir
 
 MANIFEST = "_manifest.json"
-LOCK_FILE = ".lock"
+LOCK_FILE = outdir.LOCK_FILE
 KEY_LENGTH = 16
 
 
@@ -265,48 +264,13 @@ class Graph:
 
 def lock_holder(workdir: Path) -> str | None:
     """Who holds `<workdir>/.lock` ("pid 123 on host since ..."), or None if nobody does."""
-    path = workdir / LOCK_FILE
-    if not path.is_file():
-        return None
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            f.seek(0)
-            return f.read().strip() or "another process"
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return None
+    return outdir.lock_holder(workdir / LOCK_FILE)
 
 
-@contextlib.contextmanager
-def workdir_lock(workdir: Path, wait: bool = False) -> Iterator[None]:
+def workdir_lock(workdir: Path, wait: bool = False) -> contextlib.AbstractContextManager[None]:
     """Hold an exclusive lock on the workdir; refuse (or wait, with `wait`) if another run holds it."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    f = open(workdir / LOCK_FILE, "a+")
-    try:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise InputError(
-                f"{workdir} is in use by another pipeline run ({holder}); wait for it to finish "
-                f"(or pass --wait-lock), or choose another --workdir"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            f.seek(0)
-            f.truncate()
-        f.close()  # releases the lock
+    return outdir.lock(workdir / LOCK_FILE, str(workdir), wait=wait, user="pipeline run",
+                       hint="; wait for it to finish (or pass --wait-lock), or choose another --workdir")
 
 
 def remove_leftovers(graph: Graph) -> list[Path]:

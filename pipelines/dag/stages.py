@@ -4,10 +4,10 @@
 |---|---|---|---|
 | `pydoc_corpus` | - | `corpus/docs.jsonl`, `task/{train,dev}.tsv` | stdlib docstrings + `pydoc_data` |
 | `tokenizer` | `corpus` (optional) | a tokenizer dir | `Tokenizer.train_sentencepiece` / `from_vocab_file` |
-| `shards` | `tokenizer`, `corpus` (optional) | `shards/` (a shards dir) | `pipelines.shards.build_shards` |
-| `pretrain` | `shards`, `init` (optional) | `checkpoint/`, `pretrain_manifest.json` | `pipelines.pretrain.run_pretraining` |
-| `finetune` | `checkpoint`, `data` (both optional) | one node per task x seed: `metrics.json`, `predictions.jsonl`, `checkpoint/` | `pipelines.finetune.run_finetune` |
-| `report` | any stages | `report.md`, `results.json`, `pretrain_curves.png` | `pipelines.report.write_report` |
+| `shards` | `tokenizer`, `corpus` (optional) | `shards/` (a shards dir) | `pipelines.jobs.shards.build_shards` |
+| `pretrain` | `shards`, `init` (optional) | `checkpoint/`, `pretrain_manifest.json` | `pipelines.jobs.pretrain.run_pretraining` |
+| `finetune` | `checkpoint`, `data` (both optional) | one node per task x seed: `metrics.json`, `predictions.jsonl`, `checkpoint/` | `pipelines.jobs.finetune.run_finetune` |
+| `report` | any stages | `report.md`, `results.json`, `pretrain_curves.png` | `pipelines.dag.report.write_report` |
 
 A stage's config is a flat mapping routed to the config dataclasses of what it wraps (for
 example `pretrain` takes every field of `PretrainConfig` except the ones the pipeline sets:
@@ -39,8 +39,8 @@ from typing import Any
 from bert.corpus import CorpusConfig
 from bert.errors import InputError
 from bert.pretraining_data import PretrainingDataConfig
-from pipelines.dag import Stage, StageContext
-from pipelines.spec import Spec, StageSpec, check_value, expand_path, split_section
+from pipelines.dag.graph import Stage, StageContext
+from pipelines.dag.spec import Spec, StageSpec, check_value, expand_path, split_section
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -267,7 +267,7 @@ class ShardsStageConfig:
 
 
 def shards_stage(ctx: StageContext) -> dict[str, Any]:
-    from pipelines.shards import build_shards
+    from pipelines.jobs.shards import build_shards
 
     source, data = ctx.config
     corpus = list(source.corpus) + ([str(ctx.inputs["corpus"] / "corpus")] if "corpus" in ctx.inputs else [])
@@ -287,12 +287,12 @@ PRETRAIN_NOT_IN_KEY = ("log_every", "time_limit_minutes", "stop_at_step", "max_f
 
 
 def pretrain_stage(ctx: StageContext) -> dict[str, Any]:
-    from pipelines.pretrain import run_pretraining
+    from pipelines.jobs.pretrain import run_pretraining
 
     fields = dict(ctx.config)
     if "init" in ctx.inputs:
         fields["model"] = str(ctx.inputs["init"] / "checkpoint")
-    from pipelines.pretrain import PretrainConfig
+    from pipelines.jobs.pretrain import PretrainConfig
 
     run_dir = ctx.work / "run"  # stable: a re-run after a kill resumes from its checkpoints
     config = PretrainConfig(shards=str(ctx.inputs["shards"] / "shards"), out=str(run_dir),
@@ -331,7 +331,7 @@ class FinetuneStageConfig:
 
 
 def finetune_stage(ctx: StageContext) -> dict[str, Any]:
-    from pipelines.finetune import FinetuneConfig, run_finetune
+    from pipelines.jobs.finetune import FinetuneConfig, run_finetune
 
     run_dir = ctx.work / "run"
     config = FinetuneConfig(out=str(run_dir), **ctx.config, **_tracking_kwargs(ctx))
@@ -352,7 +352,7 @@ class ReportConfig:
 
 
 def report_stage(ctx: StageContext) -> dict[str, Any]:
-    from pipelines.report import write_report
+    from pipelines.dag.report import write_report
 
     return write_report(ctx.out, ctx.inputs, ctx.config.title)
 
@@ -464,7 +464,7 @@ def _configure(name: str, s: StageSpec, spec: Spec, where: str, inputs: dict[str
         return [Stage(name=name, config=(source, data), config_fields=fields, inputs=inputs, **common)]
 
     if s.kind == "pretrain":
-        from pipelines.pretrain import PretrainConfig
+        from pipelines.jobs.pretrain import PretrainConfig
 
         (values,) = split_section(section, [PretrainConfig], where, excluded=PRETRAIN_SET_BY_PIPELINE)
         if "init" in inputs and "model" in values:
@@ -506,7 +506,7 @@ def _construct(cls: type, values: Mapping[str, Any], where: str) -> Any:
 
 
 def _finetune_section(s: StageSpec, spec: Spec) -> FinetuneStageConfig:
-    from pipelines.finetune import FinetuneConfig
+    from pipelines.jobs.finetune import FinetuneConfig
 
     where = f"{spec.path}: stage {s.name}"
     own, _ = split_section(s.config, [FinetuneStageConfig, FinetuneConfig], where, excluded=FINETUNE_SET_BY_PIPELINE)
@@ -524,7 +524,7 @@ def _finetune_section(s: StageSpec, spec: Spec) -> FinetuneStageConfig:
 def _finetune_nodes(name: str, s: StageSpec, spec: Spec, where: str, inputs: dict[str, str],
                     common: dict[str, Any]) -> list[Stage]:
     from bert.tasks import get_task
-    from pipelines.finetune import FinetuneConfig
+    from pipelines.jobs.finetune import FinetuneConfig
 
     section = _finetune_section(s, spec)
     _, shared = split_section(s.config, [FinetuneStageConfig, FinetuneConfig], where, excluded=FINETUNE_SET_BY_PIPELINE)

@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from bert.config import PRESETS, BertConfig, preset
 from bert.errors import InputError
 from bert.fsutil import atomic_directory, write_json_atomic
+from bert.shards import ShardSet, WorkerStream, read_rows
 
 MANIFEST = "_manifest.json"
 TRAIN_STATE = "train_state.json"
@@ -124,131 +125,38 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
 
-# ----------------------------------------------------------------------------- shards
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    """A shards dir as the trainer sees it: part files, row counts, and what built them."""
-
-    path: Path
-    files: tuple[str, ...]
-    rows: tuple[int, ...]
-    max_seq_length: int
-    max_predictions_per_seq: int
-    dynamic_masking: bool
-    vocab_size: int
-    tokenizer_fingerprint: str  # sha256 of the vocabulary and special ids
-    manifest: dict = field(repr=False, compare=False)
-
-    @classmethod
-    def open(cls, path: str | Path, what: str = "shards") -> ShardSet:
-        from pipelines.shards import read_manifest
-
-        path = Path(path)
-        if not path.is_dir():
-            raise InputError(f"{what} dir {path} does not exist")
-        manifest = read_manifest(path)
-        files = tuple(sorted(p.name for p in path.glob("part-*.parquet")))
-        if not files:
-            raise InputError(f"{what} dir {path} has no part-*.parquet files")
-        rows = tuple(pq.ParquetFile(path / f).metadata.num_rows for f in files)
-        if sum(rows) == 0:
-            raise InputError(f"{what} dir {path} holds no examples (all part files are empty)")
-        config, tokenizer = manifest["config"], manifest["tokenizer"]
-        return cls(
-            path=path,
-            files=files,
-            rows=rows,
-            max_seq_length=int(config["max_seq_length"]),
-            max_predictions_per_seq=int(config["max_predictions_per_seq"]),
-            dynamic_masking=bool(config["dynamic_masking"]),
-            vocab_size=int(tokenizer["vocab_size"]),
-            tokenizer_fingerprint=tokenizer["vocab_sha256"],
-            manifest=manifest,
-        )
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.path / "tokenizer"
+# ----------------------------------------------------------------------------- model
 
 
 def resolve_model_config(config: PretrainConfig, shards: ShardSet) -> tuple[BertConfig, Path | None]:
     """The model to train, checked against the shards. Returns (config, init checkpoint dir or None)."""
     from bert.checkpoint import read_checkpoint_info
+    from bert.tokenizer import Tokenizer
 
     if config.model in PRESETS:
-        model_config = preset(config.model, vocab_size=shards.vocab_size)
+        model_config = preset(config.model, vocab_size=shards.tokenizer.vocab_size)
         init = None
     else:
         init = Path(config.model)
         info = read_checkpoint_info(init)  # a clear error if it is neither a preset nor a checkpoint
         model_config = info.config
-        if model_config.vocab_size != shards.vocab_size:
+        if model_config.vocab_size != shards.tokenizer.vocab_size:
             raise InputError(
-                f"shards {shards.path} were built with a {shards.vocab_size}-token vocabulary but checkpoint "
+                f"shards {shards.path} were built with a {shards.tokenizer.vocab_size}-token vocabulary but checkpoint "
                 f"{init} has vocab_size {model_config.vocab_size}: build the shards with the checkpoint's tokenizer"
             )
-        fingerprint = _tokenizer_fingerprint(init)
-        if fingerprint and fingerprint != shards.tokenizer_fingerprint:
+        fingerprint = Tokenizer.load(init).fingerprint() if Tokenizer.is_tokenizer_dir(init) else None
+        if fingerprint and fingerprint != shards.tokenizer.fingerprint:
             raise InputError(
                 f"shards {shards.path} were built with a different tokenizer than checkpoint {init} "
-                f"(fingerprints {shards.tokenizer_fingerprint[:12]} vs {fingerprint[:12]})"
+                f"(fingerprints {shards.tokenizer.fingerprint[:12]} vs {fingerprint[:12]})"
             )
-    if shards.max_seq_length > model_config.max_position_embeddings:
+    if shards.data.max_seq_length > model_config.max_position_embeddings:
         raise InputError(
-            f"shards {shards.path} hold sequences of up to {shards.max_seq_length} tokens, above the model's "
+            f"shards {shards.path} hold sequences of up to {shards.data.max_seq_length} tokens, above the model's "
             f"max_position_embeddings ({model_config.max_position_embeddings})"
         )
     return model_config, init
-
-
-def _tokenizer_fingerprint(directory: Path) -> str | None:
-    """The vocabulary fingerprint of the tokenizer inside a checkpoint dir, if it carries one."""
-    from bert.tokenizer import Tokenizer
-    from pipelines.shards import vocab_fingerprint
-
-    if not Tokenizer.is_tokenizer_dir(directory):
-        return None
-    return vocab_fingerprint(Tokenizer.load(directory))
-
-
-class WorkerStream:
-    """The rows of one rank, epoch after epoch, in a seeded order; resumable at any sample."""
-
-    def __init__(self, shards: ShardSet, rank: int, world_size: int, seed: int):
-        self.shards = shards
-        self.files = list(shards.files[rank::world_size])
-        self.rows = list(shards.rows[rank::world_size])
-        self.rank, self.seed = rank, seed
-        self.epoch_size = sum(self.rows)
-        if self.epoch_size == 0:
-            raise InputError(f"rank {rank}: its part files of {shards.path} hold no examples")
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, self.rank, epoch])
-        return list(rng.permutation(len(self.files)))
-
-    def batches(self, batch_size: int, start: int):
-        """Yield lists of row dicts, starting at sample `start` of this rank's stream."""
-        epoch, offset = divmod(start, self.epoch_size)
-        pending: list[dict] = []
-        while True:
-            for file_index in self._epoch_order(epoch):
-                n = self.rows[file_index]
-                if offset >= n:
-                    offset -= n
-                    continue
-                table = pq.read_table(self.shards.path / self.files[file_index])
-                order = np.random.default_rng([self.seed, self.rank, epoch, int(file_index)]).permutation(n)
-                columns = table.to_pydict()
-                for i in order[offset:]:
-                    pending.append({k: v[i] for k, v in columns.items()})
-                    if len(pending) == batch_size:
-                        yield pending
-                        pending = []
-                offset = 0
-            epoch += 1
 
 
 # ----------------------------------------------------------------------------- training loop (per worker)
@@ -291,15 +199,13 @@ def collate(rows: list[dict], pad_id: int, max_predictions: int, masker=None, rn
 
 def make_masker(shards: ShardSet):
     """Dynamic masking with the shards' own masking config, or None for statically masked shards."""
-    if not shards.dynamic_masking:
+    if not shards.data.dynamic_masking:
         return None
-    from bert.pretraining_data import PretrainingDataConfig, SpecialTokens, mask_batch
+    from bert.pretraining_data import SpecialTokens, mask_batch
     from bert.tokenizer import Tokenizer
 
-    known = {f.name for f in dataclasses.fields(PretrainingDataConfig)}
-    data_config = PretrainingDataConfig(**{k: v for k, v in shards.manifest["config"].items() if k in known})
-    special = SpecialTokens.of(Tokenizer.load(shards.tokenizer_dir))
-    return lambda ids, rng: mask_batch(ids, data_config, special, rng)
+    special = SpecialTokens.of(Tokenizer.load(shards.tokenizer.dir))
+    return lambda ids, rng: mask_batch(ids, shards.data, special, rng)
 
 
 def measure_peak_flops(device, dtype, seconds: float = 0.5) -> float:
@@ -369,7 +275,7 @@ def train_loop(loop_config: dict) -> None:
                       {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()})
 
     shards = ShardSet.open(config.shards)
-    tokenizer_dir = shards.tokenizer_dir
+    tokenizer_dir = shards.tokenizer.dir
 
     # ---- restore
     checkpoint = ray.train.get_checkpoint()
@@ -417,7 +323,7 @@ def train_loop(loop_config: dict) -> None:
         logger.log_params({"pretrain": config.to_dict(), "model": model_config.to_dict(),
                            "world_size": world, "accumulation_steps": config.accumulation_steps})
     evaluator = Evaluator.build(config, rank, world, device, raw_model.config.pad_token_id) if config.val_shards else None
-    flops_tok = flops_per_token(raw_model.config, shards.max_seq_length, shards.max_predictions_per_seq)
+    flops_tok = flops_per_token(raw_model.config, shards.data.max_seq_length, shards.data.max_predictions_per_seq)
 
     def save_checkpoint(step: int, final: bool) -> None:
         import tempfile
@@ -457,7 +363,7 @@ def train_loop(loop_config: dict) -> None:
             rng = np.random.default_rng([config.seed, rank, step, micro])
             ids, types, attention, positions, labels, nsp = (
                 t.to(device) for t in collate(next(batches), raw_model.config.pad_token_id,
-                                              shards.max_predictions_per_seq, masker, rng)
+                                              shards.data.max_predictions_per_seq, masker, rng)
             )
             sync = micro == config.accumulation_steps - 1
             context = model.no_sync() if (world > 1 and not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
@@ -556,7 +462,7 @@ class Evaluator:
         batches = []
         for i in range(0, len(rows), config.micro_batch_size):
             rng = np.random.default_rng([config.seed, 7, rank, i])  # fixed masks for every evaluation
-            batch = collate(rows[i : i + config.micro_batch_size], pad_id, val.max_predictions_per_seq, masker, rng)
+            batch = collate(rows[i : i + config.micro_batch_size], pad_id, val.data.max_predictions_per_seq, masker, rng)
             batches.append(tuple(t.to(device) for t in batch))
         return cls(batches, world)
 
@@ -579,18 +485,6 @@ class Evaluator:
             dist.all_reduce(counts)
         return {"val_mlm_accuracy": counts[0].item() / max(counts[1].item(), 1.0),
                 "val_nsp_accuracy": counts[2].item() / max(counts[3].item(), 1.0)}
-
-
-def read_rows(shards: ShardSet, limit: int) -> list[dict]:
-    """The first `limit` rows of a shard set, in file order (deterministic)."""
-    rows: list[dict] = []
-    for name in shards.files:
-        columns = pq.read_table(shards.path / name).to_pydict()
-        n = len(next(iter(columns.values())))
-        rows.extend({k: v[i] for k, v in columns.items()} for i in range(n))
-        if len(rows) >= limit:
-            break
-    return rows[:limit]
 
 
 def majority_baseline(shards: ShardSet, limit: int, seed: int) -> float:
@@ -649,9 +543,9 @@ def run_pretraining(config: PretrainConfig) -> dict[str, Any]:
     val = None
     if config.val_shards:
         val = ShardSet.open(config.val_shards, "validation shards")
-        if val.tokenizer_fingerprint != shards.tokenizer_fingerprint:
+        if val.tokenizer.fingerprint != shards.tokenizer.fingerprint:
             raise InputError(f"validation shards {val.path} were built with a different tokenizer than {shards.path}")
-        if val.max_seq_length > model_config.max_position_embeddings:
+        if val.data.max_seq_length > model_config.max_position_embeddings:
             raise InputError(f"validation shards {val.path} hold sequences longer than max_position_embeddings")
 
     out.mkdir(parents=True, exist_ok=True)

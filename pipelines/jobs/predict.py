@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bert.errors import InputError
-from pipelines.inference import TASK_FILE
+from bert.inference import TASK_FILE
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class PredictBatch:
     """Ray Data callable class: one model per actor, loaded once."""
 
     def __init__(self, checkpoint: str, batch_size: int, threads: int | None):
-        from pipelines.inference import Predictor
+        from bert.inference import Predictor
 
         self.predictor = Predictor(checkpoint, batch_size=batch_size, threads=threads)
 

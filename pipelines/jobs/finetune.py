@@ -28,7 +28,7 @@ checkpoint/ are copies of the best seed's (highest primary metric).
 MLflow: one run per (task, seed). With several seeds the job opens a parent run (nested under
 `--parent-run-id` when given) and one nested run per seed; with one seed the run itself is
 nested under `--parent-run-id`. Each seed's run gets params, per-epoch metrics, metrics.json,
-predictions.jsonl and the model as an `mlflow.pyfunc` model (`pipelines.inference`).
+predictions.jsonl and the model as an `mlflow.pyfunc` model (`bert.inference`).
 
 Re-running a finished job does nothing; a seed whose `metrics.json` exists with the same
 config is not trained again.
@@ -337,7 +337,7 @@ def evaluate(model, prepared: Prepared, rank: int, world: int, device, batch_siz
     import torch.distributed as dist
 
     from bert.tasks import get_task
-    from pipelines.inference import head_outputs, length_sorted_chunks
+    from bert.inference import head_outputs, length_sorted_chunks
 
     spec = get_task(prepared.task)
     metrics: dict[str, float] = {}
@@ -381,7 +381,7 @@ def train_loop(loop_config: dict) -> None:
     from bert.checkpoint import from_pretrained, save_pretrained
     from bert.optim import adamw, clip_grad_norm, lr_multiplier
     from bert.tasks import collate, get_task
-    from pipelines.inference import HEAD_OF_KIND, write_task_file
+    from bert.inference import HEAD_OF_KIND, write_task_file
     from pipelines.ray_runtime import worker_progress
     from pipelines.tracking import MetricLogger, RunHandle
 

@@ -1,0 +1,271 @@
+"""Output dirs: the rule every command that writes obeys (DESIGN.md, principle 10).
+
+A command writes only into its own output, checked before any work starts:
+
+* **A job dir** (`bertflow pretrain`, `finetune`, `sweep`): `own_dir(out, job, identity)`.
+  `out` must be absent (or empty), or hold `_job.json` written by the same job with the same
+  identity (the settings that define its output): an unfinished run to resume, or a finished
+  one the job will find done. Anything else — another job's output, the same job with other
+  settings, files bertflow did not write — is refused with a message naming the folder and
+  what it holds, and nothing is touched.
+* **A one-piece output** (`convert`, `tokenizer`, `shards build`, `predict --output`):
+  `atomic_output(out, job)`. `out` must not exist. The output is built in a temporary sibling
+  `.<name>.tmp-<id>` and renamed to `out` only when complete; a failure removes it.
+
+Either way the output is locked while the command runs: `<out>/.lock` for a job dir,
+`.<name>.lock` beside a one-piece output. The lock is an `fcntl.flock`, which the kernel
+releases when its holder dies, so a killed run's lock is simply taken by the next run; the
+file records who holds it, for the refusal message. Under the lock, temporaries a killed run
+left behind (`.<name>.tmp-*`) are removed. `bertflow run` locks its workdir the same way
+(`lock`).
+
+Inputs and outputs may not coincide: `check_disjoint` refuses an output that is an input, or
+lies inside one, or contains one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from bert.errors import InputError
+from bert.fsutil import write_json_atomic
+
+JOB_FILE = "_job.json"
+LOCK_FILE = ".lock"
+
+
+# ----------------------------------------------------------------------------- locks
+
+
+def lock_holder(lock_file: Path) -> str | None:
+    """Who holds `lock_file` ("pid 123 on host since ..."), or None if nobody does."""
+    if not lock_file.is_file():
+        return None
+    with open(lock_file, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            f.seek(0)
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
+
+@contextlib.contextmanager
+def lock(lock_file: Path, what: str, *, wait: bool = False, hint: str = "", remove: bool = False,
+         user: str = "run") -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file`; refuse at once (or wait, with `wait`) if another process holds it.
+
+    `what` names the locked thing and `user` who holds it in the refusal ("/x/out is in use by
+    another run (pid ...)").
+    With `remove`, the lock file is deleted (while still held) when the block ends; a process
+    that locked the deleted file meanwhile sees that it is no longer the file at that path and
+    tries again, so two processes never both hold the lock.
+    """
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(lock_file, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as exc:
+            f.close()
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = lock_holder(lock_file) or "another process"
+            raise InputError(f"{what} is in use by another {user} ({holder}){hint}") from None
+        try:
+            same = os.stat(lock_file).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # the holder removed it as we locked it: lock the file now at that path
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if remove:
+                lock_file.unlink()
+            else:
+                f.seek(0)
+                f.truncate()
+        f.close()  # releases the lock
+
+
+# ----------------------------------------------------------------------------- what a folder holds
+
+
+def describe(path: Path) -> str:
+    """A short account of what an existing folder (or file) holds, for refusal messages."""
+    if path.is_file():
+        return f"a file of {path.stat().st_size:,} bytes"
+    job_file = path / JOB_FILE
+    if job_file.is_file():
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            job = json.loads(job_file.read_text())
+            return f"a bertflow {job.get('job', '?')} run ({JOB_FILE})"
+    markers = (
+        ("_manifest.json", "a finished bertflow output (_manifest.json)"),
+        ("metrics.json", "a fine-tune output (metrics.json)"),
+        ("model.safetensors", "a checkpoint (model.safetensors)"),
+        ("pytorch_model.bin", "a checkpoint (pytorch_model.bin)"),
+        ("tokenizer_config.json", "a tokenizer (tokenizer_config.json)"),
+        ("mlflow.db", "an MLflow store (mlflow.db)"),
+    )
+    for name, text in markers:
+        if (path / name).exists():
+            return text
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return f"{len(names)} entr{'y' if len(names) == 1 else 'ies'} ({shown})"
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(p.name not in (LOCK_FILE,) for p in path.iterdir())
+
+
+# ----------------------------------------------------------------------------- inputs vs outputs
+
+
+def check_disjoint(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], flag: str = "--out") -> None:
+    """Refuse an output that is one of the inputs, lies inside one, or contains one."""
+    target = Path(out).resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).resolve()
+        if target == source:
+            raise InputError(f"{flag} {out} is also an input: choose an output path that is not {item}")
+        if source in target.parents:
+            raise InputError(f"{flag} {out} lies inside the input {item}: a command never writes next to its inputs")
+        if target in source.parents:
+            raise InputError(f"{flag} {out} contains the input {item}: choose an output outside it")
+
+
+# ----------------------------------------------------------------------------- job dirs
+
+
+def identity_digest(identity: Mapping[str, Any]) -> str:
+    payload = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _identity_differences(mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(mine) | set(theirs))
+    return [f"{k}: {theirs.get(k, '(unset)')!r} there, {mine.get(k, '(unset)')!r} now"
+            for k in keys if json.dumps(mine.get(k), default=str) != json.dumps(theirs.get(k), default=str)]
+
+
+def check_job_dir(out: Path, job: str, identity: Mapping[str, Any]) -> bool:
+    """Refuse `out` unless it is absent, empty, or a run of `job` with `identity`. True if it is such a run."""
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise InputError(f"{out} is a file, not an output dir; choose another --out")
+    job_file = out / JOB_FILE
+    if not job_file.is_file():
+        if _is_empty_dir(out):
+            return False
+        raise InputError(f"{out} already holds {describe(out)}, not written by `bertflow {job}`; "
+                         "refusing to write into it: choose another --out (nothing was changed)")
+    try:
+        recorded = json.loads(job_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{job_file}: unreadable ({exc}); refusing to write into {out}") from None
+    if recorded.get("job") != job:
+        raise InputError(f"{out} holds a `bertflow {recorded.get('job')}` run, not a `bertflow {job}` run; "
+                         "choose another --out (nothing was changed)")
+    if recorded.get("identity_sha256") != identity_digest(identity):
+        changes = "; ".join(_identity_differences(identity, recorded.get("identity", {}))[:6]) or f"see {JOB_FILE}"
+        raise InputError(f"{out} holds a `bertflow {job}` run with other settings ({changes}); re-run with the "
+                         "same settings to resume it, or choose another --out (nothing was changed)")
+    return True
+
+
+@contextlib.contextmanager
+def own_dir(out: str | os.PathLike[str], job: str, identity: Mapping[str, Any],
+            inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Iterator[bool]:
+    """Claim the job dir `out` for `job` (see the module docstring) and lock it; yields True when resuming.
+
+    Everything is checked before the dir is created or touched.
+    """
+    out = Path(out)
+    check_disjoint(out, inputs)
+    check_job_dir(out, job, identity)
+    out.mkdir(parents=True, exist_ok=True)
+    with lock(out / LOCK_FILE, str(out), hint="; wait for it to finish, or choose another --out"):
+        resuming = check_job_dir(out, job, identity)  # again, under the lock: another run may have claimed it
+        if not resuming:
+            write_json_atomic(out / JOB_FILE, {"job": job, "identity": dict(identity),
+                                               "identity_sha256": identity_digest(identity),
+                                               "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        remove_temporaries(out)
+        yield resuming
+
+
+def remove_temporaries(directory: Path) -> list[Path]:
+    """Remove `.*.tmp-*` / `.*.old-*` entries a killed run left in `directory` (call under its lock)."""
+    removed = []
+    for item in directory.iterdir() if directory.is_dir() else ():
+        if item.name.startswith(".") and (".tmp-" in item.name or ".old-" in item.name):
+            (shutil.rmtree if item.is_dir() and not item.is_symlink() else Path.unlink)(item)
+            removed.append(item)
+    return removed
+
+
+# ----------------------------------------------------------------------------- one-piece outputs
+
+
+def check_new_output(out: Path, job: str) -> None:
+    if out.exists() or out.is_symlink():
+        raise InputError(f"{out} already exists and holds {describe(out) if out.exists() else 'a dangling link'}; "
+                         f"`bertflow {job}` writes only a new output: choose another path (nothing was changed)")
+
+
+@contextlib.contextmanager
+def atomic_output(out: str | os.PathLike[str], job: str, *, directory: bool = True,
+                  inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling of the new output `out` (a dir, or a file path with `directory=False`).
+
+    Renamed to `out` when the block finishes; removed if it raises. `out` must not exist.
+    """
+    out = Path(out)
+    check_disjoint(out, inputs, "output")
+    check_new_output(out, job)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with lock(out.parent / f".{out.name}.lock", str(out), hint="; wait for it to finish, or choose another path",
+              remove=True):
+        check_new_output(out, job)
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # a killed run's leftovers
+            (shutil.rmtree if stale.is_dir() else Path.unlink)(stale)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
+        if directory:
+            tmp.mkdir()
+        try:
+            yield tmp
+            check_new_output(out, job)
+            os.replace(tmp, out)
+        except BaseException:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            raise
