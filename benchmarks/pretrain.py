@@ -26,7 +26,7 @@ DATASETS = Path(os.environ.get("BERTFLOW_DATASETS", ROOT.parent / "shared" / "da
 
 def build_default_shards(workdir: Path) -> Path:
     from bert.pretraining_data import PretrainingDataConfig
-    from pipelines.shards import build_shards
+    from pipelines.jobs.shards import build_shards
 
     wiki = DATASETS / "wikipedia_en_extract" / "AA"
     out = workdir / "shards"
@@ -39,7 +39,7 @@ def measure(shards: Path, workdir: Path, *, name: str, preset: str, workers: int
             use_gpu: bool = False) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from pipelines.pretrain import PretrainConfig, run_pretraining
+    from pipelines.jobs.pretrain import PretrainConfig, run_pretraining
 
     out = workdir / name
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"

@@ -79,7 +79,7 @@ def child(scale: int, dupe_factor: int | None, workdir: Path) -> dict:
     import ray
 
     from bert.pretraining_data import PretrainingDataConfig
-    from pipelines.shards import build_shards
+    from pipelines.jobs.shards import build_shards
 
     corpus = workdir / f"corpus-{scale}x"
     corpus.mkdir()
