@@ -70,6 +70,7 @@ class CorpusConfig:
     text_column: str = "text"
     language: str = "en"
     max_sentence_chars: int = 10_000
+    skip_unreadable: bool = False  # a corrupt .gz / parquet file: an error naming it (default), or counted and skipped
 
     def __post_init__(self) -> None:
         if not self.text_column:
@@ -220,8 +221,14 @@ def read_documents(file: InputFile, stats: ReadStats, config: CorpusConfig = Cor
             stats.documents += 1
             stats.sentences += len(sentences)
             yield Document(f"{file.name}:{ordinal}", tuple(sentences))
-    except (OSError, EOFError, zlib.error, pa.ArrowException):  # corrupt gzip / parquet: keep what was read
-        stats.unreadable_files += 1
+    except (OSError, EOFError, zlib.error, pa.ArrowException) as exc:  # corrupt or truncated gzip / parquet
+        if not config.skip_unreadable:
+            raise InputError(
+                f"{file.path}: unreadable after {stats.documents - before} document(s) ({type(exc).__name__}: {exc}); "
+                "the file is corrupt or truncated: fix or remove it, or pass --skip-unreadable to keep what was read "
+                "and go on"
+            ) from None
+        stats.unreadable_files += 1  # the documents read before the fault are kept
         return
     if stats.documents == before:
         stats.empty_files += 1

@@ -151,8 +151,12 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path: Path, wiki_dir: Path) -> Non
         "mixed/binary.bin", "mixed/blank.txt", "mixed/empty.txt", "mixed/latin1.txt", "mixed/long.txt",
         "mixed/sub/one.jsonl", "mixed/sub/wiki.gz", "mixed/truncated.gz",
     ]
+    truncated = next(f for f in files if f.name == "mixed/truncated.gz")
+    with pytest.raises(InputError, match="truncated.gz: unreadable after .* corrupt or truncated.*--skip-unreadable"):
+        list(read_documents(truncated, ReadStats()))  # an error by default, naming the file
     stats = ReadStats()
-    docs = {d.doc_id: d for f in files for d in read_documents(f, stats)}
+    lenient = CorpusConfig(skip_unreadable=True)
+    docs = {d.doc_id: d for f in files for d in read_documents(f, stats, lenient)}
     assert stats.binary_files == 1
     assert stats.empty_files == 2
     assert stats.undecodable_lines == 1

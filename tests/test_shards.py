@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from bert.corpus import ReadStats, expand_inputs, read_documents
+from bert.corpus import CorpusConfig, ReadStats, expand_inputs, read_documents
 from bert.errors import InputError
 from bert.pretraining_data import PretrainingDataConfig, SpecialTokens
 from bert.tokenizer import Tokenizer
@@ -176,7 +176,8 @@ def test_bad_inputs_are_counted_in_the_manifest(
     (corpus / "cut.gz").write_bytes((wiki_dir / "wiki_40.gz").read_bytes()[:60_000])
     shutil.copy(wiki_dir / "wiki_41.gz", corpus / "wiki_41.gz")
     out = tmp_path / "shards"
-    manifest = build_shards([corpus], vocab_txt, out, PretrainingDataConfig(dupe_factor=1, num_shards=2))
+    manifest = build_shards([corpus], vocab_txt, out, PretrainingDataConfig(dupe_factor=1, num_shards=2),
+                            CorpusConfig(skip_unreadable=True))
     assert manifest["skipped"] == {
         "empty_files": 1,
         "binary_files": 1,
