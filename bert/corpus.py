@@ -19,10 +19,13 @@ Formats, detected per file (so a directory may mix them):
 
 `.gz` files (recognised by their magic bytes, not their name) are decompressed on the fly.
 A plain-text file whose first 8 KiB hold a NUL byte is binary and skipped whole.
-Undecodable UTF-8 bytes are replaced (U+FFFD) and the lines counted. Nothing here raises on
-bad content: what is skipped is counted in `ReadStats`, which the shards manifest records.
-A missing path or a parquet file without the text column is an `InputError`, raised by
-`expand_inputs` before any work starts.
+Undecodable UTF-8 bytes are replaced (U+FFFD) and the lines counted. Bad content is skipped
+and counted in `ReadStats`, which the shards manifest records, with one exception: a corrupt
+or truncated gzip or parquet file is an `InputError` naming it, unless
+`CorpusConfig.skip_unreadable` (then the documents before the fault are kept and the file
+counted). A missing path or a parquet file without the text column is an `InputError`, raised
+by `expand_inputs` before any work starts; `probe_file` tells an empty or binary file from its
+head, so a corpus with no text at all can be refused before any work too.
 
 Sentences are split with `sentencex` (Wikimedia's rule-based segmenter, a compiled Rust
 extension whose abbreviation rules ship in the wheel): ~80 MB/s on the Wikipedia extract,
@@ -232,6 +235,28 @@ def read_documents(file: InputFile, stats: ReadStats, config: CorpusConfig = Cor
         return
     if stats.documents == before:
         stats.empty_files += 1
+
+
+def probe_file(path: Path) -> str:
+    """A cheap look at a file before reading it: "empty", "binary" or "text".
+
+    Only the first `BINARY_SNIFF_BYTES` of the (decompressed) content are read. "binary" is what
+    `read_documents` skips (a NUL byte in them); "empty" is a file whose whole content fits in
+    them and is whitespace only. Anything else, a corrupt gzip or a parquet file included, is
+    "text": reading it tells the rest.
+    """
+    if _format_of_name(path) == "parquet":
+        return "text"
+    try:
+        with _open_bytes(path) as raw:
+            head = raw.read(BINARY_SNIFF_BYTES + 1)
+    except (OSError, EOFError, zlib.error):
+        return "text"
+    if b"\x00" in head[:BINARY_SNIFF_BYTES]:
+        return "binary"
+    if len(head) <= BINARY_SNIFF_BYTES and not head.strip():
+        return "empty"
+    return "text"
 
 
 def _open_bytes(path: Path) -> io.BufferedReader:

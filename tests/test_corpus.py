@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bert.corpus import CorpusConfig, ReadStats, expand_inputs, read_documents, split_sentences
+from bert.corpus import CorpusConfig, ReadStats, expand_inputs, probe_file, read_documents, split_sentences
 from bert.errors import InputError
 
 
@@ -170,3 +170,16 @@ def test_bad_inputs_are_counted_not_fatal(tmp_path: Path, wiki_dir: Path) -> Non
     assert any(doc_id.startswith("mixed/truncated.gz:") for doc_id in docs)
     assert sum(doc_id.startswith("mixed/sub/wiki.gz:") for doc_id in docs) == 40  # 40 articles
     assert stats.files == 8 and stats.documents == len(docs)
+
+
+def test_probe_file_looks_at_the_head_only(tmp_path: Path, wiki_dir: Path) -> None:
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.gz").write_bytes(gzip.compress(b"\n \n\t\n"))
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 64)
+    (tmp_path / "long-blank.txt").write_text("\n" * 20_000)  # beyond the head: only reading tells
+    (tmp_path / "cut.gz").write_bytes((wiki_dir / "wiki_03.gz").read_bytes()[:100_000])
+    kinds = {name: probe_file(tmp_path / name)
+             for name in ("empty.txt", "blank.gz", "binary.bin", "long-blank.txt", "cut.gz")}
+    assert kinds == {"empty.txt": "empty", "blank.gz": "empty", "binary.bin": "binary", "long-blank.txt": "text",
+                     "cut.gz": "text"}
+    assert probe_file(wiki_dir / "wiki_00.gz") == "text"

@@ -235,3 +235,130 @@ def test_full_extract(ray_local, wiki_dir: Path, vocab_txt: Path, tmp_path: Path
     assert abs(stats["next_sentence_random_fraction"] - 0.5) < 0.01
     for kind, share in (("mask", 0.8), ("random", 0.1), ("keep", 0.1)):
         assert abs(stats["masked_split"][kind] - share) < 0.01
+
+
+# ----------------------------------------------------------------------------- the CLI as a user meets it
+
+
+def tree_digest(root: Path) -> str:
+    """A hash of every path and file content under `root`."""
+    digest = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        digest.update(p.relative_to(root).as_posix().encode() + b"\0")
+        if p.is_file():
+            digest.update(p.read_bytes())
+    return digest.hexdigest()
+
+
+def cli_build(corpus: Path, vocab_txt: Path, out: Path, *extra: str) -> int:
+    return main(["shards", "build", "--corpus", str(corpus), "--tokenizer", str(vocab_txt), "--out", str(out),
+                 "--dupe-factor", "1", "--num-shards", "2", "--max-seq-length", "64", *extra])
+
+
+def one_line_error(capsys) -> str:
+    """The error line the CLI printed: one line, the last on stderr (Ray Data may log above it)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("bertflow shards: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], lines
+    return errors[0]
+
+
+def test_cli_truncated_gz_is_refused_naming_it(ray_local, wiki_dir: Path, vocab_txt: Path, tmp_path: Path,
+                                                capsys) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(wiki_dir / "wiki_51.gz", corpus / "wiki_51.gz")
+    (corpus / "cut.gz").write_bytes((wiki_dir / "wiki_52.gz").read_bytes()[:60_000])
+    work = tmp_path / "work"
+    work.mkdir()
+    assert cli_build(corpus, vocab_txt, work / "shards") == 2
+    err = one_line_error(capsys)
+    assert "cut.gz" in err and "truncated" in err and "--skip-unreadable" in err
+    assert list(work.iterdir()) == []  # nothing written: no output, no temporary, no lock
+
+
+def test_cli_skip_unreadable_warns_with_count_and_names(ray_local, wiki_dir: Path, vocab_txt: Path, tmp_path: Path,
+                                                        capsys) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(wiki_dir / "wiki_51.gz", corpus / "wiki_51.gz")
+    (corpus / "cut.gz").write_bytes((wiki_dir / "wiki_52.gz").read_bytes()[:60_000])
+    out = tmp_path / "shards"
+    assert cli_build(corpus, vocab_txt, out, "--skip-unreadable") == 0
+    captured = capsys.readouterr()
+    assert "warning" in captured.err and "1 corrupt or truncated file(s)" in captured.err
+    assert "corpus/cut.gz" in captured.err
+    manifest = read_manifest(out)
+    assert manifest["skipped"]["unreadable_files"] == 1
+    assert manifest["skipped_files"]["unreadable"] == ["corpus/cut.gz"]
+
+
+def test_cli_empty_or_binary_corpus_gives_the_real_error(vocab_txt: Path, tmp_path: Path, capsys) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "empty.txt").write_bytes(b"")
+    (corpus / "binary.bin").write_bytes(bytes(range(256)) * 64)
+    (corpus / "blank.txt.gz").write_bytes(gzip_bytes(b"\n  \n"))
+    assert cli_build(corpus, vocab_txt, tmp_path / "shards") == 2  # refused before Ray starts
+    err = one_line_error(capsys)
+    assert "no text in the corpus: 3 file(s), all empty or binary" in err
+    assert "binary.bin (binary)" in err and "empty.txt (empty)" in err and "blank.txt.gz (empty)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+def test_cli_corpus_without_any_token_names_its_files(ray_local, vocab_txt: Path, tmp_path: Path, capsys) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "blanks.txt").write_text("\n" * 20_000)  # too long for the look at its head: found by reading
+    (corpus / "titles.txt").write_text('<doc id="1" title="T">\nT\n</doc>\n' + "\n" * 10_000)
+    assert cli_build(corpus, vocab_txt, tmp_path / "shards") == 2
+    err = one_line_error(capsys)
+    assert "no text in the corpus: 2 file(s) gave no token" in err and "blanks.txt (empty)" in err
+    assert "titles.txt" in err and "_buckets" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+def test_cli_existing_out_is_refused_and_left_as_it_was(subset: Path, vocab_txt: Path, tmp_path: Path,
+                                                        capsys) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    before = tree_digest(tmp_path)
+    assert cli_build(subset, vocab_txt, out) == 2
+    err = one_line_error(capsys)
+    assert str(out) in err and "already exists" in err and "notes.txt" in err
+    assert tree_digest(tmp_path) == before
+
+
+def test_cli_output_inside_the_corpus_is_refused(wiki_dir: Path, vocab_txt: Path, tmp_path: Path, capsys) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(wiki_dir / "wiki_51.gz", corpus / "wiki_51.gz")
+    before = tree_digest(tmp_path)
+    assert cli_build(corpus, vocab_txt, corpus / "shards") == 2
+    assert "lies inside the input" in one_line_error(capsys)
+    assert tree_digest(tmp_path) == before
+
+
+def test_cli_removes_a_killed_runs_temporary(ray_local, wiki_dir: Path, vocab_txt: Path, tmp_path: Path) -> None:
+    stale = tmp_path / ".shards.tmp-0123456789ab"  # what a SIGKILLed build leaves beside its output
+    (stale / "_buckets").mkdir(parents=True)
+    (stale / "_buckets" / "x.parquet").write_bytes(b"half")
+    assert cli_build(wiki_dir / "wiki_53.gz", vocab_txt, tmp_path / "shards") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
+def test_cli_inspect_refuses_a_truncated_part(built: Path, tmp_path: Path, capsys) -> None:
+    copy = tmp_path / "shards"
+    shutil.copytree(built, copy)
+    part = copy / "part-00001.parquet"
+    part.write_bytes(part.read_bytes()[:1000])
+    assert main(["shards", "inspect", str(copy)]) == 2
+    err = one_line_error(capsys)
+    assert "part-00001.parquet" in err and "truncated" in err
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data)

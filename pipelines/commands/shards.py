@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from bert.pretraining_data import PretrainingDataConfig
@@ -26,9 +27,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--corpus", nargs="+", required=True, metavar="PATH", help="corpus files or directories")
     b.add_argument("--tokenizer", required=True, metavar="DIR_OR_VOCAB", help="a tokenizer dir or a BERT vocab.txt")
-    b.add_argument("--out", required=True, metavar="DIR", help="shards dir to create (must not exist)")
+    b.add_argument("--out", required=True, metavar="DIR",
+                   help="shards dir to create (must not exist, nor lie inside an input)")
     b.add_argument("--cased", action="store_true", help="with a vocab.txt: keep case (default: lower-case)")
     b.add_argument("--text-column", default="text", help="text field of JSONL / parquet inputs (default: text)")
+    b.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="a corrupt or truncated .gz / parquet input: keep the documents read before the fault and go on, "
+        "with a warning naming it (default: an error naming it)",
+    )
     b.add_argument("--max-seq-length", type=int, default=_DEFAULTS.max_seq_length)
     b.add_argument("--max-predictions-per-seq", type=int, default=_DEFAULTS.max_predictions_per_seq)
     b.add_argument("--masked-lm-prob", type=float, default=_DEFAULTS.masked_lm_prob)
@@ -51,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from bert.corpus import CorpusConfig
-    from pipelines.jobs.shards import build_shards
+    from pipelines.jobs.shards import build_shards, skipped_files
 
     config = PretrainingDataConfig(
         max_seq_length=args.max_seq_length,
@@ -69,10 +77,17 @@ def run_build(args: argparse.Namespace) -> int:
         args.tokenizer,
         args.out,
         config,
-        CorpusConfig(text_column=args.text_column),
+        CorpusConfig(text_column=args.text_column, skip_unreadable=args.skip_unreadable),
         lowercase=not args.cased,
         num_workers=args.num_workers,
     )
+    unreadable = skipped_files(manifest).get("unreadable", [])
+    if unreadable:
+        print(
+            f"bertflow shards: warning: --skip-unreadable: {len(unreadable)} corrupt or truncated file(s) read only up "
+            f"to the fault: {', '.join(unreadable)} (see 'skipped_files' in {args.out}/_manifest.json)",
+            file=sys.stderr,
+        )
     counts = manifest["counts"]
     print(
         f"wrote {len(manifest['parts'])} shards to {args.out}: {counts['examples']} examples from "

@@ -21,8 +21,13 @@ out in row groups. The default shard count keeps a shard near `SHARD_TEXT_BYTES`
 the peak memory of a build depends on the shard size and the number of concurrent tasks,
 not on the corpus size.
 
-The output dir is built under a temporary name and renamed into place; `_manifest.json`
-(config, input fingerprints, counts, skips, statistics, tokenizer identity) is written last.
+The output obeys the output rule (`pipelines.outdir.atomic_output`): it must be new and
+disjoint from the inputs, is locked while the build runs, is built in a temporary sibling and
+renamed into place; a killed run's temporary is removed by the next. `_manifest.json` (config,
+input fingerprints, counts, skips and the names of skipped files, statistics, tokenizer
+identity) is written last. Bad input is refused with a message naming the file: before Ray
+starts where a look at the files tells (all empty or binary), else after the tokenize pass
+(a corrupt or truncated input, a corpus that yields no token).
 """
 
 from __future__ import annotations
@@ -43,9 +48,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bert.corpus import CorpusConfig, InputFile, ReadStats, expand_inputs, read_documents
+from bert.corpus import CorpusConfig, InputFile, ReadStats, expand_inputs, probe_file, read_documents
 from bert.errors import InputError
-from bert.fsutil import atomic_directory, sha256_file, write_json_atomic
+from bert.fsutil import sha256_file, write_json_atomic
 from bert.shards import FORMAT, MANIFEST, TOKENIZER_DIR, example_schema
 from bert.pretraining_data import (
     Example,
@@ -55,6 +60,7 @@ from bert.pretraining_data import (
     create_examples,
 )
 
+JOB = "shards build"  # the command, as the output rule names it
 SHARD_TEXT_BYTES = 32 << 20  # default shard size: about 32 MiB of text, ~120 MB to build
 ROW_GROUP_ROWS = 4096  # examples per parquet row group
 HISTOGRAM_BINS = 16
@@ -113,30 +119,83 @@ def build_shards(
 
     `num_workers` caps the concurrent Ray tasks of each pass (None: as many as Ray has CPUs)
     and `read_blocks` the number of blocks the file list is cut into (None: one per file);
-    neither changes a byte of the output. Raises `InputError` before any work (Ray is not even
-    started) for a missing corpus or tokenizer path or an existing `out`.
+    neither changes a byte of the output. `out` obeys the output rule (`pipelines.outdir`):
+    it must not exist nor overlap an input, it is locked while the build runs, built in a
+    temporary sibling and renamed into place; a killed run's temporaries are removed.
+
+    Raises `InputError` before any work (Ray is not even started) for a missing corpus or
+    tokenizer path, an existing or overlapping `out`, or a corpus whose files are all empty
+    or binary; and, naming the file, for a corrupt or truncated input (unless
+    `corpus_config.skip_unreadable`) or a corpus that yields no token at all.
     """
+    from pipelines.outdir import atomic_output, check_disjoint, check_new_output
     from pipelines.ray_runtime import ensure_ray
 
     files = expand_inputs(corpus, corpus_config)
     tok = load_tokenizer(tokenizer, lowercase=lowercase)
     out = Path(out)
-    if out.exists():
-        raise InputError(f"shards dir already exists: {out} (remove it, or choose another --out)")
+    inputs = [*corpus, tokenizer]
+    check_disjoint(out, inputs, "output")
+    check_new_output(out, JOB)
+    _check_some_text(files)
     num_shards = config.num_shards or default_num_shards(files)
     config = dataclasses.replace(config, num_shards=num_shards)
     special = SpecialTokens.of(tok)
-    ensure_ray()  # the caller's runtime if there is one, else RAY_ADDRESS's cluster or a local one
 
-    with atomic_directory(out, overwrite=False) as tmp:
+    with atomic_output(out, JOB, inputs=inputs) as tmp:
+        ensure_ray()  # the caller's runtime if there is one, else RAY_ADDRESS's cluster or a local one
         tok.save(tmp / TOKENIZER_DIR)
         buckets = tmp / "_buckets"
+        buckets.mkdir()
         file_rows = _run_tokenize_pass(files, tmp / TOKENIZER_DIR, buckets, config, corpus_config, num_workers, read_blocks)
+        _check_tokenize_pass(file_rows)
         shard_rows = _run_build_pass(buckets, tmp, config, special, num_workers)
         shutil.rmtree(buckets)
         manifest = _manifest(config, corpus_config, tok, tmp / TOKENIZER_DIR, file_rows, shard_rows)
         write_json_atomic(tmp / MANIFEST, manifest)
     return manifest
+
+
+def _check_some_text(files: Sequence[InputFile]) -> None:
+    """Refuse, before any work, a corpus whose every file is empty or binary (a look at each file's head)."""
+    kinds = [probe_file(f.path) for f in files]
+    if all(k != "text" for k in kinds):
+        raise InputError(
+            f"no text in the corpus: {len(files)} file(s), all empty or binary ({_name_list(files, kinds)}); "
+            "expected one-sentence-per-line text, WikiExtractor, JSONL or parquet files (.gz too)"
+        )
+
+
+def _name_list(files: Sequence[InputFile], kinds: Sequence[str], limit: int = 10) -> str:
+    shown = [f"{f.path} ({k})" for f, k in zip(files, kinds)][:limit]
+    return ", ".join(shown) + (f", and {len(files) - limit} more" if len(files) > limit else "")
+
+
+def _check_tokenize_pass(file_rows: list[dict[str, Any]]) -> None:
+    """Raise the first input error a tokenize task met, or refuse a corpus that gave no token."""
+    for row in file_rows:
+        if row.get("error"):
+            raise InputError(row["error"])
+    if sum(r["tokens"] for r in file_rows) == 0:
+        raise InputError(
+            f"no text in the corpus: {len(file_rows)} file(s) gave no token "
+            f"({_name_list([InputFile(Path(r['path']), r['name']) for r in file_rows], [_why_empty(r) for r in file_rows])}); "
+            "expected one-sentence-per-line text, WikiExtractor, JSONL or parquet files (.gz too)"
+        )
+
+
+def _why_empty(row: dict[str, Any]) -> str:
+    reasons = [k for k in ("binary_files", "empty_files", "unreadable_files") if row.get(k)]
+    if reasons:
+        return reasons[0].removesuffix("_files")
+    if row.get("bad_records"):
+        return f"{row['bad_records']} bad records"
+    return "no document with a token"
+
+
+def skipped_files(manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """The input names a build skipped, by reason ("unreadable", "binary", "empty"), from its manifest."""
+    return {k: list(v) for k, v in manifest.get("skipped_files", {}).items() if v}
 
 
 def _compute(num_workers: int | None, num_rows: int) -> Any:
@@ -287,12 +346,16 @@ def _tokenize_file(
 
     batch: list[tuple[str, tuple[str, ...]]] = []
     batch_sentences = 0
-    for doc in read_documents(file, stats, corpus_config):
-        batch.append((doc.doc_id, doc.sentences))
-        batch_sentences += len(doc.sentences)
-        if batch_sentences >= _ENCODE_BATCH_SENTENCES:
-            encode(batch)
-            batch, batch_sentences = [], 0
+    error = ""
+    try:
+        for doc in read_documents(file, stats, corpus_config):
+            batch.append((doc.doc_id, doc.sentences))
+            batch_sentences += len(doc.sentences)
+            if batch_sentences >= _ENCODE_BATCH_SENTENCES:
+                encode(batch)
+                batch, batch_sentences = [], 0
+    except InputError as exc:  # reported by the driver as it is: Ray would wrap it beyond recognition
+        error = str(exc)
     if batch:
         encode(batch)
     writer.close()
@@ -302,6 +365,7 @@ def _tokenize_file(
         "path": row["path"],
         "bytes": file.path.stat().st_size,
         "sha256": sha256_file(file.path),
+        "error": error,
         **stats.as_dict(),
         **counts,
     }
@@ -484,6 +548,9 @@ def _manifest(
             "example_tokens": total(shard_rows, "example_tokens"),
         },
         "skipped": {k: total(file_rows, k) for k in [*skip_keys, "documents_without_tokens"]},
+        "skipped_files": {
+            kind: [r["name"] for r in file_rows if r[f"{kind}_files"]] for kind in ("unreadable", "binary", "empty")
+        },
         "statistics": {
             "masked_fraction": masked / max(1, total(shard_rows, "predictable_tokens")),
             "masked_split": {
