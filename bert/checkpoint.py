@@ -368,26 +368,35 @@ def save_pretrained(
     The directory is written under a temporary name and renamed into place. With
     `tokenizer_dir`, the tokenizer files found there travel with the checkpoint.
     """
-    head = _head_of(model)
     path = Path(path)
     with atomic_directory(path) as tmp:
-        if hf:
-            config = hf_config(model)
-        else:
-            labels = getattr(model, "labels", None)
-            config = {
-                "bertflow": {
-                    "format_version": FORMAT_VERSION,
-                    "head": head,
-                    "labels": list(labels) if labels else None,
-                },
-                "model": model.config.to_dict(),
-            }
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        save_file(_state_for_saving(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(tokenizer_dir, tmp)
+        write_checkpoint(model, tmp, hf=hf, tokenizer_dir=tokenizer_dir)
     return path
+
+
+def write_checkpoint(model: nn.Module, directory: Path, *, hf: bool = False,
+                     tokenizer_dir: str | Path | None = None) -> None:
+    """Write the files of `model`'s checkpoint into the existing (new, empty) `directory`.
+
+    `save_pretrained` and `convert` call it on a temporary dir they then rename into place.
+    """
+    head = _head_of(model)
+    if hf:
+        config = hf_config(model)
+    else:
+        labels = getattr(model, "labels", None)
+        config = {
+            "bertflow": {
+                "format_version": FORMAT_VERSION,
+                "head": head,
+                "labels": list(labels) if labels else None,
+            },
+            "model": model.config.to_dict(),
+        }
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    save_file(_state_for_saving(model), str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, directory)
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
@@ -401,13 +410,36 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
-def convert(src: str | Path, out: str | Path, *, to_hf: bool) -> Path:
-    """`bertflow convert`: HF dir -> our dir (`to_hf=False`) or our dir -> HF dir (`to_hf=True`)."""
+def load_for_convert(src: str | Path, *, to_hf: bool) -> nn.Module:
+    """Read and check the source of `bertflow convert` (weights included): the model to write.
+
+    `to_hf=True` expects our checkpoint dir, `to_hf=False` a Hugging Face BERT dir.
+    """
     info = read_checkpoint_info(src)
     if to_hf and info.kind != "bertflow":
         raise CheckpointError(f"{src}: --to-hf expects a bertflow checkpoint dir, found a {info.kind} dir")
     if not to_hf and info.kind != "huggingface":
         raise CheckpointError(f"{src}: --from-hf expects a Hugging Face BERT dir, found a {info.kind} dir")
-    model = from_pretrained(src)
-    return save_pretrained(model, out, hf=to_hf, tokenizer_dir=src)
+    return from_pretrained(src)
 
+
+def convert(src: str | Path, out: str | Path, *, to_hf: bool) -> Path:
+    """HF dir -> our dir (`to_hf=False`) or our dir -> HF dir (`to_hf=True`), written to the new dir `out`.
+
+    `out` must not exist, nor be, contain or lie inside `src`: nothing is ever overwritten. The
+    source is read whole before anything is created; the output is written under a temporary
+    name and renamed into place. (`bertflow convert` also locks `out`, see pipelines/outdir.py.)
+    """
+    src, out = Path(src), Path(out)
+    source, target = src.resolve(), out.resolve()
+    if target == source or source in target.parents or target in source.parents:
+        raise CheckpointError(f"{out}: the output may not be, contain or lie inside the input {src}")
+    if out.exists() or out.is_symlink():
+        raise CheckpointError(f"{out}: already exists; convert writes a new dir only (nothing was changed)")
+    model = load_for_convert(src, to_hf=to_hf)
+    try:
+        with atomic_directory(out, overwrite=False) as tmp:
+            write_checkpoint(model, tmp, hf=to_hf, tokenizer_dir=src)
+    except FileExistsError:
+        raise CheckpointError(f"{out}: appeared while converting; left as it is, nothing written") from None
+    return out

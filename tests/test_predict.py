@@ -60,16 +60,18 @@ def test_predict_tsv_through_ray_data_matches_in_process(ray_local, mrpc_checkpo
 
 def test_predict_missing_column_and_ragged_row_name_file_and_line(mrpc_checkpoint, datasets_dir, tmp_path):
     mrpc_input(datasets_dir, tmp_path / "in.tsv", 5)
+    out = str(tmp_path / "out.jsonl")
     with pytest.raises(InputError, match=r"in.tsv:2: no 'text' column"):
-        run_predict(PredictConfig(checkpoint=str(mrpc_checkpoint), input=str(tmp_path / "in.tsv")))
+        run_predict(PredictConfig(checkpoint=str(mrpc_checkpoint), input=str(tmp_path / "in.tsv"), output=out))
     text = (tmp_path / "in.tsv").read_text().splitlines()
     (tmp_path / "in.tsv").write_text("\n".join(text[:3] + ["a\tb"] + text[3:]) + "\n")
     with pytest.raises(InputError, match=r"in.tsv:4: expected 5 tab-separated fields"):
-        run_predict(PredictConfig(checkpoint=str(mrpc_checkpoint), input=str(tmp_path / "in.tsv"),
+        run_predict(PredictConfig(checkpoint=str(mrpc_checkpoint), input=str(tmp_path / "in.tsv"), output=out,
                                   text_column="#1 String", pair_column="#2 String"))
     (tmp_path / "in.jsonl").write_text('{"text": "a", "text_pair": "b"}\n{"text": "a"}\n')
     with pytest.raises(InputError, match=r"in.jsonl:2: no 'text_pair' column"):
-        run_predict(PredictConfig(checkpoint=str(mrpc_checkpoint), input=str(tmp_path / "in.jsonl")))
+        run_predict(PredictConfig(checkpoint=str(mrpc_checkpoint), input=str(tmp_path / "in.jsonl"), output=out))
+    assert not Path(out).exists()
 
 
 def test_ner_predictions_are_entities_with_offsets(minilm_dir, datasets_dir, tmp_path):
@@ -99,4 +101,5 @@ def test_qa_predictions_are_spans_of_the_context(minilm_dir, tmp_path):
 def test_not_a_finetuned_checkpoint(minilm_dir, tmp_path):
     (tmp_path / "in.jsonl").write_text('{"text": "a"}\n')
     with pytest.raises(InputError, match="bertflow_task.json is missing"):
-        run_predict(PredictConfig(checkpoint=str(minilm_dir), input=str(tmp_path / "in.jsonl")))
+        run_predict(PredictConfig(checkpoint=str(minilm_dir), input=str(tmp_path / "in.jsonl"),
+                                  output=str(tmp_path / "out.jsonl")))

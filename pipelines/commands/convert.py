@@ -1,8 +1,15 @@
-"""`bertflow convert`: import a Hugging Face BERT dir, or export ours to the Hugging Face layout."""
+"""`bertflow convert`: import a Hugging Face BERT dir, or export ours to the Hugging Face layout.
+
+The output is a new dir (pipelines/outdir.py, `atomic_output`): an existing --out is refused,
+as is one that is, contains or lies inside the input; the input is read whole (config and
+weights) before anything is created; the dir appears under its name only when complete.
+"""
 
 from __future__ import annotations
 
 import argparse
+
+JOB = "convert"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,15 +21,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     direction = p.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from-hf", metavar="DIR", help="a Hugging Face BERT dir to import")
     direction.add_argument("--to-hf", metavar="DIR", help="a bertflow checkpoint dir to export")
-    p.add_argument("--out", required=True, metavar="DIR", help="output checkpoint dir (written atomically)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output checkpoint dir to create (must not exist, nor lie inside the input; written atomically)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from bert.checkpoint import convert, read_checkpoint_info
+    from pathlib import Path
+
+    from bert.checkpoint import load_for_convert, read_checkpoint_info, write_checkpoint
+    from pipelines.outdir import atomic_output, check_disjoint, check_new_output
 
     src = args.to_hf or args.from_hf
-    out = convert(src, args.out, to_hf=args.to_hf is not None)
+    to_hf = args.to_hf is not None
+    out = Path(args.out)
+    check_disjoint(out, [src], "--out")
+    check_new_output(out, JOB)
+    model = load_for_convert(src, to_hf=to_hf)  # the whole input is read before anything is created
+    with atomic_output(out, JOB, inputs=[src]) as tmp:
+        write_checkpoint(model, tmp, hf=to_hf, tokenizer_dir=src)
     info = read_checkpoint_info(out)
     print(f"wrote {info.kind} checkpoint {out} (head: {info.head or 'encoder only'})")
     return 0

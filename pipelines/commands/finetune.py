@@ -1,4 +1,4 @@
-"""`bertflow finetune` (Ray Train) and `bertflow predict` (Ray Data)."""
+"""`bertflow finetune` (Ray Train). (`bertflow predict` lives in pipelines/commands/predict.py.)"""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import argparse
 def register(sub: argparse._SubParsersAction) -> None:
     from pipelines.config_args import add_dataclass_arguments
     from pipelines.jobs.finetune import FinetuneConfig
-    from pipelines.jobs.predict import PredictConfig
 
     p = sub.add_parser(
         "finetune",
@@ -42,26 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(handler=run_finetune_command)
 
-    q = sub.add_parser(
-        "predict",
-        help="run a fine-tuned checkpoint on new text (TSV or JSONL) with Ray Data",
-        description="Predict with a fine-tuned checkpoint; writes JSONL, one line per input row, in input order.",
-    )
-    add_dataclass_arguments(
-        q,
-        PredictConfig,
-        required=("checkpoint", "input"),
-        help={
-            "checkpoint": "a fine-tuned checkpoint dir (or a `bertflow finetune` output dir)",
-            "input": "TSV with a header line, or JSONL (.jsonl)",
-            "output": "output JSONL (default: <input>.predictions.jsonl)",
-            "pair_column": "second text of pair tasks (default: text_pair)",
-            "tokens_column": "NER: a list of words per row (JSONL); else --text-column is split into words",
-            "concurrency": "number of model actors",
-        },
-    )
-    q.set_defaults(handler=run_predict_command)
-
 
 def run_finetune_command(args: argparse.Namespace) -> int:
     from pipelines.config_args import dataclass_from_args
@@ -69,13 +48,4 @@ def run_finetune_command(args: argparse.Namespace) -> int:
 
     result = run_finetune(dataclass_from_args(FinetuneConfig, args))
     print(f"[finetune] {describe(result)}; outputs in {result['config']['out']}")
-    return 0
-
-
-def run_predict_command(args: argparse.Namespace) -> int:
-    from pipelines.config_args import dataclass_from_args
-    from pipelines.jobs.predict import PredictConfig, run_predict
-
-    summary = run_predict(dataclass_from_args(PredictConfig, args))
-    print(f"[predict] {summary['rows']} predictions ({summary['task']}) written to {summary['output']}")
     return 0

@@ -6,14 +6,17 @@ anything runs on Ray. Rows then go through `ray.data.from_items(...).map_batches
 callable class that holds one `Predictor` (the model) per actor; `concurrency` actors, `batch_size`
 rows per call. The output is JSONL, one line per input row, in input order:
     {"row": 0-based row index, "id": the input's id column if it has one, "prediction": ...}
-written under a temporary name and renamed into place.
+The output is a new file (pipelines/outdir.py, `atomic_output(..., directory=False)`): an
+existing output, or one that is the input or lies inside the input or the checkpoint, is
+refused before anything is read; it is written under a temporary name, locked, and renamed
+into place when complete. There is no default output path: a command never writes next to
+its inputs unless told to.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +24,14 @@ from typing import Any
 from bert.errors import InputError
 from bert.inference import TASK_FILE
 
+JOB = "predict"
+
 
 @dataclass(frozen=True)
 class PredictConfig:
     checkpoint: str
     input: str
-    output: str | None = None  # default: <input stem>.predictions.jsonl next to the input
+    output: str  # a new JSONL file: never the input, never an existing file
     text_column: str = "text"
     pair_column: str | None = None  # default: "text_pair" for pair tasks
     question_column: str = "question"
@@ -141,13 +146,15 @@ def _plain(value: Any) -> Any:
 
 
 def run_predict(config: PredictConfig) -> dict[str, Any]:
-    """Check inputs, predict with Ray Data, write the JSONL output. Returns a summary."""
-    import ray
-
+    """Check the output and the inputs, predict with Ray Data, write the JSONL output. Returns a summary."""
     from bert.checkpoint import read_checkpoint_info
     from bert.tasks import get_task
-    from pipelines.ray_runtime import ensure_ray
+    from pipelines.outdir import atomic_output, check_disjoint, check_new_output
 
+    output = Path(config.output)
+    input_path = Path(config.input).resolve()
+    check_disjoint(output, [config.input, config.checkpoint], "--output")
+    check_new_output(output, JOB)
     checkpoint = Path(config.checkpoint).resolve()
     if not (checkpoint / TASK_FILE).is_file():
         if (checkpoint / "checkpoint" / TASK_FILE).is_file():  # a fine-tune output dir
@@ -156,10 +163,23 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
             raise InputError(f"{checkpoint}: not a fine-tuned bertflow checkpoint ({TASK_FILE} is missing)")
     read_checkpoint_info(checkpoint)
     spec = get_task(json.loads((checkpoint / TASK_FILE).read_text())["task"])
-    input_path = Path(config.input).resolve()
     rows = read_rows(input_path)
     items = build_items(config, rows, spec.kind, len(spec.text_fields) == 2)
-    output = Path(config.output) if config.output else input_path.with_suffix(".predictions.jsonl")
+    with atomic_output(output, JOB, directory=False, inputs=[config.input, config.checkpoint]) as tmp:
+        results = _predict(config, checkpoint, items)
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in results:
+                line = {"row": int(r["row"]), **({"id": str(r["id"])} if "id" in r else {}),
+                        "prediction": json.loads(r["prediction"])}
+                f.write(json.dumps(line) + "\n")
+    return {"rows": len(results), "output": str(output), "task": spec.name}
+
+
+def _predict(config: PredictConfig, checkpoint: Path, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The model's output rows for `items`, in input order, computed by Ray Data actors."""
+    import ray
+
+    from pipelines.ray_runtime import ensure_ray
 
     ensure_ray()
     ctx = ray.data.DataContext.get_current()
@@ -176,12 +196,4 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     results = sorted(dataset.take_all(), key=lambda r: int(r["row"]))
     if [int(r["row"]) for r in results] != list(range(len(items))):
         raise RuntimeError(f"predict: {len(results)} predictions for {len(items)} rows")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in results:
-            line = {"row": int(r["row"]), **({"id": str(r["id"])} if "id" in r else {}),
-                    "prediction": json.loads(r["prediction"])}
-            f.write(json.dumps(line) + "\n")
-    os.replace(tmp, output)
-    return {"rows": len(results), "output": str(output), "task": spec.name}
+    return results
