@@ -13,6 +13,7 @@ deprecates the plain `./mlruns` file store. `MLFLOW_TRACKING_URI` overrides it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -25,6 +26,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bert.fsutil import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +139,66 @@ def open_run(
     return RunHandle(tracking_uri, run.info.run_id)
 
 
+RUN_FILE = "mlflow_run.json"
+
+
+def open_job_run(out: Path, tracking_uri: str | None, experiment: str, *, run_name: str,
+                 parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> RunHandle | None:
+    """The MLflow run of the job whose output dir is `out`: created once, re-opened by every later run of the job.
+
+    Its id is kept in `<out>/mlflow_run.json`, so a job killed and run again logs into the same
+    run (one job, one run). A different tracking store starts a new run there.
+    """
+    uri = tracking_uri or default_tracking_uri(out)
+    run_file = out / RUN_FILE
+    previous = None
+    if run_file.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            previous = json.loads(run_file.read_text())
+    run_id = previous["run_id"] if previous and previous.get("tracking_uri") == uri else None
+    handle = open_run(uri, experiment, run_name=run_name, run_id=run_id, parent_run_id=parent_run_id,
+                      tags={**(tags or {}), "bertflow.out": str(out)})
+    if handle is not None and handle.run_id != run_id:
+        write_json_atomic(run_file, {"tracking_uri": handle.tracking_uri, "run_id": handle.run_id})
+    return handle
+
+
+def last_logged_step(handle: RunHandle | None, key: str) -> int | None:
+    """The highest step at which `key` was logged in the run (None: never, or no tracking).
+
+    A resumed job logs only the steps after it, so no step appears twice in the run's history.
+    """
+    if handle is None:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    try:
+        history = MlflowClient(handle.tracking_uri).get_metric_history(handle.run_id, key)
+    except Exception as exc:  # noqa: BLE001 - tracking must never fail the job
+        warnings.warn(f"could not read MLflow run {handle.run_id}: {exc}", stacklevel=2)
+        return None
+    return max((m.step for m in history), default=None)
+
+
+def final_metric_values(handle: RunHandle | None, keys: tuple[str, ...]) -> dict[str, float]:
+    """The value at the highest step of each of `keys` that the run has (empty without tracking)."""
+    if handle is None:
+        return {}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(handle.tracking_uri)
+    values = {}
+    for key in keys:
+        try:
+            history = client.get_metric_history(handle.run_id, key)
+        except Exception as exc:  # noqa: BLE001 - tracking must never fail the job
+            warnings.warn(f"could not read {key} of MLflow run {handle.run_id}: {exc}", stacklevel=2)
+            continue
+        if history:
+            values[key] = max(history, key=lambda m: m.step).value
+    return values
+
+
 def finish_run(handle: RunHandle | None, status: str = "FINISHED") -> None:
     if handle is None:
         return
@@ -153,10 +216,12 @@ class MetricLogger:
     `log_metrics` only enqueues; a daemon thread sends batches every `flush_every_s` seconds.
     A failing server turns logging off with one warning; training continues regardless.
     `handle=None` makes every call a no-op, so callers need no `if rank == 0` branches.
+    `logged_through`: metrics of steps up to it are dropped (a resumed run re-doing those steps).
     """
 
-    def __init__(self, handle: RunHandle | None, flush_every_s: float = 2.0):
+    def __init__(self, handle: RunHandle | None, flush_every_s: float = 2.0, logged_through: int | None = None):
         self.handle = handle
+        self.logged_through = logged_through  # a resumed run: steps up to here are in MLflow already
         self._queue: queue.Queue = queue.Queue()
         self._closed = threading.Event()
         self._failed = False
@@ -174,7 +239,7 @@ class MetricLogger:
         return self.handle is not None and not self._failed
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        if self.active:
+        if self.active and (self.logged_through is None or step > self.logged_through):
             now = int(time.time() * 1000)
             self._queue.put(("metrics", [(k, float(v), now, step) for k, v in metrics.items()]))
 

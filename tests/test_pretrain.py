@@ -51,9 +51,10 @@ def runs_for(out: Path) -> list:
     return client.search_runs([experiment], filter_string=f"tags.`bertflow.out` = '{out.resolve()}'")
 
 
-def test_resume_is_exact_with_two_workers(small_shards, tmp_path):
-    """Stopped at step k and resumed, a run reaches step 2k with the weights of an uninterrupted run."""
-    common = dict(TINY_RUN, shards=str(small_shards), max_steps=6)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_is_exact_with_two_workers(small_shards, tmp_path, precision):
+    """Stopped at step k and resumed, a run reaches step 2k with the weights of an uninterrupted run (per precision)."""
+    common = dict(TINY_RUN, shards=str(small_shards), max_steps=6, precision=precision)
     with pytest.warns(UserWarning, match="MLflow logging is off"):
         full = run_pretraining(PretrainConfig(**common, out=str(tmp_path / "full"), tracking_uri="http://127.0.0.1:9"))
     assert full["complete"] and full["step"] == 6
@@ -70,7 +71,7 @@ def test_resume_is_exact_with_two_workers(small_shards, tmp_path):
         assert torch.equal(a[k], b[k]), k
     # the final checkpoint is a complete training checkpoint and a loadable model dir
     state = json.loads((tmp_path / "resumed" / "checkpoint" / "train_state.json").read_text())
-    assert state["step"] == 6 and state["world_size"] == 2 and state["final"]
+    assert state["step"] == 6 and state["world_size"] == 2 and state["final"] and state["precision"] == precision
     model = bert.from_pretrained(tmp_path / "resumed" / "checkpoint")
     assert isinstance(model, BertForPreTraining)
     assert (tmp_path / "resumed" / "checkpoint" / "vocab.txt").is_file()

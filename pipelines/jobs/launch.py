@@ -1,0 +1,133 @@
+"""What every Ray Train job shares: the launcher, the worker's view of the run, collectives, copying out.
+
+    train_on_ray(loop, loop_config, ...)   one TorchTrainer (DDP over gloo or NCCL) with storage,
+                                           failure and checkpoint policies; returns Ray's Result
+    Worker.current()                       rank, world size, device, torch threads, from inside a worker
+    all_reduce_sum / all_min / any_rank / gather_to_rank0
+                                           the collectives the jobs use (no-ops with one worker)
+    copy_checkpoint_out(src, dst)          a checkpoint's files to their final dir, atomically
+
+`bert/` is single-device code; everything that knows about several workers is here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bert.fsutil import atomic_directory
+
+
+def train_on_ray(loop: Callable[[dict], None], loop_config: dict[str, Any], *, name: str, storage: Path,
+                 num_workers: int, use_gpu: bool, cpus_per_worker: int, max_failures: int, keep_checkpoints: int,
+                 placement_strategy: str = "PACK", callbacks: Sequence[Any] = ()) -> Any:
+    """Run `loop(loop_config)` on `num_workers` DDP workers; checkpoints and Ray's run state under `storage/name`.
+
+    A failed worker is replaced up to `max_failures` times; the replacement restarts from the
+    latest checkpoint (the loop finds it). Returns Ray Train's `Result`.
+    """
+    import ray.train
+    import ray.train.torch
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_runtime import ensure_ray
+
+    ensure_ray()
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=placement_strategy,
+        ),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
+            callbacks=list(callbacks),
+        ),
+    )
+    return trainer.fit()
+
+
+@dataclass(frozen=True)
+class Worker:
+    """This Ray Train worker: its rank, the world size and its device."""
+
+    rank: int
+    world: int
+    device: Any  # torch.device
+
+    @classmethod
+    def current(cls, threads: int | None = None) -> Worker:
+        """Call first thing in a training loop; sets torch's thread count (default: this node's cores / workers)."""
+        import ray.train
+        import ray.train.torch
+        import torch
+
+        ctx = ray.train.get_context()
+        world = ctx.get_world_size()
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // max(ctx.get_local_world_size(), 1)))
+        return cls(ctx.get_world_rank(), world, ray.train.torch.get_device())
+
+    def prepare(self, model):
+        """The model on this worker's device, wrapped for DDP when there are several workers; (model, raw model)."""
+        import ray.train.torch
+
+        model = ray.train.torch.prepare_model(model)
+        return model, getattr(model, "module", model)
+
+
+def all_reduce_sum(tensor, world: int):
+    """Sum a CPU tensor over all ranks, in place (nothing to do with one worker)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_min(value: float, world: int) -> float:
+    """The minimum of `value` over all ranks (e.g. "every rank agrees": all_min(flag) == 1)."""
+    if world == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return float(t.item())
+
+
+def any_rank(flag: bool, world: int) -> bool:
+    """True on every rank when `flag` is true on at least one (so all ranks take the same branch)."""
+    return all_min(-float(flag), world) < 0
+
+
+def gather_to_rank0(obj: Any, rank: int, world: int) -> list[Any] | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None on the others)."""
+    if world == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, obj)
+    return parts if rank == 0 else None
+
+
+def copy_checkpoint_out(src: Path, dst: Path, exclude: Iterable[str] = ()) -> Path:
+    """Copy the files of checkpoint dir `src` to `dst`, which appears only when complete (replacing an old one)."""
+    skip = set(exclude)
+    with atomic_directory(dst) as tmp:
+        for item in Path(src).iterdir():
+            if item.is_file() and item.name not in skip:
+                shutil.copy2(item, tmp / item.name)
+    return dst
