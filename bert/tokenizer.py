@@ -56,15 +56,18 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import random
 import re
+import signal
 import tempfile
+import time
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import sentencepiece as spm
 import tokenizers
@@ -72,6 +75,9 @@ from tokenizers import decoders, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 
 from bert.errors import InputError
+
+if TYPE_CHECKING:
+    from bert.corpus import CorpusConfig
 
 Backend = Literal["wordpiece", "sentencepiece"]
 Truncation = Literal["longest_first", "only_second"] | None
@@ -89,6 +95,12 @@ MAX_INPUT_CHARS_PER_WORD = 100  # WordPiece: longer words become [UNK], as in BE
 DEFAULT_SAMPLE_SENTENCES = 1_000_000
 VOCAB_MULTIPLE = 64
 SMALL_BATCH = 16  # SentencePiece encodes fewer texts than this one by one, without worker threads
+# SentencePiece training: a run of more non-whitespace characters than this (base64, minified code, a
+# flattened table, a 5 MB line without a space) is dropped from the sample. No word of any language
+# comes near it (the longest run in the Wikipedia extract is 887, URL-encoded citation metadata), and
+# such runs cost SentencePiece minutes per megabyte while teaching it nothing.
+MAX_TRAINING_RUN_CHARS = 1000
+TRAINING_HEARTBEAT_SECONDS = 30.0  # a progress line this often while SentencePiece trains
 
 _SURROGATES = re.compile("[\ud800-\udfff]")
 _WORD_BOUNDARY = "\u2581"  # "▁", SentencePiece's whitespace marker
@@ -172,20 +184,32 @@ class Tokenizer:
         character_coverage: float = 0.9999,
         seed: int = 0,
         num_threads: int = 16,
+        corpus_config: CorpusConfig | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> Tokenizer:
         """Train a SentencePiece model on a corpus, write a tokenizer dir to `out_dir`, return it.
 
         The corpus is read by `bert.corpus` (plain one-sentence-per-line, WikiExtractor, JSONL or
-        parquet files, `.gz` or not; a directory stands for the files under it) and streamed once
+        parquet files, `.gz` or not; a directory stands for the files under it; `corpus_config`
+        says how, e.g. whether a corrupt `.gz` is an error or skipped) and streamed once
         through a reservoir: a uniform sample of at most `sample_sentences` sentences (seeded by
         `seed`) is all that is held in memory and all that SentencePiece sees, so memory is
-        bounded by the sample, not by the corpus. The vocabulary size, special tokens included, is
-        rounded up to a multiple of `round_to` (None: exactly `vocab_size`).
+        bounded by the sample, not by the corpus. Runs of more than `MAX_TRAINING_RUN_CHARS`
+        characters without whitespace are dropped from the sentences first, and counted. The
+        vocabulary size, special tokens included, is rounded up to a multiple of `round_to`
+        (None: exactly `vocab_size`).
+
+        SentencePiece trains in a child process: the caller stays responsive (Ctrl-C stops the
+        training within a second; the child dies with its parent), a crash of the library is a
+        message, not a dead process. `progress`, if given, receives a line at each step (corpus
+        read, sample taken, training started and finished, and every 30 s while training).
 
         The same corpus and settings give the same model bytes. `num_threads` is one of the
         settings, not a machine property: sentencepiece splits its work by thread count, and the
         model changes with it (16 is sentencepiece's own default).
         """
+        from bert.corpus import CorpusConfig
+
         if model_type not in ("unigram", "bpe"):
             raise InputError(f"model_type must be 'unigram' or 'bpe', got {model_type!r}")
         if sample_sentences < 1:
@@ -195,36 +219,40 @@ class Tokenizer:
         target_size = vocab_size if round_to is None else -(-vocab_size // round_to) * round_to
         if target_size <= len(SPECIAL_TOKENS):
             raise InputError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens, got {vocab_size}")
+        say = progress or (lambda message: None)
 
-        sample, read = _sample_corpus(corpus_paths, sample_sentences, seed)
-        model = io.BytesIO()
+        sample, read = _sample_corpus(corpus_paths, sample_sentences, seed, corpus_config or CorpusConfig(), say)
+        options = {
+            "model_type": model_type,
+            "vocab_size": target_size,
+            "normalization_rule_name": "nmt_nfkc_cf" if lowercase else "nmt_nfkc",
+            "pad_id": 0,
+            "unk_id": 1,
+            "bos_id": -1,
+            "eos_id": -1,
+            "pad_piece": SPECIAL_TOKENS["pad"],
+            "unk_piece": SPECIAL_TOKENS["unk"],
+            "control_symbols": [SPECIAL_TOKENS[role] for role in ("cls", "sep", "mask")],
+            "input_sentence_size": len(sample),
+            "shuffle_input_sentence": False,
+            "max_sentence_length": 4 * read["max_sentence_chars"],  # in bytes: keep every sentence we sampled
+            "character_coverage": character_coverage,
+            "num_threads": num_threads,
+            "minloglevel": 1,
+        }
+        what = (f"a {target_size}-piece {model_type} model on {len(sample):,} sentences "
+                f"({read['sample_chars']:,} characters)")
+        say(f"training {what}")
+        started = time.monotonic()
         try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(sample),
-                model_writer=model,
-                model_type=model_type,
-                vocab_size=target_size,
-                normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
-                pad_id=0,
-                unk_id=1,
-                bos_id=-1,
-                eos_id=-1,
-                pad_piece=SPECIAL_TOKENS["pad"],
-                unk_piece=SPECIAL_TOKENS["unk"],
-                control_symbols=[SPECIAL_TOKENS[role] for role in ("cls", "sep", "mask")],
-                input_sentence_size=len(sample),
-                shuffle_input_sentence=False,
-                max_sentence_length=4 * read["max_sentence_chars"],  # in bytes: keep every sentence we sampled
-                character_coverage=character_coverage,
-                num_threads=num_threads,
-                minloglevel=1,
-            )
-        except RuntimeError as exc:  # sentencepiece reports bad settings (e.g. vocab too large) this way
+            model = _train_in_child(sample, options, say)
+        except _TrainingFailed as exc:
             raise InputError(
-                f"sentencepiece could not train a {target_size}-piece {model_type} model on {len(sample)} sentences "
-                f"sampled from {read['corpus_files'][0]} and {len(read['corpus_files']) - 1} more file(s): {exc}"
-            ) from exc
+                f"sentencepiece could not train {what} sampled from {read['corpus_files'][0]} and "
+                f"{len(read['corpus_files']) - 1} more file(s): {exc}"
+            ) from None
         del sample
+        say(f"trained {target_size} pieces in {time.monotonic() - started:.0f} s")
         training = {
             "model_type": model_type,
             "requested_vocab_size": vocab_size,
@@ -235,7 +263,7 @@ class Tokenizer:
             "num_threads": num_threads,
             **read,
         }
-        tokenizer = cls(_SentencePieceBackend(model.getvalue(), lowercase=lowercase, training=training))
+        tokenizer = cls(_SentencePieceBackend(model, lowercase=lowercase, training=training))
         tokenizer.save(out_dir)
         return tokenizer
 
@@ -763,24 +791,46 @@ def _atomic_write(path: Path, data: bytes) -> None:
 # ------------------------------------------------------------------------------------ the corpus
 
 
-def _sample_corpus(paths: Sequence[str | os.PathLike[str]], size: int, seed: int) -> tuple[list[str], dict[str, Any]]:
+def _sample_corpus(
+    paths: Sequence[str | os.PathLike[str]],
+    size: int,
+    seed: int,
+    config: CorpusConfig,
+    progress: Callable[[str], None],
+) -> tuple[list[str], dict[str, Any]]:
     """A uniform sample of at most `size` corpus sentences, and what reading met.
 
     The corpus is read by `bert.corpus` (plain, BERT-format, WikiExtractor, JSONL or parquet
     files, `.gz` or not; invalid UTF-8 replaced; sentences longer than its `max_sentence_chars`
     cut) and streamed through a reservoir (Algorithm R, seeded), so only the sample is in memory.
+    Runs of more than `MAX_TRAINING_RUN_CHARS` non-whitespace characters are dropped from each
+    sentence before it enters the reservoir (a sentence left empty is dropped), and counted.
     """
-    from bert.corpus import CorpusConfig, ReadStats, expand_inputs, read_documents
+    from bert.corpus import ReadStats, expand_inputs, read_documents
 
-    config = CorpusConfig()
     files = expand_inputs(paths, config)
     stats = ReadStats()
     rng = random.Random(seed)
     sample: list[str] = []
     seen = 0
-    for file in files:
+    runs_dropped = chars_dropped = sentences_dropped = 0
+    unreadable: list[str] = []
+    long_run = re.compile(rf"\S{{{MAX_TRAINING_RUN_CHARS + 1},}}")
+    progress(f"reading {len(files)} corpus file(s) under {', '.join(map(str, paths))}")
+    last_report = time.monotonic()
+    for index, file in enumerate(files):
+        before = stats.unreadable_files
         for document in read_documents(file, stats, config):
             for sentence in document.sentences:
+                if len(sentence) > MAX_TRAINING_RUN_CHARS:
+                    runs = long_run.findall(sentence)
+                    if runs:
+                        runs_dropped += len(runs)
+                        chars_dropped += sum(map(len, runs))
+                        sentence = long_run.sub(" ", sentence).strip()
+                        if not sentence:
+                            sentences_dropped += 1
+                            continue
                 seen += 1
                 if len(sample) < size:
                     sample.append(sentence)
@@ -788,15 +838,100 @@ def _sample_corpus(paths: Sequence[str | os.PathLike[str]], size: int, seed: int
                     slot = rng.randrange(seen)
                     if slot < size:
                         sample[slot] = sentence
+        if stats.unreadable_files > before:
+            unreadable.append(str(file.path))
+        if time.monotonic() - last_report >= 10 and index + 1 < len(files):
+            progress(f"read {index + 1} of {len(files)} files: {seen:,} sentences")
+            last_report = time.monotonic()
+    dropped = (f"{runs_dropped:,} run(s) of more than {MAX_TRAINING_RUN_CHARS:,} characters without whitespace "
+               f"({chars_dropped:,} characters; {sentences_dropped:,} sentence(s) left empty)")
     if not sample:
         raise InputError(
-            f"no text in the corpus ({len(files)} file(s) starting with {files[0].path}; read: {stats.as_dict()}); "
-            "expected plain, BERT-format or WikiExtractor text"
+            f"no text in the corpus ({len(files)} file(s) starting with {files[0].path}; read: {stats.as_dict()}"
+            + (f"; dropped {dropped}" if runs_dropped else "")
+            + "); expected plain, BERT-format or WikiExtractor text"
         )
+    sample_chars = sum(map(len, sample))
+    progress(f"sampled {len(sample):,} of {seen:,} sentences ({sample_chars:,} characters) from {len(files)} file(s)"
+             + (f"; dropped {dropped}" if runs_dropped else ""))
     return sample, {
         "corpus_files": [str(f.path) for f in files],
         "max_sentence_chars": config.max_sentence_chars,
         "sentences_seen": seen,
         "sentences_sampled": len(sample),
+        "sample_chars": sample_chars,
+        "max_run_chars": MAX_TRAINING_RUN_CHARS,
+        "long_runs_dropped": runs_dropped,
+        "long_run_chars_dropped": chars_dropped,
+        "unreadable_files_skipped": unreadable,
         "read": stats.as_dict(),
     }
+
+
+# ------------------------------------------------------------------------------- SentencePiece training
+
+
+class _TrainingFailed(Exception):
+    """SentencePiece refused the settings or the sample, or its process died."""
+
+
+def _train_in_child(sample: list[str], options: dict[str, Any], progress: Callable[[str], None]) -> bytes:
+    """The serialized model SentencePiece trains on `sample`, trained in a child process.
+
+    The library's training is one long C++ call that never returns to Python, so in-process it
+    ignores Ctrl-C until it is done. In a child, the parent waits in Python (a KeyboardInterrupt
+    arrives at once; the child is killed on the way out) and reports progress meanwhile; the
+    child asks the kernel to kill it when the parent dies. `spawn`, not `fork`: the caller may
+    be a multithreaded process (a Ray worker).
+    """
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_trainer_process, args=(sender, os.getpid(), sample, options),
+                            name="sentencepiece-trainer", daemon=True)
+    child.start()
+    sender.close()
+    started = last = time.monotonic()
+    try:
+        while not receiver.poll(0.5):
+            now = time.monotonic()
+            if now - last >= TRAINING_HEARTBEAT_SECONDS:
+                progress(f"training... {now - started:.0f} s")
+                last = now
+        try:
+            status, payload = receiver.recv()
+        except EOFError:
+            child.join(5)
+            code = child.exitcode
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            raise _TrainingFailed(
+                f"the training process died ({how}{'; out of memory? try fewer --sample-sentences' if code == -9 else ''})"
+            ) from None
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join(5)
+        receiver.close()
+    if status != "ok":
+        raise _TrainingFailed(payload)
+    return payload
+
+
+def _trainer_process(sender: Any, parent_pid: int, sample: list[str], options: dict[str, Any]) -> None:
+    """Child process: train, send ("ok", model bytes) or ("error", message) to the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal reaches us too: the parent decides
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl
+        return
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(sample), model_writer=model, **options)
+    except (RuntimeError, ValueError, OSError) as exc:  # sentencepiece reports bad settings this way
+        sender.send(("error", str(exc).strip() or type(exc).__name__))
+    else:
+        sender.send(("ok", model.getvalue()))
+    sender.close()

@@ -1,8 +1,13 @@
-"""`bertflow tokenizer`: train a SentencePiece tokenizer, or write a tokenizer dir from a BERT vocab.txt."""
+"""`bertflow tokenizer`: train a SentencePiece tokenizer, or write a tokenizer dir from a BERT vocab.txt.
+
+Both write a new dir (pipelines/outdir.py, `atomic_output`): an existing --out is refused, as is
+one that is, contains or lies inside an input; the dir appears under its name only when complete.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,13 +23,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a SentencePiece model on a corpus",
         description="Train a SentencePiece model on a reservoir sample of the corpus sentences "
-        "([PAD] [UNK] [CLS] [SEP] [MASK] are ids 0..4).",
+        "([PAD] [UNK] [CLS] [SEP] [MASK] are ids 0..4). Runs of more than 1000 characters without whitespace "
+        "(base64, minified code, ...) are dropped from the sample, and counted. Ctrl-C stops the training.",
     )
     train.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
                        help="text / WikiExtractor / JSONL / parquet files (.gz or not), or directories of them")
     train.add_argument("--vocab-size", type=int, required=True, metavar="N",
                        help="vocabulary size, special tokens included (rounded up to a multiple of 64)")
-    train.add_argument("--out", required=True, metavar="DIR", help="tokenizer dir to write")
+    train.add_argument("--out", required=True, metavar="DIR",
+                       help="tokenizer dir to create (must not exist, nor lie inside a corpus path)")
     train.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
     train.add_argument("--sample-sentences", type=int, metavar="N",
                        help="sentences sampled from the corpus and trained on; bounds memory (default: 1,000,000)")
@@ -34,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                       help="lower-case text before tokenizing (default)")
     case.add_argument("--cased", dest="lowercase", action="store_false", help="keep case")
     train.add_argument("--seed", type=int, default=0, help="seed of the sentence sample (default: %(default)s)")
+    train.add_argument(
+        "--skip-unreadable",
+        action="store_true",
+        help="a corrupt or truncated .gz / parquet input: keep the sentences read before the fault and go on, "
+        "with a warning naming it (default: an error naming it)",
+    )
     train.set_defaults(handler=run_train)
 
     from_vocab = commands.add_parser(
@@ -42,34 +55,71 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Write a WordPiece tokenizer dir from the vocab.txt of a BERT checkpoint.",
     )
     from_vocab.add_argument("--vocab", required=True, metavar="FILE", help="a BERT vocab.txt")
-    from_vocab.add_argument("--out", required=True, metavar="DIR", help="tokenizer dir to write")
+    from_vocab.add_argument("--out", required=True, metavar="DIR",
+                            help="tokenizer dir to create (must not exist, nor contain the vocab file)")
     from_vocab.add_argument("--cased", action="store_true",
                             help="the vocabulary is cased: keep case and accents (default: uncased)")
     from_vocab.set_defaults(handler=run_from_vocab)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from bert.tokenizer import VOCAB_MULTIPLE, Tokenizer
+def _progress(message: str) -> None:
+    print(f"[tokenizer] {message}", flush=True)
 
+
+def run_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bert.corpus import CorpusConfig, expand_inputs
+    from bert.tokenizer import VOCAB_MULTIPLE, Tokenizer
+    from pipelines.outdir import atomic_output, check_disjoint, check_new_output
+
+    job = "tokenizer train"
+    out = Path(args.out)
+    check_disjoint(out, args.corpus, "--out")
+    check_new_output(out, job)
+    corpus_config = CorpusConfig(skip_unreadable=args.skip_unreadable)
+    expand_inputs(args.corpus, corpus_config)  # a missing corpus path is refused before anything is created
     sample = {} if args.sample_sentences is None else {"sample_sentences": args.sample_sentences}
-    tokenizer = Tokenizer.train_sentencepiece(
-        args.corpus,
-        args.vocab_size,
-        args.out,
-        model_type=args.model_type,
-        lowercase=args.lowercase,
-        round_to=None if args.no_round else VOCAB_MULTIPLE,
-        seed=args.seed,
-        **sample,
-    )
-    print(f"wrote {args.out}: {tokenizer!r}")
+    try:
+        with atomic_output(out, job, inputs=args.corpus) as tmp:
+            tokenizer = Tokenizer.train_sentencepiece(
+                args.corpus,
+                args.vocab_size,
+                tmp,
+                model_type=args.model_type,
+                lowercase=args.lowercase,
+                round_to=None if args.no_round else VOCAB_MULTIPLE,
+                seed=args.seed,
+                corpus_config=corpus_config,
+                progress=_progress,
+                **sample,
+            )
+    except KeyboardInterrupt:
+        print(f"bertflow tokenizer: interrupted: training stopped, nothing was written to {out}", file=sys.stderr)
+        return 130
+    skipped = tokenizer._backend.training.get("unreadable_files_skipped", [])
+    if skipped:
+        print(
+            f"bertflow tokenizer: warning: --skip-unreadable: {len(skipped)} corrupt or truncated file(s) read only "
+            f"up to the fault: {', '.join(skipped)} (see 'training' in {out}/tokenizer_config.json)",
+            file=sys.stderr,
+        )
+    print(f"wrote {out}: {tokenizer!r}")
     return 0
 
 
 def run_from_vocab(args: argparse.Namespace) -> int:
-    from bert.tokenizer import Tokenizer
+    from pathlib import Path
 
-    tokenizer = Tokenizer.from_vocab_file(args.vocab, lowercase=not args.cased)
-    tokenizer.save(args.out)
-    print(f"wrote {args.out}: {tokenizer!r}")
+    from bert.tokenizer import Tokenizer
+    from pipelines.outdir import atomic_output, check_disjoint, check_new_output
+
+    job = "tokenizer from-vocab"
+    out = Path(args.out)
+    check_disjoint(out, [args.vocab], "--out")
+    check_new_output(out, job)
+    tokenizer = Tokenizer.from_vocab_file(args.vocab, lowercase=not args.cased)  # the input is read first
+    with atomic_output(out, job, inputs=[args.vocab]) as tmp:
+        tokenizer.save(tmp)
+    print(f"wrote {out}: {tokenizer!r}")
     return 0
