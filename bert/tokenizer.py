@@ -233,7 +233,8 @@ class Tokenizer:
             "pad_piece": SPECIAL_TOKENS["pad"],
             "unk_piece": SPECIAL_TOKENS["unk"],
             "control_symbols": [SPECIAL_TOKENS[role] for role in ("cls", "sep", "mask")],
-            "input_sentence_size": len(sample),
+            # the whole sample; sentencepiece refuses a size of 1..100, where 0 ("all") says the same
+            "input_sentence_size": len(sample) if len(sample) > 100 else 0,
             "shuffle_input_sentence": False,
             "max_sentence_length": 4 * read["max_sentence_chars"],  # in bytes: keep every sentence we sampled
             "character_coverage": character_coverage,
@@ -903,9 +904,8 @@ def _train_in_child(sample: list[str], options: dict[str, Any], progress: Callab
             child.join(5)
             code = child.exitcode
             how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-            raise _TrainingFailed(
-                f"the training process died ({how}{'; out of memory? try fewer --sample-sentences' if code == -9 else ''})"
-            ) from None
+            hint = "; out of memory? try fewer --sample-sentences" if code == -signal.SIGKILL else ""
+            raise _TrainingFailed(f"the training process died ({how}{hint})") from None
     finally:
         if child.is_alive():
             child.kill()

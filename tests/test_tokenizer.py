@@ -623,7 +623,8 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     assert main(["tokenizer", "from-vocab", "--vocab", str(missing), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(missing) in err and err.startswith("bertflow tokenizer: error:")
-    assert main(["tokenizer", "train", "--corpus", str(missing), "--vocab-size", "100", "--out", str(tmp_path / "o")]) == 2
+    assert main(["tokenizer", "train", "--corpus", str(missing), "--vocab-size", "100",
+                 "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(missing) in err and err.startswith("bertflow tokenizer: error:")
     assert sorted(p.name for p in tmp_path.iterdir()) == []

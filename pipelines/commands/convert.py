@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     direction.add_argument("--from-hf", metavar="DIR", help="a Hugging Face BERT dir to import")
     direction.add_argument("--to-hf", metavar="DIR", help="a bertflow checkpoint dir to export")
     p.add_argument("--out", required=True, metavar="DIR",
-                   help="output checkpoint dir to create (must not exist, nor lie inside the input; written atomically)")
+                   help="checkpoint dir to create (must not exist, nor lie inside the input; written atomically)")
     p.set_defaults(handler=run)
 
 
