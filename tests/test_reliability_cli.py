@@ -187,6 +187,19 @@ def test_convert_output_appears_only_when_complete(minilm_dir, tmp_path, capsys,
     assert {"config.json", "model.safetensors", "vocab.txt"} <= {p.name for p in (tmp_path / "ours").iterdir()}
 
 
+def test_convert_python_api_never_overwrites(finetuned_checkpoint, tmp_path):
+    from bert.checkpoint import convert
+    from bert.errors import CheckpointError
+
+    out = finetune_output(tmp_path / "run")
+    before = tree_hash(tmp_path, finetuned_checkpoint)
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert(finetuned_checkpoint, out, to_hf=True)
+    with pytest.raises(CheckpointError, match="may not be, contain or lie inside the input"):
+        convert(finetuned_checkpoint, finetuned_checkpoint / "hf", to_hf=True)
+    assert tree_hash(tmp_path, finetuned_checkpoint) == before
+
+
 # ----------------------------------------------------------------------------- 2. predict
 
 
