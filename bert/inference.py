@@ -33,12 +33,6 @@ import numpy as np
 from bert.errors import InputError
 
 TASK_FILE = "bertflow_task.json"
-HEAD_OF_KIND = {
-    "classification": "sequence_classification",
-    "regression": "sequence_classification",
-    "token_classification": "token_classification",
-    "span": "question_answering",
-}
 _WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)  # words and single punctuation marks, as BERT's basic tokenizer
 
 
@@ -48,12 +42,16 @@ def length_sorted_chunks(features: Sequence[Any], batch_size: int) -> list[list[
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def head_outputs(model, features: Sequence[Any], pad_id: int, batches: Sequence[Sequence[int]], device=None) -> dict[int, np.ndarray]:
+def head_outputs(model, features: Sequence[Any], pad_id: int, batches: Sequence[Sequence[int]], device=None,
+                 precision=None) -> dict[int, np.ndarray]:
     """The head's output for the features in `batches` (lists of indices into `features`).
 
     Returns {feature index: output}: logits (C,) for sequence heads, (T_i, C) / (T_i, 2) for
-    token and span heads cut to the feature's own length. The model is put in eval mode.
+    token and span heads cut to the feature's own length, in float32 whatever the `precision`
+    (a `bert.precision.Precision`; default fp32) the model ran in. The model is put in eval mode.
     """
+    import contextlib
+
     import torch
 
     from bert.tasks import collate
@@ -64,16 +62,19 @@ def head_outputs(model, features: Sequence[Any], pad_id: int, batches: Sequence[
     with torch.inference_mode():
         for batch in batches:
             inputs = collate([features[i] for i in batch], pad_id)
-            logits = model(**{k: inputs[k].to(device) for k in ("input_ids", "token_type_ids", "attention_mask")}).logits
+            with precision.autocast() if precision is not None else contextlib.nullcontext():
+                logits = model(**{k: inputs[k].to(device) for k in ("input_ids", "token_type_ids", "attention_mask")}).logits
             logits = logits.float().cpu().numpy()
             for row, i in enumerate(batch):
                 outputs[i] = logits[row] if logits.ndim == 2 else logits[row, : len(features[i].input_ids)]
     return outputs
 
 
-def write_task_file(directory: str | Path, task: str, max_seq_length: int, threshold: float | None = None) -> None:
-    """`bertflow_task.json`: the task row, the sequence length, and a decision threshold chosen on dev (if any)."""
-    meta: dict[str, Any] = {"task": task, "max_seq_length": max_seq_length}
+def write_task_file(directory: str | Path, task: str, max_seq_length: int, threshold: float | None = None,
+                    precision: str = "fp32") -> None:
+    """`bertflow_task.json`: the task row, the sequence length, the precision the model was evaluated in
+    (predictions reproduce the dev scores only in it), and a decision threshold chosen on dev (if any)."""
+    meta: dict[str, Any] = {"task": task, "max_seq_length": max_seq_length, "precision": precision}
     if threshold is not None:
         meta["threshold"] = float(threshold)
     (Path(directory) / TASK_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -103,8 +104,11 @@ class Predictor:
         self.spec = get_task(meta["task"])
         self.max_seq_length = int(meta["max_seq_length"])
         self.threshold: float | None = meta.get("threshold")  # SQuAD 2.0: no-answer threshold chosen on dev
+        from bert.precision import Precision
+
+        self.precision = Precision(meta.get("precision", "fp32"), torch.device(device).type, "as evaluated in training")
         info = read_checkpoint_info(checkpoint)
-        if info.head != HEAD_OF_KIND[self.spec.kind]:
+        if info.head != self.spec.head:
             raise InputError(f"{checkpoint}: head {info.head!r} does not fit task {self.spec.name} ({self.spec.kind})")
         if threads:
             torch.set_num_threads(threads)
@@ -154,7 +158,7 @@ class Predictor:
             ]
         features = self.spec.featurize(examples, self.tokenizer, self.labels, self.max_seq_length)
         by_index = head_outputs(self.model, features, self.tokenizer.pad_id,
-                                length_sorted_chunks(features, self.batch_size), self.device)
+                                length_sorted_chunks(features, self.batch_size), self.device, self.precision)
         outputs = [by_index[i] for i in range(len(features))]
         predictions = self.spec.postprocess(examples, features, outputs, self.labels)
         if self.threshold is not None and self.spec.choose_threshold is not None:

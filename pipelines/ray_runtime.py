@@ -5,21 +5,28 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 _progress = logging.getLogger("bertflow.progress")
 
 
-def ensure_ray() -> None:
-    """Initialise Ray once per process: join `RAY_ADDRESS`'s cluster (as `ray job submit` sets), else start a local one."""
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, configure_logging: bool = True) -> None:
+    """Initialise Ray once per process: join `address` (or `RAY_ADDRESS`'s cluster, as `ray job submit`
+    sets it), else start a private local runtime with `num_cpus` logical CPUs (default: at least 4)."""
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        start_local_ray()
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, configure_logging=configure_logging)
+        return
+    # workers import this project by path too, so an uninstalled checkout works
+    paths = [str(PROJECT_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    start_local_ray(num_cpus, {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}, configure_logging=configure_logging)
 
 
 def start_local_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None, **init_kwargs: Any) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -40,9 +41,7 @@ def default_tracking_uri(root: str | Path) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"  # the dir must exist before the store is opened
 
 
 def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -108,6 +107,14 @@ class RunHandle:
     run_id: str
 
 
+def ensure_experiment(client, tracking_uri: str, experiment: str) -> str:
+    """The id of `experiment`, created (artifacts beside a SQLite store) if it does not exist."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(experiment, artifact_location=default_artifact_location(tracking_uri, experiment))
+
+
 def open_run(
     tracking_uri: str,
     experiment: str,
@@ -128,10 +135,7 @@ def open_run(
     if run_id is not None:
         client.update_run(run_id, status="RUNNING")
         return RunHandle(tracking_uri, run_id)
-    exp = client.get_experiment_by_name(experiment)
-    experiment_id = exp.experiment_id if exp else client.create_experiment(
-        experiment, artifact_location=default_artifact_location(tracking_uri, experiment)
-    )
+    experiment_id = ensure_experiment(client, tracking_uri, experiment)
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -302,13 +306,114 @@ class MetricLogger:
                     params.extend(Param(k, v) for k, v in payload.items())
                 else:
                     tags.extend(RunTag(k, v) for k, v in payload.items())
-            for i in range(0, max(len(metrics), 1), _MAX_BATCH):
-                chunk = metrics[i : i + _MAX_BATCH]
-                if chunk or (i == 0 and (params or tags)):
-                    self._guard(
-                        lambda: self._client.log_batch(
-                            self.handle.run_id, metrics=chunk, params=params if i == 0 else [], tags=tags if i == 0 else []
-                        )
-                    )
+            # MLflow takes at most 1000 metrics, 100 params and 100 tags per call
+            calls = max(math.ceil(len(metrics) / _MAX_BATCH), math.ceil(len(params) / 100), math.ceil(len(tags) / 100))
+            for i in range(calls):
+                self._guard(lambda: self._client.log_batch(
+                    self.handle.run_id, metrics=metrics[i * _MAX_BATCH : (i + 1) * _MAX_BATCH],
+                    params=params[i * 100 : (i + 1) * 100], tags=tags[i * 100 : (i + 1) * 100]))
             for _ in items:
                 self._queue.task_done()
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+class PipelineTracker:
+    """The MLflow side of a pipeline run: a parent run per run key, one nested run per stage, the report.
+
+    The parent and stage run ids are kept in `<workdir>/runs/<run key>.json`, so re-running a
+    spec (after a kill, or to add a stage) re-opens the same runs.
+    """
+
+    def __init__(self, spec, uri: str, run_key: str, git_revision: str):
+        from mlflow.tracking import MlflowClient
+
+        self.spec, self.uri, self.run_key = spec, uri, run_key
+        self.client = MlflowClient(uri)
+        self.state_file = spec.workdir / "runs" / f"{run_key}.json"
+        state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        if state.get("tracking_uri") != uri:
+            state = {}
+        parent = open_run(uri, spec.experiment, run_name=f"{spec.name}-{run_key[:8]}", run_id=state.get("parent_run_id"),
+                          tags={"bertflow.spec": str(spec.path), "bertflow.spec_name": spec.name,
+                                "bertflow.run_key": run_key, "bertflow.git_revision": git_revision,
+                                "bertflow.workdir": str(spec.workdir), "bertflow.overrides": " ".join(spec.overrides)})
+        if parent is None:
+            raise RuntimeError(f"MLflow tracking store {uri} cannot be reached")
+        if not state.get("parent_run_id"):
+            import yaml
+
+            self.client.log_text(parent.run_id, yaml.safe_dump(_jsonable(spec.raw), sort_keys=False), "spec.yaml")
+        self.parent = parent.run_id
+        self.stage_runs: dict[str, str] = dict(state.get("stage_runs", {}))
+        self._save()
+
+    def _save(self) -> None:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.state_file, {"tracking_uri": self.uri, "parent_run_id": self.parent,
+                                            "stage_runs": self.stage_runs})
+
+    def stage_run(self, node, cached: bool = False) -> str:
+        """The stage's nested run: created with the stage's settings as params, or re-opened."""
+        run_id = self.stage_runs.get(node.name)
+        handle = open_run(self.uri, self.spec.experiment, run_name=node.name, run_id=run_id, parent_run_id=self.parent,
+                          tags={"bertflow.node": node.name, "bertflow.stage": node.stage.kind, "bertflow.key": node.key,
+                                "bertflow.out": str(node.final), "bertflow.cached": str(cached).lower()})
+        if run_id is None:
+            logger = MetricLogger(handle)
+            logger.log_params(_jsonable(node.stage.config_fields))
+            logger.close()
+            self.stage_runs[node.name] = handle.run_id
+            self._save()
+        return handle.run_id
+
+    def finish_stage(self, node, status: str, seconds: float, manifest: Mapping | None, error: str = "") -> None:
+        import re
+
+        run_id = self.stage_run(node)
+        metrics = {"seconds": seconds}
+        for k, v in ((manifest or {}).get("result") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                metrics[k] = float(v)
+            elif isinstance(v, Mapping) and k == "metrics":
+                metrics.update({str(m): float(x) for m, x in v.items() if isinstance(x, (int, float))})
+        logger = MetricLogger(RunHandle(self.uri, run_id))
+        logger.log_metrics({re.sub(r"[^A-Za-z0-9_\-./ ]", "_", k): v for k, v in metrics.items()}, 0)
+        if error:
+            logger.set_tags({"bertflow.error": error[:5000]})
+        logger.close()
+        self.client.set_terminated(run_id, status=status)
+
+    def finish(self, ok: bool, report_dir: Path | None) -> None:
+        if report_dir is not None and report_dir.is_dir():
+            self.client.log_artifacts(self.parent, str(report_dir), "report")
+        self.client.set_terminated(self.parent, status="FINISHED" if ok else "FAILED")
+
+
+class PipelineObserver:
+    """The runner's observer for a tracked pipeline run: progress lines, plus the MLflow stage runs."""
+
+    def __init__(self, tracker: PipelineTracker):
+        from pipelines.dag.runner import Observer
+
+        self.printer = Observer()
+        self.tracker = tracker
+
+    def stage_tracking(self, node) -> dict[str, str]:
+        return {"tracking_uri": self.tracker.uri, "run_id": self.tracker.stage_run(node),
+                "experiment": self.tracker.spec.experiment}
+
+    def on_event(self, node, event) -> None:
+        self.printer.on_event(node, event)
+        if event.event == "cached" and node.name not in self.tracker.stage_runs:
+            self.tracker.stage_run(node, cached=True)
+            self.tracker.finish_stage(node, "FINISHED", 0.0, event.manifest)
+        elif event.event == "done":
+            self.tracker.finish_stage(node, "FINISHED", event.seconds, dict(event.manifest or {}))
+        elif event.event == "failed":
+            self.tracker.finish_stage(node, "FAILED", event.seconds, None, event.error)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from bert.errors import InputError
-from pipelines.dag.graph import MANIFEST, Graph, PipelineError, Stage, StageContext, lock_holder, run_graph, workdir_lock
+from pipelines.dag.graph import MANIFEST, Graph, PipelineError, Stage, StageContext, lock_holder, workdir_lock
+from pipelines.dag.runner import run_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 

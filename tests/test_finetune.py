@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from bert.errors import InputError
-from pipelines.jobs.finetune import FinetuneConfig, layerwise_groups, prepare, run_finetune
+from bert.finetune import layerwise_groups
+from pipelines.jobs.finetune import FinetuneConfig, preflight, run_finetune
 from pipelines.tracking import fluent_tracking_uri
 
 pytestmark = pytest.mark.integration
@@ -184,7 +185,7 @@ def test_two_workers_ddp_conll(ray_local, datasets_dir, minilm_dir, tmp_path):
 
 def test_layer_lr_decay_and_freezing(minilm_dir):
     from bert.checkpoint import from_pretrained
-    from pipelines.jobs.finetune import freeze
+    from bert.finetune import freeze
 
     model = from_pretrained(minilm_dir, head="sequence_classification", num_labels=2)
     groups = layerwise_groups(model, 0.01, 0.5)
@@ -300,13 +301,13 @@ def test_unseen_dev_label_and_empty_dev(tmp_path, datasets_dir, minilm_dir):
     fields[0] = "2"
     (data / "dev.tsv").write_text("\n".join(dev[:3] + ["\t".join(fields)] + dev[4:]) + "\n")
     with pytest.raises(InputError, match=r"dev.tsv:4: label '2' does not occur in the train file"):
-        prepare(_config(tmp_path, "mrpc", data, minilm_dir))
+        preflight(_config(tmp_path, "mrpc", data, minilm_dir))
     (data / "dev.tsv").write_text(dev[0] + "\n")
     with pytest.raises(InputError, match=r"dev.tsv: no examples"):
-        prepare(_config(tmp_path, "mrpc", data, minilm_dir))
+        preflight(_config(tmp_path, "mrpc", data, minilm_dir))
     (data / "dev.tsv").write_text("")
     with pytest.raises(InputError, match=r"dev.tsv: empty file"):
-        prepare(_config(tmp_path, "mrpc", data, minilm_dir))
+        preflight(_config(tmp_path, "mrpc", data, minilm_dir))
 
 
 def test_conll_malformed_line(tmp_path, datasets_dir, minilm_dir):
@@ -319,7 +320,7 @@ def test_conll_malformed_line(tmp_path, datasets_dir, minilm_dir):
     lines[10] = "EU NNP"
     (data / "valid.txt").write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match=r"valid.txt:11: expected 4 space-separated fields"):
-        prepare(_config(tmp_path, "conll2003", data, minilm_dir))
+        preflight(_config(tmp_path, "conll2003", data, minilm_dir))
 
 
 def test_squad_answers_off_their_offset_are_counted(tmp_path, datasets_dir, minilm_dir):
@@ -329,7 +330,7 @@ def test_squad_answers_off_their_offset_are_counted(tmp_path, datasets_dir, mini
     for index in (0, 30):
         full["data"][index]["paragraphs"][0]["qas"][0]["answers"][0]["answer_start"] += 3
     (data / "dev-v1.1.json").write_text(json.dumps(full))
-    prepared = prepare(_config(tmp_path, "squad_v1_dev_split", data, minilm_dir, max_train_examples=8,
+    prepared = preflight(_config(tmp_path, "squad_v1_dev_split", data, minilm_dir, max_train_examples=8,
                                max_eval_examples=8))
     assert prepared.skipped == {"train": 1, "dev": 1}
 
@@ -410,7 +411,7 @@ def test_checkpoint_vocab_that_does_not_match_the_tokenizer(tmp_path, datasets_d
     words = vocab_txt.read_text().splitlines()
     (checkpoint / "vocab.txt").write_text("\n".join(words[:20000]) + "\n")
     with pytest.raises(InputError, match=r"vocab_size 30522 but the tokenizer .* has 20000 tokens"):
-        prepare(_config(tmp_path, "mrpc", datasets_dir, checkpoint))
+        preflight(_config(tmp_path, "mrpc", datasets_dir, checkpoint))
 
 
 def test_bad_options_are_input_errors(tmp_path, datasets_dir, minilm_dir):
@@ -419,4 +420,4 @@ def test_bad_options_are_input_errors(tmp_path, datasets_dir, minilm_dir):
     with pytest.raises(InputError, match="divisible"):
         _config(tmp_path, "mrpc", datasets_dir, minilm_dir, num_workers=3)
     with pytest.raises(InputError, match="only 6 layers"):
-        prepare(_config(tmp_path, "mrpc", datasets_dir, minilm_dir, freeze_layers=7))
+        preflight(_config(tmp_path, "mrpc", datasets_dir, minilm_dir, freeze_layers=7))

@@ -13,7 +13,7 @@ import yaml
 
 from bert.errors import InputError
 from pipelines.cli import main
-from pipelines.commands.pipeline import validate_cron
+from pipelines.dag.schedule import validate_cron
 from pipelines.dag.graph import Graph
 from pipelines.dag.spec import load_spec
 from pipelines.dag.stages import build_stages

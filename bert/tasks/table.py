@@ -52,6 +52,14 @@ from bert.tasks.squad import SpanPrediction, featurize_squad, postprocess_squad,
 Kind = Literal["classification", "regression", "token_classification", "span"]
 KINDS: tuple[str, ...] = get_args(Kind)
 
+# The model head each kind of task trains (names of `bert.model.HEADS`).
+HEAD_OF_KIND: dict[str, str] = {
+    "classification": "sequence_classification",
+    "regression": "sequence_classification",
+    "token_classification": "token_classification",
+    "span": "question_answering",
+}
+
 # The SQuAD 2.0 "no answer" margin (null score - best span score) before one is chosen on dev.
 SQUAD_V2_NULL_THRESHOLD = 0.0
 
@@ -89,6 +97,19 @@ class TaskSpec:
             raise InputError(f"task {self.name}: kind {self.kind!r} is not one of {KINDS}")
         if "/" not in self.primary_metric:
             raise InputError(f"task {self.name}: primary_metric {self.primary_metric!r} must be '<split>/<metric>'")
+
+    @property
+    def head(self) -> str:
+        """The model head this task trains (`bert.model.HEADS`)."""
+        return HEAD_OF_KIND[self.kind]
+
+    def head_arguments(self, labels: Sequence[str]) -> dict[str, Any]:
+        """What `bert.checkpoint.from_pretrained` needs to build the head: the labels, or its width."""
+        if self.kind in ("classification", "token_classification"):
+            return {"labels": tuple(labels)}
+        if self.kind == "regression":
+            return {"num_labels": 1}
+        return {}
 
     def num_outputs(self, labels: Sequence[str]) -> int:
         """Width of the task head: one logit per label, 1 for regression, 2 (start, end) for spans."""

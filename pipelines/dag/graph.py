@@ -1,4 +1,4 @@
-"""The pipeline DAG: stages, their cache keys and output dirs, and a runner on Ray.
+"""The pipeline DAG: stages, their cache keys and output dirs, the workdir lock, running one stage.
 
 A **stage** is a function from (typed config, upstream output dirs) to one output dir
 (DESIGN.md, "Stage output dir"). Its dir is `<workdir>/<kind>/<key>/`, where `key` hashes the
@@ -18,11 +18,8 @@ A dir without `_manifest.json` is never taken as done. The runner holds an exclu
 `fcntl.flock` on `<workdir>/.lock` for the whole run, so two runs of one workdir never
 interleave; under the lock it removes temporary dirs that killed runs left behind.
 
-The runner submits every stage whose upstream stages are done as a Ray task (so independent
-stages and the fine-tune fan-out run concurrently, as far as Ray's resources and
-`max_concurrent` allow), retries a failing stage up to its `max_retries`, and on a final
-failure skips the stage's descendants while the other branches finish. The DAG core knows
-nothing about BERT: `pipelines/stages.py` builds the stage table.
+`pipelines/dag/runner.py` runs a graph on Ray. The DAG core knows nothing about BERT:
+`pipelines/dag/stages.py` builds the stage table.
 """
 
 from __future__ import annotations
@@ -35,7 +32,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,6 +235,24 @@ class Graph:
             raise InputError(f"no stage matches {pattern!r}; stages: {', '.join(self.nodes)}")
         return hits
 
+    def forced(self, patterns: Sequence[str]) -> set[str]:
+        """The stages `--force PATTERN` runs again: the matches and everything downstream of them."""
+        out: set[str] = set()
+        for pattern in patterns:
+            for n in self.select(pattern):
+                out.update([n, *self.descendants(n)])
+        return out
+
+    def wanted(self, patterns: Sequence[str]) -> set[str]:
+        """The stages `--until PATTERN` runs: the matches and what they need (every stage without patterns)."""
+        if not patterns:
+            return set(self.nodes)
+        out: set[str] = set()
+        for pattern in patterns:
+            for n in self.select(pattern):
+                out.update([n, *self.ancestors(n)])
+        return out
+
     def run_key(self) -> str:
         """A name for this set of outputs: a hash of every node's key."""
         payload = json.dumps({n: node.key for n, node in self.nodes.items()}, sort_keys=True)
@@ -344,195 +359,3 @@ def execute_stage(stage: Stage, key: str, final: str, inputs: Mapping[str, str],
 
 
 # ----------------------------------------------------------------------------- the runner
-
-
-@dataclass(frozen=True)
-class StageEvent:
-    """What the runner reports to its observer (progress lines, MLflow)."""
-
-    node: str
-    event: str  # cached | started | retry | done | failed | skipped
-    seconds: float = 0.0
-    attempt: int = 0
-    error: str = ""
-    manifest: Mapping[str, Any] | None = None
-
-
-class Observer:
-    """Hooks for progress and tracking; the default prints one line per event."""
-
-    def stage_tracking(self, node: Node) -> Mapping[str, str] | None:
-        """The MLflow run a stage may log into (None: no tracking)."""
-        return None
-
-    def on_event(self, node: Node, event: StageEvent) -> None:
-        detail = {
-            "cached": f"cached {node.final}",
-            "started": f"started (key {node.key}, attempt {event.attempt + 1}/{node.stage.max_retries + 1})",
-            "retry": f"failed after {event.seconds:.1f}s, retrying: {error_summary(event.error)}",
-            "done": f"done in {event.seconds:.1f}s -> {node.final}",
-            "failed": f"FAILED after {event.seconds:.1f}s: {error_summary(event.error)}",
-            "skipped": f"skipped: {event.error}",
-        }[event.event]
-        print(f"[{time.strftime('%H:%M:%S')}] {node.name:<28} {detail}", flush=True)
-
-
-@dataclass
-class RunResult:
-    done: list[str] = field(default_factory=list)  # ran in this invocation
-    cached: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)  # node -> error text
-    skipped: list[str] = field(default_factory=list)
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed and not self.skipped
-
-
-def run_graph(
-    graph: Graph,
-    *,
-    force: Sequence[str] = (),
-    until: Sequence[str] = (),
-    max_concurrent: int = 8,
-    observer: Observer | None = None,
-    wait_lock: bool = False,
-    lock: bool = True,
-    raise_on_failure: bool = True,
-) -> RunResult:
-    """Run every stage of `graph` that is not done, on Ray (which must be initialised).
-
-    `force` names stages (names, kinds or prefixes) to run again together with their
-    descendants, even if done. `until` limits the run to the named stages and what they need.
-    Holds the workdir lock throughout (`lock=False`: the caller holds it).
-    """
-    import ray
-
-    observer = observer or Observer()
-    with workdir_lock(graph.workdir, wait=wait_lock) if lock else contextlib.nullcontext():
-        remove_leftovers(graph)
-        forced: set[str] = set()
-        for pattern in force:
-            for n in graph.select(pattern):
-                forced.add(n)
-                forced.update(graph.descendants(n))
-        wanted = set(graph.nodes)
-        if until:
-            wanted = set()
-            for pattern in until:
-                for n in graph.select(pattern):
-                    wanted.update([n, *graph.ancestors(n)])
-        result = RunResult()
-        state: dict[str, str] = {}  # node -> pending | running | done | failed | skipped | unwanted
-        for n, node in graph.nodes.items():
-            if n not in wanted:
-                state[n] = "unwanted"
-            elif n not in forced and node.is_done():
-                state[n] = "done"
-                result.cached.append(n)
-                observer.on_event(node, StageEvent(n, "cached", manifest=_read_manifest(node)))
-            else:
-                state[n] = "pending"
-                node.failed_marker.unlink(missing_ok=True)
-
-        remote = ray.remote(execute_stage)
-        running: dict[Any, tuple[str, int, float]] = {}  # ObjectRef -> (node, attempt, started)
-
-        def submit(n: str, attempt: int) -> None:
-            node = graph.nodes[n]
-            if n in forced and node.final.exists() and attempt == 0:
-                shutil.rmtree(node.final)
-            inputs = {role: str(graph.nodes[u].final) for role, u in node.stage.inputs.items()}
-            options = {**node.stage.resources, "max_retries": 0}
-            ref = remote.options(**options).remote(
-                node.stage, node.key, str(node.final), inputs, observer.stage_tracking(node), attempt)
-            running[ref] = (n, attempt, time.time())
-            state[n] = "running"
-            node.running_marker.parent.mkdir(parents=True, exist_ok=True)
-            node.running_marker.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            observer.on_event(node, StageEvent(n, "started", attempt=attempt))
-
-        last_progress = time.time()
-
-        def skip_descendants(n: str, reason: str) -> None:
-            for d in graph.descendants(n):
-                if state[d] == "pending":
-                    state[d] = "skipped"
-                    result.skipped.append(d)
-                    observer.on_event(graph.nodes[d], StageEvent(d, "skipped", error=reason))
-
-        while True:
-            for n, node in graph.nodes.items():
-                if len(running) >= max_concurrent:
-                    break
-                if state[n] == "pending" and all(state[u] == "done" for u in node.upstream):
-                    submit(n, 0)
-            if not running:
-                break
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=10.0)
-            if not ready:
-                if time.time() - last_progress >= 60:  # a heartbeat for long stages
-                    last_progress = time.time()
-                    print(f"[{time.strftime('%H:%M:%S')}] running: " + ", ".join(
-                        f"{n} ({time.time() - t0:.0f}s)" for n, _, t0 in running.values()), flush=True)
-                continue
-            ref = ready[0]
-            n, attempt, started = running.pop(ref)
-            node = graph.nodes[n]
-            seconds = time.time() - started
-            try:
-                manifest = ray.get(ref)
-            except Exception as exc:  # noqa: BLE001 - a stage's failure is reported, not raised here
-                error = _error_text(exc)
-                node.running_marker.unlink(missing_ok=True)
-                if attempt < node.stage.max_retries:
-                    observer.on_event(node, StageEvent(n, "retry", seconds, attempt, error))
-                    submit(n, attempt + 1)
-                    continue
-                state[n] = "failed"
-                result.failed[n] = error
-                result.seconds[n] = seconds
-                node.failed_marker.write_text(error)
-                observer.on_event(node, StageEvent(n, "failed", seconds, attempt, error))
-                skip_descendants(n, f"upstream stage {n} failed")
-                continue
-            node.running_marker.unlink(missing_ok=True)
-            state[n] = "done"
-            result.done.append(n)
-            result.seconds[n] = seconds
-            observer.on_event(node, StageEvent(n, "done", seconds, attempt, manifest=manifest))
-
-    if raise_on_failure and not result.ok:
-        raise PipelineError(describe_failure(result))
-    return result
-
-
-def describe_failure(result: RunResult) -> str:
-    lines = [f"{len(result.failed)} stage(s) failed"]
-    for n, error in result.failed.items():
-        lines.append(f"  {n}: {error_summary(error)}")
-    if result.skipped:
-        lines.append(f"  not run (downstream of a failure): {', '.join(result.skipped)}")
-    if result.done or result.cached:
-        lines.append(f"  finished: {len(result.done)} ran, {len(result.cached)} cached; re-run to retry the rest")
-    return "\n".join(lines)
-
-
-def _read_manifest(node: Node) -> dict[str, Any] | None:
-    try:
-        return json.loads((node.final / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _error_text(exc: BaseException) -> str:
-    """First line: the stage's own exception (unwrapped from Ray's task error); then the full report."""
-    cause = getattr(exc, "cause", None)
-    inner = cause if isinstance(cause, BaseException) else exc
-    summary = f"{type(inner).__name__}: {inner}".strip().splitlines()[0]
-    return f"{summary}\n\n{exc}"
-
-
-def error_summary(error: str) -> str:
-    return error.strip().splitlines()[0] if error.strip() else "unknown error"

@@ -1,45 +1,44 @@
-"""The stage table: every stage kind a spec can name, its typed config and the function it runs.
+"""The stage table: every stage kind a spec can name, its typed config and the job it runs.
 
 | kind | reads (inputs) | writes (its output dir) | wraps |
 |---|---|---|---|
-| `pydoc_corpus` | - | `corpus/docs.jsonl`, `task/{train,dev}.tsv` | stdlib docstrings + `pydoc_data` |
+| `pydoc_corpus` | - | `corpus/docs.jsonl`, `task/{train,dev}.tsv` | stdlib docstrings (`pipelines/dag/pydoc_corpus.py`) |
 | `tokenizer` | `corpus` (optional) | a tokenizer dir | `Tokenizer.train_sentencepiece` / `from_vocab_file` |
 | `shards` | `tokenizer`, `corpus` (optional) | `shards/` (a shards dir) | `pipelines.jobs.shards.build_shards` |
 | `pretrain` | `shards`, `init` (optional) | `checkpoint/`, `pretrain_manifest.json` | `pipelines.jobs.pretrain.run_pretraining` |
 | `finetune` | `checkpoint`, `data` (both optional) | one node per task x seed: `metrics.json`, `predictions.jsonl`, `checkpoint/` | `pipelines.jobs.finetune.run_finetune` |
 | `report` | any stages | `report.md`, `results.json`, `pretrain_curves.png` | `pipelines.dag.report.write_report` |
 
-A stage's config is a flat mapping routed to the config dataclasses of what it wraps (for
-example `pretrain` takes every field of `PretrainConfig` except the ones the pipeline sets:
-`shards`, `out`, tracking). Its key hashes the fields that change its output; settings that
-only change speed or logging (`num_workers` of the shards build, `log_every`, time limits)
-are left out. Paths in configs (`corpus`, `vocab`, `checkpoint`, `data`) are fingerprinted
-by the size and modification time of the files under them.
+A kind is a row of `KINDS`: its code version, its function, its input roles, its Ray resources,
+and `configure`, which parses the stage's flat config section once into typed config objects
+(the dataclasses of what it wraps; their own `__post_init__` checks run here, before anything
+runs) and turns them into DAG nodes. A node's key hashes the settings that change its output;
+settings that only change speed or logging (`num_workers` of the shards build, `log_every`,
+time limits) are left out. Paths in configs (`corpus`, `vocab`, `checkpoint`, `data`) are
+fingerprinted by the size and modification time of the files under them.
 
 Long stages (pretrain, finetune) run in the stable work dir `<key>.work/` and publish only
-their final files: pretraining resumes from its own checkpoints there after a kill.
+their final files: they resume from their own checkpoints there after a kill.
 
-Bump a kind's `VERSION` when its output format changes: every key of that kind changes.
+Bump a kind's version when its output format changes: every key of that kind changes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import platform
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bert.corpus import CorpusConfig
 from bert.errors import InputError
 from bert.pretraining_data import PretrainingDataConfig
 from pipelines.dag.graph import Stage, StageContext
+from pipelines.dag.pydoc_corpus import PydocCorpusConfig, pydoc_corpus
 from pipelines.dag.spec import Spec, StageSpec, check_value, expand_path, split_section
 
 # ----------------------------------------------------------------------------- helpers
@@ -50,10 +49,7 @@ def path_fingerprint(paths: tuple[str, ...] | list[str]) -> list[list[Any]]:
     out: list[list[Any]] = []
     for p in paths:
         root = Path(p)
-        if root.is_file():
-            files = [root]
-        else:
-            files = sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
+        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
         for f in files:
             st = f.stat()
             out.append([str(f), st.st_size, st.st_mtime_ns])
@@ -80,147 +76,44 @@ def link_tree(src: Path, dst: Path) -> None:
         link(str(src), str(dst))
 
 
-def _tracking_kwargs(ctx: StageContext) -> dict[str, Any]:
+def _tracking(ctx: StageContext) -> dict[str, Any]:
+    """The job's tracking settings inside a pipeline: its stage run as the parent."""
     if not ctx.tracking:
         return {"tracking_uri": None, "parent_run_id": None}
     return {"tracking_uri": ctx.tracking["tracking_uri"], "parent_run_id": ctx.tracking["run_id"],
             "experiment": ctx.tracking["experiment"]}
 
 
-def _fields(cls: type, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in exclude)
-
-
-# ----------------------------------------------------------------------------- pydoc_corpus
-
-# Pure-Python, cross-platform stdlib modules with plenty of prose and no import side effects.
-DEFAULT_MODULES = (
-    "abc argparse array ast asyncio.events asyncio.streams asyncio.tasks base64 bisect builtins calendar cmath "
-    "codecs collections concurrent.futures configparser contextlib copy csv dataclasses datetime decimal difflib "
-    "email.message enum fractions ftplib functools gettext glob gzip hashlib heapq hmac html.parser http.client "
-    "http.cookiejar http.server imaplib inspect io ipaddress itertools json logging logging.handlers lzma mailbox "
-    "math mimetypes multiprocessing.pool numbers operator optparse os pathlib pickle pickletools platform plistlib "
-    "poplib pprint queue random re sched secrets selectors shelve shlex shutil signal smtplib socket socketserver "
-    "sqlite3 ssl statistics string struct subprocess sys tarfile tempfile textwrap threading timeit tokenize trace "
-    "traceback types typing unittest.case unittest.mock urllib.parse urllib.request uuid warnings weakref "
-    "xml.dom.minidom xml.etree.ElementTree zipfile zlib"
-).split()
-KIND_LABELS = ("class", "exception", "function", "method")
+def _construct(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    """`cls(**values)`, its own checks' errors prefixed with where the values came from."""
+    try:
+        return cls(**values)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True)
-class PydocCorpusConfig:
-    """English text every Python ships: stdlib docstrings and the language reference topics.
+class Where:
+    """Everything `configure` needs besides the section: the stage, its resolved inputs, node defaults."""
 
-    Also writes a labelled task in the SST-2 layout (`sentence`, `label`): the first paragraph
-    of a public object's docstring, labelled with what the object is (class, exception,
-    function, method), split into train/dev by module so dev modules are unseen in training.
-    """
+    name: str
+    spec: StageSpec
+    text: str  # "spec.yaml: stage NAME", for error messages
+    inputs: dict[str, str]  # input role -> upstream node name
+    common: dict[str, Any]  # kind, version, fn, max_retries, resources
 
-    modules: tuple[str, ...] = tuple(DEFAULT_MODULES)
-    topics: bool = True  # the `pydoc_data.topics` language-reference sections
-    dev_fraction: float = 0.25
-
-    def __post_init__(self) -> None:
-        if not 0 < self.dev_fraction < 1:
-            raise InputError(f"pydoc_corpus: dev_fraction must be in (0, 1), got {self.dev_fraction}")
+    def stage(self, config: Any, fields: Mapping[str, Any], **changes: Any) -> Stage:
+        return Stage(**{"name": self.name, "config": config, "config_fields": fields, "inputs": dict(self.inputs),
+                        **self.common, **changes})
 
 
-_CODE_LINE = re.compile(r"^\s*(>>>|\.\.\.|\$ |[-=~^*]{3,}\s*$)")
+# ----------------------------------------------------------------------------- corpus, tokenizer, shards, report
 
 
-def _paragraphs(doc: str) -> list[str]:
-    """Prose paragraphs of a docstring: blocks split at blank lines, code and indented blocks dropped."""
-    out = []
-    for block in re.split(r"\n\s*\n", doc.strip()):
-        lines = block.splitlines()
-        if not lines or any(_CODE_LINE.match(line) for line in lines) or lines[0].startswith((" ", "\t")):
-            continue
-        text = " ".join(line.strip() for line in lines)
-        if len(text.split()) >= 3:
-            out.append(text)
-    return out
-
-
-def _documented_objects(module_name: str):
-    """(qualified name, kind, docstring) of the module's public classes, functions and methods."""
-    import importlib
-    import inspect
-
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return
-    if inspect.getdoc(module):
-        yield module_name, "module", inspect.getdoc(module)
-    for name, obj in sorted(vars(module).items()):
-        if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-            continue
-        doc = inspect.getdoc(obj)
-        if inspect.isclass(obj):
-            kind = "exception" if issubclass(obj, BaseException) else "class"
-            if doc:
-                yield f"{module_name}.{name}", kind, doc
-            for attr, member in sorted(vars(obj).items()):
-                if attr.startswith("_") or not callable(member):
-                    continue
-                member_doc = member.__doc__ if isinstance(member.__doc__, str) else None
-                if member_doc:
-                    yield f"{module_name}.{name}.{attr}", "method", inspect.cleandoc(member_doc)
-        elif callable(obj) and doc:
-            yield f"{module_name}.{name}", "function", doc
-
-
-def pydoc_corpus(ctx: StageContext) -> dict[str, Any]:
-    config: PydocCorpusConfig = ctx.config
-    (ctx.out / "corpus").mkdir()
-    (ctx.out / "task").mkdir()
-    documents = 0
-    examples: dict[str, list[tuple[str, str]]] = {"train": [], "dev": []}
-    labels_of_text: dict[str, set[str]] = {}
-    with open(ctx.out / "corpus" / "docs.jsonl", "w", encoding="utf-8") as corpus:
-        for module in config.modules:
-            split = "dev" if _unit_hash(module) < config.dev_fraction else "train"
-            for name, kind, doc in _documented_objects(module):
-                paragraphs = _paragraphs(doc)
-                if not paragraphs:
-                    continue
-                corpus.write(json.dumps({"id": name, "text": "\n".join(paragraphs)}) + "\n")
-                documents += 1
-                if kind in KIND_LABELS:
-                    text = paragraphs[0].replace("\t", " ")
-                    examples[split].append((text, kind))
-                    labels_of_text.setdefault(text, set()).add(kind)
-        if config.topics:
-            from pydoc_data.topics import topics
-
-            for name in sorted(topics):
-                paragraphs = _paragraphs(topics[name])
-                if paragraphs:
-                    corpus.write(json.dumps({"id": f"topic:{name}", "text": "\n".join(paragraphs)}) + "\n")
-                    documents += 1
-    counts = {}
-    for split, rows in examples.items():
-        seen: set[str] = set()
-        kept = []
-        for text, label in rows:  # drop texts that are ambiguous (two kinds) or repeated
-            if len(labels_of_text[text]) == 1 and text not in seen:
-                seen.add(text)
-                kept.append((text, label))
-        with open(ctx.out / "task" / f"{split}.tsv", "w", encoding="utf-8") as f:
-            f.write("sentence\tlabel\n")
-            f.writelines(f"{text}\t{label}\n" for text, label in kept)
-        counts[split] = len(kept)
-        counts[f"{split}_labels"] = {label: sum(1 for _, l in kept if l == label) for label in KIND_LABELS}
-    ctx.log(f"{documents} documents; task examples train {counts['train']}, dev {counts['dev']}")
-    return {"documents": documents, "task_examples": counts, "python": platform.python_version()}
-
-
-def _unit_hash(text: str) -> float:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") / 2**64
-
-
-# ----------------------------------------------------------------------------- tokenizer
+def configure_pydoc_corpus(w: Where) -> list[Stage]:
+    (values,) = split_section(w.spec.config, [PydocCorpusConfig], w.text)
+    config = _construct(PydocCorpusConfig, values, w.text)
+    return [w.stage(config, dataclasses.asdict(config) | {"python": platform.python_version()})]
 
 
 @dataclass(frozen=True)
@@ -234,6 +127,24 @@ class TokenizerStageConfig:
     lowercase: bool = True
     sample_sentences: int = 1_000_000
     seed: int = 0
+
+
+def configure_tokenizer(w: Where) -> list[Stage]:
+    (values,) = split_section(w.spec.config, [TokenizerStageConfig], w.text)
+    config = TokenizerStageConfig(**values)
+    if config.vocab:
+        config = dataclasses.replace(config, vocab=expand_path(config.vocab))
+        require_paths([config.vocab], w.text)
+        if config.vocab_size or config.corpus or "corpus" in w.inputs:
+            raise InputError(f"{w.text}: give either vocab (a vocab.txt) or a corpus and vocab_size, not both")
+    else:
+        config = dataclasses.replace(config, corpus=tuple(expand_path(p) for p in config.corpus))
+        require_paths(config.corpus, w.text)
+        if not config.vocab_size or not (config.corpus or "corpus" in w.inputs):
+            raise InputError(f"{w.text}: needs vocab (a BERT vocab.txt), or vocab_size and a corpus "
+                             "(input corpus or corpus paths) to train SentencePiece on")
+    files = path_fingerprint(list(config.corpus) + ([config.vocab] if config.vocab else []))
+    return [w.stage(config, dataclasses.asdict(config) | {"files": files})]
 
 
 def tokenizer_stage(ctx: StageContext) -> dict[str, Any]:
@@ -252,9 +163,6 @@ def tokenizer_stage(ctx: StageContext) -> dict[str, Any]:
     return {"vocab_size": tokenizer.vocab_size, "backend": tokenizer.backend}
 
 
-# ----------------------------------------------------------------------------- shards
-
-
 @dataclass(frozen=True)
 class ShardsStageConfig:
     """Where the text comes from (input `corpus` and/or paths) and how it is read; the rest of a
@@ -266,7 +174,21 @@ class ShardsStageConfig:
     num_workers: int | None = None  # concurrent Ray tasks: speed only, not in the key
 
 
+def configure_shards(w: Where) -> list[Stage]:
+    source_values, data_values = split_section(w.spec.config, [ShardsStageConfig, PretrainingDataConfig], w.text)
+    source = ShardsStageConfig(**source_values)
+    source = dataclasses.replace(source, corpus=tuple(expand_path(p) for p in source.corpus))
+    require_paths(source.corpus, w.text)
+    if not source.corpus and "corpus" not in w.inputs:
+        raise InputError(f"{w.text}: needs a corpus: an input `corpus` stage or `corpus` paths")
+    data = _construct(PretrainingDataConfig, data_values, w.text)
+    fields = {k: v for k, v in dataclasses.asdict(source).items() if k != "num_workers"}
+    fields |= {"data": dataclasses.asdict(data), "files": path_fingerprint(source.corpus)}
+    return [w.stage((source, data), fields)]
+
+
 def shards_stage(ctx: StageContext) -> dict[str, Any]:
+    from bert.corpus import CorpusConfig
     from pipelines.jobs.shards import build_shards
 
     source, data = ctx.config
@@ -279,24 +201,56 @@ def shards_stage(ctx: StageContext) -> dict[str, Any]:
     return {"parts": len(manifest["parts"]), "examples": counts["examples"], "tokens": counts["tokens"]}
 
 
+@dataclass(frozen=True)
+class ReportConfig:
+    title: str = "bertflow pipeline report"
+
+
+def configure_report(w: Where) -> list[Stage]:
+    (values,) = split_section(w.spec.config, [ReportConfig], w.text)
+    config = ReportConfig(**values)
+    return [w.stage(config, dataclasses.asdict(config))]
+
+
+def report_stage(ctx: StageContext) -> dict[str, Any]:
+    from pipelines.dag.report import write_report
+
+    return write_report(ctx.out, ctx.inputs, ctx.config.title)
+
+
 # ----------------------------------------------------------------------------- pretrain
 
 PRETRAIN_SET_BY_PIPELINE = ("shards", "out", "val_shards", "tracking_uri", "parent_run_id", "experiment")
 PRETRAIN_NOT_IN_KEY = ("log_every", "time_limit_minutes", "stop_at_step", "max_failures", "keep_checkpoints",
-                       "checkpoint_every", "compile")
+                       "checkpoint_every", "compile", "threads_per_worker")
+
+
+def configure_pretrain(w: Where) -> list[Stage]:
+    from bert.config import PRESETS
+    from pipelines.jobs.pretrain import PretrainConfig
+
+    (values,) = split_section(w.spec.config, [PretrainConfig], w.text, excluded=PRETRAIN_SET_BY_PIPELINE)
+    if "init" in w.inputs and "model" in values:
+        raise InputError(f"{w.text}: the model comes from input `init`; drop the `model` setting")
+    config = _construct(PretrainConfig, values, w.text)  # paths are set when it runs
+    fields = {k: v for k, v in dataclasses.asdict(config).items()
+              if k not in PRETRAIN_SET_BY_PIPELINE + PRETRAIN_NOT_IN_KEY}
+    if "init" in w.inputs:
+        fields.pop("model")
+    elif config.model not in PRESETS:
+        config = dataclasses.replace(config, model=expand_path(config.model))
+        require_paths([config.model], w.text)
+        fields |= {"model": config.model, "files": path_fingerprint([config.model])}
+    return [w.stage(config, fields)]
 
 
 def pretrain_stage(ctx: StageContext) -> dict[str, Any]:
     from pipelines.jobs.pretrain import run_pretraining
 
-    fields = dict(ctx.config)
-    if "init" in ctx.inputs:
-        fields["model"] = str(ctx.inputs["init"] / "checkpoint")
-    from pipelines.jobs.pretrain import PretrainConfig
-
     run_dir = ctx.work / "run"  # stable: a re-run after a kill resumes from its checkpoints
-    config = PretrainConfig(shards=str(ctx.inputs["shards"] / "shards"), out=str(run_dir),
-                            **_tracking_kwargs(ctx), **fields)
+    config = dataclasses.replace(ctx.config, shards=str(ctx.inputs["shards"] / "shards"), out=str(run_dir),
+                                 **({"model": str(ctx.inputs["init"] / "checkpoint")} if "init" in ctx.inputs else {}),
+                                 **_tracking(ctx))
     manifest = run_pretraining(config)
     if not manifest.get("complete"):
         raise RuntimeError(f"pretraining stopped at step {manifest['step']} before max_steps "
@@ -312,7 +266,8 @@ def pretrain_stage(ctx: StageContext) -> dict[str, Any]:
 
 FINETUNE_SET_BY_PIPELINE = ("task", "data", "checkpoint", "out", "tokenizer", "seed", "seeds", "tracking_uri",
                             "parent_run_id", "experiment")
-FINETUNE_NOT_IN_KEY = ("log_every", "eval_batch_size", "threads_per_worker", "log_model")
+FINETUNE_NOT_IN_KEY = ("log_every", "eval_batch_size", "threads_per_worker", "log_model", "max_failures",
+                       "cpus_per_worker")
 
 
 @dataclass(frozen=True)
@@ -330,31 +285,98 @@ class FinetuneStageConfig:
     data: str | None = None  # datasets root or task dir shared by the tasks
 
 
-def finetune_stage(ctx: StageContext) -> dict[str, Any]:
-    from pipelines.jobs.finetune import FinetuneConfig, run_finetune
+@dataclass(frozen=True)
+class FinetuneNode:
+    """One (task, seed) of a finetune stage: its typed config, and where its checkpoint and data come from."""
 
+    config: Any  # FinetuneConfig without paths (set when it runs)
+    data: str | None  # a path, or a path inside the `data` input
+    data_is_input: bool
+    checkpoint: str | None  # a path, when there is no `checkpoint` input
+
+
+def finetune_section(s: StageSpec, where: str) -> tuple[FinetuneStageConfig, dict[str, Any]]:
+    """The stage's fan-out and the fine-tune settings shared by its tasks, each parsed once."""
+    from bert.finetune import parse_seeds
+    from pipelines.jobs.finetune import FinetuneConfig
+
+    own, shared = split_section(s.config, [FinetuneStageConfig, FinetuneConfig], where, excluded=FINETUNE_SET_BY_PIPELINE)
+    if not own.get("tasks"):
+        raise InputError(f"{where}: tasks is missing or empty: name at least one task, e.g. tasks: {{sst2: {{}}}}")
+    try:
+        own["seeds"] = parse_seeds(own.get("seeds", (1,)), 1)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    for task in own["tasks"]:
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", task):
+            raise InputError(f"{where}: task entry name {task!r} must be letters, digits, '_' or '-'")
+    return FinetuneStageConfig(**own), shared
+
+
+def node_names(name: str, s: StageSpec, where: str) -> list[str]:
+    """The DAG nodes a spec stage becomes: itself, or one per task x seed for a finetune stage."""
+    if s.kind != "finetune":
+        return [name]
+    section, _ = finetune_section(s, where)
+    return [f"{name}.{task}.seed{seed}" for task in section.tasks for seed in section.seeds]
+
+
+def configure_finetune(w: Where) -> list[Stage]:
+    from bert.tasks import get_task
+    from pipelines.jobs.finetune import FinetuneConfig
+
+    section, shared = finetune_section(w.spec, w.text)
+    checkpoint = expand_path(section.checkpoint) if section.checkpoint else None
+    if ("checkpoint" in w.inputs) == (checkpoint is not None):
+        raise InputError(f"{w.text}: give the model either as input `checkpoint` (a pretrain stage) or as a "
+                         "`checkpoint` path (e.g. an imported Hugging Face dir), exactly one")
+    if checkpoint:
+        require_paths([checkpoint], w.text)
+    data_is_input = "data" in w.inputs
+    nodes = []
+    for entry, task_settings in section.tasks.items():
+        where = f"{w.text}.tasks.{entry}"
+        task_settings = dict(task_settings or {})
+        task = check_value(task_settings.pop("task", entry), str, f"{where}.task")
+        try:
+            get_task(task)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        data = check_value(task_settings.pop("data", section.data), str | None, f"{where}.data")
+        (overrides,) = split_section(task_settings, [FinetuneConfig], where, excluded=FINETUNE_SET_BY_PIPELINE)
+        if data is None and not data_is_input:
+            raise InputError(f"{where}: no data: set `data` (a task dir or datasets root) or give the stage a "
+                             "`data` input")
+        if not data_is_input:
+            data = expand_path(data)
+            require_paths([data], where)
+        for seed in section.seeds:
+            config = _construct(FinetuneConfig, {"task": task, "seed": seed, **shared, **overrides}, where)
+            fields = {k: v for k, v in dataclasses.asdict(config).items()
+                      if k not in FINETUNE_NOT_IN_KEY + FINETUNE_SET_BY_PIPELINE + ("seed",)}
+            fields |= {"task": task, "seed": seed, "seeds": None}
+            fields |= {"data": {"input": data}} if data_is_input else {"data": data, "files": path_fingerprint([data])}
+            if checkpoint:
+                fields |= {"checkpoint": checkpoint, "checkpoint_files": path_fingerprint([checkpoint])}
+            nodes.append(w.stage(FinetuneNode(config, data, data_is_input, checkpoint), fields,
+                                 name=f"{w.name}.{entry}.seed{seed}"))
+    return nodes
+
+
+def finetune_stage(ctx: StageContext) -> dict[str, Any]:
+    """One (task, seed) of a finetune stage: resolve its checkpoint and data dirs, then fine-tune."""
+    from pipelines.jobs.finetune import run_finetune
+
+    node: FinetuneNode = ctx.config
+    checkpoint = str(ctx.inputs["checkpoint"] / "checkpoint") if "checkpoint" in ctx.inputs else node.checkpoint
+    data = str(ctx.inputs["data"] / (node.data or "")) if node.data_is_input else node.data
     run_dir = ctx.work / "run"
-    config = FinetuneConfig(out=str(run_dir), **ctx.config, **_tracking_kwargs(ctx))
+    config = dataclasses.replace(node.config, data=data, checkpoint=checkpoint, out=str(run_dir), **_tracking(ctx))
     metrics = run_finetune(config)
     for name in ("metrics.json", "predictions.jsonl", "checkpoint"):
         link_tree(run_dir / name, ctx.out / name)
-    primary = metrics["primary_metric"]
-    return {"task": config.task, "seed": config.seed, "primary_metric": primary,
+    return {"task": config.task, "seed": config.seed, "primary_metric": metrics["primary_metric"],
             "metrics": metrics["metrics"], "mlflow": metrics.get("mlflow")}
-
-
-# ----------------------------------------------------------------------------- report
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    title: str = "bertflow pipeline report"
-
-
-def report_stage(ctx: StageContext) -> dict[str, Any]:
-    from pipelines.dag.report import write_report
-
-    return write_report(ctx.out, ctx.inputs, ctx.config.title)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -364,22 +386,24 @@ def report_stage(ctx: StageContext) -> dict[str, Any]:
 class StageKind:
     name: str
     version: int
-    fn: Any
-    inputs: tuple[str, ...]  # known input roles (None: any)
+    fn: Callable[[StageContext], Mapping[str, Any] | None]
+    inputs: tuple[str, ...]  # known input roles (empty: any)
     required_inputs: tuple[str, ...]
     resources: Mapping[str, float]
+    configure: Callable[[Where], list[Stage]]  # typed configs parsed and checked once; the kind's DAG nodes
 
 
 KINDS: dict[str, StageKind] = {
     k.name: k
     for k in (
-        StageKind("pydoc_corpus", 1, pydoc_corpus, (), (), {"num_cpus": 1}),
-        StageKind("tokenizer", 1, tokenizer_stage, ("corpus",), (), {"num_cpus": 1}),
+        StageKind("pydoc_corpus", 1, pydoc_corpus, (), (), {"num_cpus": 1}, configure_pydoc_corpus),
+        StageKind("tokenizer", 1, tokenizer_stage, ("corpus",), (), {"num_cpus": 1}, configure_tokenizer),
         # the three below drive Ray Data / Ray Train workers, which hold the CPUs
-        StageKind("shards", 1, shards_stage, ("tokenizer", "corpus"), ("tokenizer",), {"num_cpus": 0}),
-        StageKind("pretrain", 1, pretrain_stage, ("shards", "init"), ("shards",), {"num_cpus": 0}),
-        StageKind("finetune", 1, finetune_stage, ("checkpoint", "data"), (), {"num_cpus": 0}),
-        StageKind("report", 1, report_stage, (), (), {"num_cpus": 0}),
+        StageKind("shards", 1, shards_stage, ("tokenizer", "corpus"), ("tokenizer",), {"num_cpus": 0},
+                  configure_shards),
+        StageKind("pretrain", 1, pretrain_stage, ("shards", "init"), ("shards",), {"num_cpus": 0}, configure_pretrain),
+        StageKind("finetune", 1, finetune_stage, ("checkpoint", "data"), (), {"num_cpus": 0}, configure_finetune),
+        StageKind("report", 1, report_stage, (), (), {"num_cpus": 0}, configure_report),
     )
 }
 
@@ -390,204 +414,36 @@ def build_stages(spec: Spec) -> list[Stage]:
     for name, s in spec.stages.items():
         if s.kind not in KINDS:
             raise InputError(f"{spec.path}: stage {name}: unknown kind {s.kind!r}; known kinds: {', '.join(KINDS)}")
-        if s.kind == "finetune":
-            section = _finetune_section(s, spec)
-            expanded[name] = [f"{name}.{task}.seed{seed}" for task in section.tasks for seed in section.seeds]
-        else:
-            expanded[name] = [name]
+        expanded[name] = node_names(name, s, f"{spec.path}: stage {name}")
     stages: list[Stage] = []
     for name, s in spec.stages.items():
-        kind = KINDS[s.kind]
-        where = f"{spec.path}: stage {name}"
-        for role, upstream in s.inputs.items():
-            if upstream not in spec.stages:
-                raise InputError(f"{where}: input {role!r} names stage {upstream!r}, which is not in the spec; "
-                                 f"stages: {', '.join(spec.stages)}")
-            if kind.inputs and role not in kind.inputs:
-                raise InputError(f"{where}: unknown input {role!r}; a {s.kind} stage takes {', '.join(kind.inputs)}")
-        for role in kind.required_inputs:
-            if role not in s.inputs:
-                raise InputError(f"{where}: missing input {role!r} (the stage that provides it)")
-        inputs: dict[str, str] = {}
-        for role, upstream in s.inputs.items():
-            nodes = expanded[upstream]
-            if len(nodes) == 1:
-                inputs[role] = nodes[0]
-            elif s.kind == "report":
-                inputs.update({n: n for n in nodes})
-            else:
-                raise InputError(f"{where}: input {role!r} names {upstream}, which fans out into {len(nodes)} "
-                                 f"stages; only a report stage can take them all")
+        kind, where = KINDS[s.kind], f"{spec.path}: stage {name}"
+        inputs = _resolve_inputs(s, kind, spec, expanded, where)
         resources = dict(s.resources if s.resources is not None else kind.resources)
         common = dict(kind=s.kind, version=kind.version, fn=kind.fn, max_retries=s.max_retries, resources=resources)
-        stages.extend(_configure(name, s, spec, where, inputs, common))
+        stages.extend(kind.configure(Where(name, s, where, inputs, common)))
     return stages
 
 
-def _configure(name: str, s: StageSpec, spec: Spec, where: str, inputs: dict[str, str],
-               common: dict[str, Any]) -> list[Stage]:
-    section = s.config
-    if s.kind == "pydoc_corpus":
-        (values,) = split_section(section, [PydocCorpusConfig], where)
-        config = PydocCorpusConfig(**values)
-        fields = dataclasses.asdict(config) | {"python": platform.python_version()}
-        return [Stage(name=name, config=config, config_fields=fields, inputs=inputs, **common)]
-
-    if s.kind == "tokenizer":
-        (values,) = split_section(section, [TokenizerStageConfig], where)
-        config = TokenizerStageConfig(**values)
-        if config.vocab:
-            config = dataclasses.replace(config, vocab=expand_path(config.vocab))
-            require_paths([config.vocab], where)
-            if config.vocab_size or config.corpus or "corpus" in inputs:
-                raise InputError(f"{where}: give either vocab (a vocab.txt) or a corpus and vocab_size, not both")
+def _resolve_inputs(s: StageSpec, kind: StageKind, spec: Spec, expanded: dict[str, list[str]], where: str) -> dict[str, str]:
+    """Input role -> upstream node name, checked against the kind's roles; a report takes a fan-out whole."""
+    for role, upstream in s.inputs.items():
+        if upstream not in spec.stages:
+            raise InputError(f"{where}: input {role!r} names stage {upstream!r}, which is not in the spec; "
+                             f"stages: {', '.join(spec.stages)}")
+        if kind.inputs and role not in kind.inputs:
+            raise InputError(f"{where}: unknown input {role!r}; a {s.kind} stage takes {', '.join(kind.inputs)}")
+    for role in kind.required_inputs:
+        if role not in s.inputs:
+            raise InputError(f"{where}: missing input {role!r} (the stage that provides it)")
+    inputs: dict[str, str] = {}
+    for role, upstream in s.inputs.items():
+        nodes = expanded[upstream]
+        if len(nodes) == 1:
+            inputs[role] = nodes[0]
+        elif s.kind == "report":
+            inputs.update({n: n for n in nodes})
         else:
-            config = dataclasses.replace(config, corpus=tuple(expand_path(p) for p in config.corpus))
-            require_paths(config.corpus, where)
-            if not config.vocab_size or not (config.corpus or "corpus" in inputs):
-                raise InputError(f"{where}: needs vocab (a BERT vocab.txt), or vocab_size and a corpus "
-                                 "(input corpus or corpus paths) to train SentencePiece on")
-        fields = dataclasses.asdict(config) | {"files": path_fingerprint(list(config.corpus) + ([config.vocab] if config.vocab else []))}
-        return [Stage(name=name, config=config, config_fields=fields, inputs=inputs, **common)]
-
-    if s.kind == "shards":
-        source_values, data_values = split_section(section, [ShardsStageConfig, PretrainingDataConfig], where)
-        source = ShardsStageConfig(**source_values)
-        source = dataclasses.replace(source, corpus=tuple(expand_path(p) for p in source.corpus))
-        require_paths(source.corpus, where)
-        if not source.corpus and "corpus" not in inputs:
-            raise InputError(f"{where}: needs a corpus: an input `corpus` stage or `corpus` paths")
-        data = _construct(PretrainingDataConfig, data_values, where)
-        CorpusConfig(text_column=source.text_column)
-        fields = {k: v for k, v in dataclasses.asdict(source).items() if k != "num_workers"}
-        fields |= {"data": dataclasses.asdict(data), "files": path_fingerprint(source.corpus)}
-        return [Stage(name=name, config=(source, data), config_fields=fields, inputs=inputs, **common)]
-
-    if s.kind == "pretrain":
-        from pipelines.jobs.pretrain import PretrainConfig
-
-        (values,) = split_section(section, [PretrainConfig], where, excluded=PRETRAIN_SET_BY_PIPELINE)
-        if "init" in inputs and "model" in values:
-            raise InputError(f"{where}: the model comes from input `init`; drop the `model` setting")
-        _construct(PretrainConfig, {"shards": "-", "out": "-", **values}, where)  # its own checks, now
-        full = {k: v for k, v in dataclasses.asdict(PretrainConfig(shards="-", out="-", **values)).items()
-                if k not in PRETRAIN_SET_BY_PIPELINE}
-        if "init" in inputs:
-            full.pop("model")
-        elif full["model"] not in _presets():
-            full["model"] = expand_path(full["model"])
-            require_paths([full["model"]], where)
-            values["model"] = full["model"]
-            full["files"] = path_fingerprint([full["model"]])
-        key_fields = {k: v for k, v in full.items() if k not in PRETRAIN_NOT_IN_KEY}
-        return [Stage(name=name, config=values, config_fields=key_fields, inputs=inputs, **common)]
-
-    if s.kind == "finetune":
-        return _finetune_nodes(name, s, spec, where, inputs, common)
-
-    if s.kind == "report":
-        (values,) = split_section(section, [ReportConfig], where)
-        config = ReportConfig(**values)
-        return [Stage(name=name, config=config, config_fields=dataclasses.asdict(config), inputs=inputs, **common)]
-    raise AssertionError(s.kind)
-
-
-def _presets() -> tuple[str, ...]:
-    from bert.config import PRESETS
-
-    return tuple(PRESETS)
-
-
-def _construct(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    try:
-        return cls(**values)
-    except InputError as exc:
-        raise InputError(f"{where}: {exc}") from None
-
-
-def _finetune_section(s: StageSpec, spec: Spec) -> FinetuneStageConfig:
-    from pipelines.jobs.finetune import FinetuneConfig
-
-    where = f"{spec.path}: stage {s.name}"
-    own, _ = split_section(s.config, [FinetuneStageConfig, FinetuneConfig], where, excluded=FINETUNE_SET_BY_PIPELINE)
-    if "tasks" not in own or not own["tasks"]:
-        raise InputError(f"{where}: tasks is missing or empty: name at least one task, e.g. tasks: {{sst2: {{}}}}")
-    seeds = own.get("seeds", (1,))
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise InputError(f"{where}: seeds must list distinct integers, got {list(seeds)}")
-    for task in own["tasks"]:
-        if not re.fullmatch(r"[A-Za-z0-9_\-]+", task):
-            raise InputError(f"{where}: task entry name {task!r} must be letters, digits, '_' or '-'")
-    return FinetuneStageConfig(**own)
-
-
-def _finetune_nodes(name: str, s: StageSpec, spec: Spec, where: str, inputs: dict[str, str],
-                    common: dict[str, Any]) -> list[Stage]:
-    from bert.tasks import get_task
-    from pipelines.jobs.finetune import FinetuneConfig
-
-    section = _finetune_section(s, spec)
-    _, shared = split_section(s.config, [FinetuneStageConfig, FinetuneConfig], where, excluded=FINETUNE_SET_BY_PIPELINE)
-    checkpoint = expand_path(section.checkpoint) if section.checkpoint else None
-    if ("checkpoint" in inputs) == (checkpoint is not None):
-        raise InputError(f"{where}: give the model either as input `checkpoint` (a pretrain stage) or as a "
-                         "`checkpoint` path (e.g. an imported Hugging Face dir), exactly one")
-    if checkpoint:
-        require_paths([checkpoint], where)
-    nodes = []
-    for entry, task_settings in section.tasks.items():
-        task_where = f"{where}.tasks.{entry}"
-        task_settings = dict(task_settings or {})
-        task_name = check_value(task_settings.pop("task", entry), str, f"{task_where}.task")
-        try:
-            get_task(task_name)
-        except InputError as exc:
-            raise InputError(f"{task_where}: {exc}") from None
-        data = check_value(task_settings.pop("data", section.data), str | None, f"{task_where}.data")
-        (overrides,) = split_section(task_settings, [FinetuneConfig], task_where, excluded=FINETUNE_SET_BY_PIPELINE)
-        settings = shared | overrides
-        data_is_input = "data" in inputs
-        if data is None and not data_is_input:
-            raise InputError(f"{task_where}: no data: set `data` (a task dir or datasets root) or give the stage "
-                             "a `data` input")
-        if not data_is_input:
-            data = expand_path(data)
-            require_paths([data], task_where)
-        for seed in section.seeds:
-            values = {"task": task_name, "seed": seed, **settings}
-            _construct(FinetuneConfig, {"data": "-", "checkpoint": "-", "out": "-", **values}, task_where)
-            full = dataclasses.asdict(FinetuneConfig(data="-", checkpoint="-", out="-", **values))
-            key_fields = {k: v for k, v in full.items()
-                          if k not in FINETUNE_NOT_IN_KEY + ("data", "checkpoint", "out", "tracking_uri",
-                                                              "parent_run_id", "experiment", "tokenizer")}
-            key_fields["data"] = data if not data_is_input else {"input": data}
-            if not data_is_input:
-                key_fields["files"] = path_fingerprint([data])
-            if checkpoint:
-                key_fields["checkpoint"] = checkpoint
-                key_fields["checkpoint_files"] = path_fingerprint([checkpoint])
-            nodes.append(Stage(
-                name=f"{name}.{entry}.seed{seed}", config=_FinetuneNodeConfig(values, data, data_is_input, checkpoint),
-                config_fields=key_fields, inputs=dict(inputs), **{**common, "fn": finetune_node},
-            ))
-    return nodes
-
-
-@dataclass(frozen=True)
-class _FinetuneNodeConfig:
-    values: Mapping[str, Any]  # FinetuneConfig fields (task, seed, settings)
-    data: str | None  # a path, or a path inside the `data` input
-    data_is_input: bool
-    checkpoint: str | None  # a path, when there is no `checkpoint` input
-
-
-def finetune_node(ctx: StageContext) -> dict[str, Any]:
-    """One (task, seed) of a finetune stage: resolve its checkpoint and data dirs, then fine-tune."""
-    node: _FinetuneNodeConfig = ctx.config
-    checkpoint = str(ctx.inputs["checkpoint"] / "checkpoint") if "checkpoint" in ctx.inputs else node.checkpoint
-    if node.data_is_input:
-        data = str(ctx.inputs["data"] / (node.data or ""))
-    else:
-        data = node.data
-    inner = dataclasses.replace(ctx, config={**node.values, "data": data, "checkpoint": checkpoint})
-    return finetune_stage(inner)
+            raise InputError(f"{where}: input {role!r} names {upstream}, which fans out into {len(nodes)} "
+                             f"stages; only a report stage can take them all")
+    return inputs

@@ -50,8 +50,8 @@ STAGING = "_tmp"
 class PretrainConfig:
     """One pretraining phase. Defaults follow the BERT paper where it gives them."""
 
-    shards: str
-    out: str
+    shards: str | None = None  # required to run (a pipeline stage sets it from its input)
+    out: str | None = None  # required to run
     model: str = "tiny"  # preset name, or a checkpoint dir to start from (phase 2)
     val_shards: str | None = None
     num_workers: int = 1
@@ -203,6 +203,8 @@ def run_pretraining(config: PretrainConfig) -> dict[str, Any]:
     from pipelines.outdir import own_dir
     from pipelines.tracking import finish_run, last_logged_step, open_job_run
 
+    if not config.shards or not config.out:
+        raise InputError("pretrain: --shards and --out are required")
     config = absolute_paths(config)
     out = Path(config.out)
     done = _finished(out, config)
