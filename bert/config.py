@@ -73,6 +73,13 @@ class BertConfig:
     def head_size(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    def check_sequence_length(self, length: int, what: str) -> None:
+        """The one sequence-length check: `what` (e.g. "shards /x hold sequences") of up to `length`
+        tokens must fit the model's learned position embeddings."""
+        if length > self.max_position_embeddings:
+            raise InputError(f"{what} of up to {length} tokens, above the model's max_position_embeddings "
+                             f"({self.max_position_embeddings})")
+
     def replace(self, **changes: Any) -> BertConfig:
         return dataclasses.replace(self, **changes)
 

@@ -93,9 +93,7 @@ def check_model_inputs(checkpoint: str | Path, tokenizer_dir: str | Path, spec: 
         raise InputError(f"checkpoint {info.path} has pad_token_id {info.config.pad_token_id} but the tokenizer in "
                          f"{tokenizer_dir} pads with id {tokenizer.pad_id}")
     max_seq_length = max_seq_length or spec.max_seq_length
-    if max_seq_length > info.config.max_position_embeddings:
-        raise InputError(f"max_seq_length {max_seq_length} is above the checkpoint's max_position_embeddings "
-                         f"({info.config.max_position_embeddings})")
+    info.config.check_sequence_length(max_seq_length, "--max-seq-length asks for sequences")
     if freeze_layers > info.config.num_hidden_layers:
         raise InputError(f"--freeze-layers {freeze_layers}: the checkpoint has only "
                          f"{info.config.num_hidden_layers} layers")
@@ -296,7 +294,7 @@ def score(spec: TaskSpec, prepared: Prepared, outputs: dict[str, list[np.ndarray
     return metrics, records
 
 
-# ----------------------------------------------------------------------------- state and seeds
+# ----------------------------------------------------------------------------- state and summaries
 
 
 @dataclass
@@ -331,19 +329,6 @@ class FinetuneState:
             return False
         return bool(files) and all((directory / n).is_file() and (directory / n).stat().st_size == size
                                    for n, size in files.items())
-
-
-def parse_seeds(text: str | Sequence[int] | None, default: int) -> tuple[int, ...]:
-    """The one seeds representation: "1,2,3" or [1, 2, 3] -> (1, 2, 3), distinct integers; None -> (default,)."""
-    if text is None:
-        return (default,)
-    try:
-        seeds = tuple(int(s) for s in (text.split(",") if isinstance(text, str) else text) if str(s).strip())
-    except ValueError:
-        raise InputError(f"seeds must be comma-separated integers, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise InputError(f"seeds must list distinct integers, got {text!r}")
-    return seeds
 
 
 def aggregate(runs: Sequence[dict[str, Any]], primary: str) -> dict[str, Any]:

@@ -25,10 +25,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from bert.errors import InputError
+
+if TYPE_CHECKING:  # torch is imported where it is used: job configs read PRECISIONS without it
+    import torch
 
 PRECISIONS = ("auto", "bf16", "fp32")
 PROBE_MIN_GAIN = 1.10  # bf16 must be at least this much faster in the probe to be chosen on CPU
@@ -48,6 +50,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def native_bf16(device: torch.device) -> bool:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -65,10 +69,14 @@ class Precision:
 
     @property
     def dtype(self) -> torch.dtype | None:
+        import torch
+
         return torch.bfloat16 if self.name == "bf16" else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context a forward pass runs in: bf16 autocast, or nothing at all for fp32."""
+        import torch
+
         if self.name == "bf16":
             return torch.autocast(self.device_type, dtype=torch.bfloat16)
         return contextlib.nullcontext()

@@ -7,7 +7,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     from pipelines.config_args import add_dataclass_arguments
-    from pipelines.jobs.finetune import FinetuneConfig
+    from pipelines.jobs.configs import FinetuneConfig
 
     p = sub.add_parser(
         "finetune",

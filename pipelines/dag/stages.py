@@ -227,7 +227,7 @@ PRETRAIN_NOT_IN_KEY = ("log_every", "time_limit_minutes", "stop_at_step", "max_f
 
 def configure_pretrain(w: Where) -> list[Stage]:
     from bert.config import PRESETS
-    from pipelines.jobs.pretrain import PretrainConfig
+    from pipelines.jobs.configs import PretrainConfig
 
     (values,) = split_section(w.spec.config, [PretrainConfig], w.text, excluded=PRETRAIN_SET_BY_PIPELINE)
     if "init" in w.inputs and "model" in values:
@@ -297,8 +297,8 @@ class FinetuneNode:
 
 def finetune_section(s: StageSpec, where: str) -> tuple[FinetuneStageConfig, dict[str, Any]]:
     """The stage's fan-out and the fine-tune settings shared by its tasks, each parsed once."""
-    from bert.finetune import parse_seeds
-    from pipelines.jobs.finetune import FinetuneConfig
+    from pipelines.jobs.configs import parse_seeds
+    from pipelines.jobs.configs import FinetuneConfig
 
     own, shared = split_section(s.config, [FinetuneStageConfig, FinetuneConfig], where, excluded=FINETUNE_SET_BY_PIPELINE)
     if not own.get("tasks"):
@@ -323,7 +323,7 @@ def node_names(name: str, s: StageSpec, where: str) -> list[str]:
 
 def configure_finetune(w: Where) -> list[Stage]:
     from bert.tasks import get_task
-    from pipelines.jobs.finetune import FinetuneConfig
+    from pipelines.jobs.configs import FinetuneConfig
 
     section, shared = finetune_section(w.spec, w.text)
     checkpoint = expand_path(section.checkpoint) if section.checkpoint else None

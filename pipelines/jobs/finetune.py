@@ -32,17 +32,66 @@ import dataclasses
 import json
 import math
 import shutil
+import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
+import torch
+
+from bert import finetune
+from bert.checkpoint import from_pretrained, save_pretrained
 from bert.errors import InputError
-from bert.finetune import FINETUNE_STATE, PREDICTIONS, FinetuneState, Prepared, parse_seeds
+from bert.finetune import (
+    FINETUNE_STATE,
+    OPTIMIZER_STATE,
+    PREDICTIONS,
+    FinetuneState,
+    Prepared,
+    Schedule,
+    aggregate,
+    dropout_seed,
+    epoch_batches,
+    eval_splits,
+    freeze,
+    json_number,
+    layerwise_groups,
+    probe_step,
+    score,
+    task_model,
+    train_step,
+)
 from bert.fsutil import write_json_atomic
-from bert.precision import PRECISIONS
-from pipelines.config_args import resolve_paths
+from bert.inference import head_outputs, length_sorted_chunks, write_task_file
+from bert.optim import adamw
+from bert.precision import Precision, choose_precision
+from bert.pretrain import load_optimizer_state
+from bert.tasks import get_task
+from pipelines.jobs.configs import FinetuneConfig, finetune_paths
+from pipelines.jobs.launch import (
+    Worker,
+    all_min,
+    copy_checkpoint_out,
+    gather_to_rank0,
+    record_worker,
+    train_on_ray,
+)
+from pipelines.outdir import own_dir
+from pipelines.ray_runtime import ensure_ray, worker_progress
+from pipelines.tracking import (
+    MetricLogger,
+    RunHandle,
+    default_tracking_uri,
+    finish_run,
+    fluent_tracking_uri,
+    last_logged_step,
+    open_job_run,
+)
 
 RAY_STORAGE = "_ray"
 BEST = "_best"
@@ -51,104 +100,8 @@ EVAL_FILE = "eval.json"
 METRICS = "metrics.json"
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """One fine-tuning job. Defaults follow the BERT paper's GLUE recipe where it gives them."""
-
-    task: str
-    data: str | None = None  # the task's dir (e.g. glue/MRPC), or a datasets root holding it; required to run
-    checkpoint: str | None = None  # our checkpoint dir or a Hugging Face BERT dir; required to run
-    out: str | None = None  # required to run
-    tokenizer: str | None = None  # tokenizer dir; default: the checkpoint dir
-    learning_rate: float = 2e-5
-    batch_size: int = 32  # global: split across workers
-    eval_batch_size: int = 64
-    epochs: float = 3.0
-    max_seq_length: int | None = None  # default: the task row's
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    adam_eps: float = 1e-6
-    seed: int = 42
-    seeds: str | None = None  # "1,2,3": one training run per seed, mean +- std reported
-    freeze_encoder: bool = False  # feature extraction: train the head only
-    freeze_layers: int = 0  # freeze the embeddings and the bottom K Transformer layers
-    layer_lr_decay: float = 1.0  # head lr x d^0, top layer d^1, ..., embeddings d^(L+1)
-    max_train_examples: int | None = None  # the first N (deterministic)
-    max_eval_examples: int | None = None  # the first N of every eval split
-    precision: str = "auto"  # auto (bf16 where native and faster) | bf16 | fp32
-    num_workers: int = 1
-    cpus_per_worker: int = 1
-    threads_per_worker: int | None = None  # torch threads; default: this node's cores / its workers
-    use_gpu: bool = False
-    max_failures: int = 2  # lost workers replaced (from the last finished epoch) before the job fails
-    log_every: int = 20
-    experiment: str = "bertflow-finetune"
-    tracking_uri: str | None = None
-    parent_run_id: str | None = None
-    log_model: bool = True  # log the checkpoint as an mlflow.pyfunc model
-
-    # settings that may differ between a run and its resumption (they do not change the result)
-    RESUMABLE_CHANGES = ("out", "eval_batch_size", "threads_per_worker", "cpus_per_worker", "max_failures",
-                         "log_every", "experiment", "tracking_uri", "parent_run_id", "log_model")
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "eval_batch_size", "num_workers", "cpus_per_worker", "log_every"):
-            if getattr(self, name) <= 0:
-                raise InputError(f"finetune: {name} must be positive, got {getattr(self, name)}")
-        for name in ("max_train_examples", "max_eval_examples", "max_seq_length", "threads_per_worker"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise InputError(f"finetune: {name} must be positive, got {value}")
-        if self.batch_size % self.num_workers:
-            raise InputError(f"finetune: batch_size {self.batch_size} is not divisible by num_workers "
-                             f"{self.num_workers} (each global batch is split evenly across workers)")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise InputError(f"finetune: learning_rate must be positive, got {self.learning_rate}")
-        if not self.epochs > 0:
-            raise InputError(f"finetune: epochs must be positive, got {self.epochs}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise InputError(f"finetune: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.max_failures < 0:
-            raise InputError("finetune: weight_decay, max_grad_norm and max_failures must be >= 0")
-        if not 0 < self.layer_lr_decay <= 1:
-            raise InputError(f"finetune: layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
-        if self.freeze_layers < 0:
-            raise InputError(f"finetune: freeze_layers must be >= 0, got {self.freeze_layers}")
-        if self.freeze_encoder and self.freeze_layers:
-            raise InputError("finetune: --freeze-encoder already freezes every layer; drop --freeze-layers")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"finetune: unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
-        try:
-            self.seed_list  # a bad --seeds list is an input error before anything starts
-        except InputError as exc:
-            raise InputError(f"finetune: --{exc}") from None
-
-    @property
-    def seed_list(self) -> tuple[int, ...]:
-        return parse_seeds(self.seeds, self.seed)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def identity(self) -> dict[str, Any]:
-        """The settings that define the output: a re-run must match them to resume into the same dir."""
-        identity = {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES + ("seed", "seeds")}
-        return identity | {"seeds": list(self.seed_list)}
-
-    def for_seed(self, seed: int) -> FinetuneConfig:
-        return dataclasses.replace(self, seed=seed, seeds=None)
-
-
-def absolute_paths(config: FinetuneConfig) -> FinetuneConfig:
-    return resolve_paths(config, ("data", "checkpoint", "out", "tokenizer"))
-
-
 def preflight(config: FinetuneConfig) -> Prepared:
     """Everything checkable, before any worker starts: the checkpoint, its tokenizer, the task's data, featurized."""
-    from bert import finetune
-    from bert.tasks import get_task
-
     spec = get_task(config.task)  # an unknown task lists the known ones
     tokenizer_dir = config.tokenizer or config.checkpoint
     tokenizer, max_seq_length = finetune.check_model_inputs(config.checkpoint, tokenizer_dir, spec,
@@ -165,15 +118,10 @@ def run_finetune(config: FinetuneConfig, ray_callbacks: Sequence[Any] = ()) -> d
 
     `ray_callbacks` go to every seed's Ray Train run (a sweep passes Ray Tune's report callback).
     """
-    import ray
-
-    from pipelines.outdir import own_dir
-    from pipelines.ray_runtime import ensure_ray
-    from pipelines.tracking import default_tracking_uri, open_job_run
 
     if not config.data or not config.checkpoint or not config.out:
         raise InputError("finetune: --data, --checkpoint and --out are required")
-    config = absolute_paths(config)
+    config = finetune_paths(config)
     out = Path(config.out)
     done = _finished(out / METRICS, config)
     if done is not None:
@@ -207,9 +155,6 @@ def run_seed(config: FinetuneConfig, seed: int, prepared_ref, prepared: Prepared
              parent_run_id: str | None, ray_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Train one seed with Ray Train (resuming its last finished epoch); write its metrics.json,
     predictions.jsonl and checkpoint/ under `seed_dir`."""
-    from pipelines.jobs.launch import train_on_ray
-    from pipelines.tracking import finish_run, last_logged_step, open_job_run
-
     seed_config = config.for_seed(seed)
     done = _finished(seed_dir / METRICS, seed_config)
     if done is not None:
@@ -256,10 +201,6 @@ def latest_epoch_checkpoint(directory: Path) -> Path | None:
 def _write_seed_outputs(config: FinetuneConfig, prepared: Prepared, seed_dir: Path, last: Path, handle,
                         train_time: float) -> dict[str, Any]:
     """The best epoch's model and predictions to their final names; metrics.json (every epoch) last."""
-    from bert.tasks import get_task
-    from pipelines.jobs.launch import copy_checkpoint_out
-    from pipelines.tracking import MetricLogger
-
     state = FinetuneState.read(last)
     best_dir = seed_dir / BEST / f"epoch-{state.best_epoch:03d}"
     best = json.loads((best_dir / EVAL_FILE).read_text())
@@ -289,12 +230,12 @@ def _write_seed_outputs(config: FinetuneConfig, prepared: Prepared, seed_dir: Pa
 
 def _log_model(handle, checkpoint: Path) -> str | None:
     """Log the checkpoint as an `mlflow.pyfunc` model into the seed's run; returns its URI (None on failure)."""
-    import warnings
-
     import mlflow
 
-    from pipelines.pyfunc_model import log_pyfunc_model
-    from pipelines.tracking import fluent_tracking_uri
+    from pipelines.pyfunc_model import (
+        log_pyfunc_model,  # imports MLflow's model machinery: only when logging
+    )
+
 
     try:
         with fluent_tracking_uri(handle.tracking_uri), mlflow.start_run(run_id=handle.run_id):
@@ -306,11 +247,6 @@ def _log_model(handle, checkpoint: Path) -> str | None:
 
 def _summarize(config: FinetuneConfig, prepared: Prepared, runs: list[dict], parent) -> dict[str, Any]:
     """Mean and std over seeds; the best seed's predictions and checkpoint at the top of the output dir."""
-    from bert.finetune import aggregate
-    from bert.tasks import get_task
-    from pipelines.jobs.launch import copy_checkpoint_out
-    from pipelines.tracking import MetricLogger, finish_run
-
     out, spec = Path(config.out), get_task(config.task)
     summary = aggregate(runs, spec.primary_metric)
     best_dir = out / f"seed-{summary['best_seed']}"
@@ -354,9 +290,6 @@ def describe(result: dict[str, Any]) -> str:
 
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker: restore -> build -> step -> report, epoch by epoch."""
-    import ray
-
-    from pipelines.jobs.launch import Worker
 
     config = FinetuneConfig(**loop_config["config"])
     worker = Worker.current(config.threads_per_worker)
@@ -372,7 +305,6 @@ def train_loop(loop_config: dict) -> None:
 @dataclass
 class _SeedRun:
     """One worker's model, optimiser, data and reporting for one seed: built by `build`, driven by `train_loop`."""
-
     config: FinetuneConfig
     seed: int
     worker: Any
@@ -392,14 +324,10 @@ class _SeedRun:
 
     @classmethod
     def build(cls, config: FinetuneConfig, loop_config: dict, prepared: Prepared, worker) -> _SeedRun:
-        from bert.checkpoint import from_pretrained
-        from bert.finetune import Schedule, freeze, layerwise_groups, task_model
-        from bert.optim import adamw
-        from bert.tasks import get_task
-        from pipelines.tracking import MetricLogger, RunHandle
 
         seed, spec = loop_config["seed"], get_task(prepared.task)
         best_root = Path(loop_config["best"])
+        record_worker(Path(config.out), worker.rank)
         resume = _restore_dir(Path(config.out) / RAY_STORAGE / f"seed-{seed}")  # ---- restore
         state = FinetuneState.read(resume) if resume else FinetuneState()
         model = from_pretrained(resume) if resume else task_model(config.checkpoint, spec, prepared.labels, seed)
@@ -415,7 +343,6 @@ class _SeedRun:
         model, raw = worker.prepare(model)
         optimizer = adamw(groups, lr=config.learning_rate, eps=config.adam_eps)
         if resume is not None:
-            from bert.pretrain import load_optimizer_state
 
             load_optimizer_state(optimizer, resume, worker.device)
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
@@ -434,7 +361,6 @@ class _SeedRun:
                    logger, best_root)
 
     def train_epoch(self, epoch: int) -> None:
-        from bert.finetune import dropout_seed, epoch_batches, train_step
 
         config, prepared, state, (rank, world) = self.config, self.prepared, self.state, (self.worker.rank, self.worker.world)
         lengths = [len(f.input_ids) for f in prepared.train_features]
@@ -468,7 +394,6 @@ class _SeedRun:
         state.final = state.epoch == math.ceil(self.config.epochs) or state.step == self.schedule.total
         report: dict[str, Any] = {"epoch": state.epoch, "step": state.step}
         if self.worker.rank == 0:
-            from bert.finetune import json_number
 
             entry = {"epoch": state.epoch, "step": state.step, "train_loss": self.epoch_loss,
                      "seconds": self.epoch_seconds, "metrics": {k: json_number(v) for k, v in metrics.items()}}
@@ -489,10 +414,6 @@ class _SeedRun:
 
     def evaluate(self) -> tuple[dict[str, float], list[dict]]:
         """Every rank scores its share of the dev batches; rank 0 gathers them and computes metrics and records."""
-        from bert.finetune import eval_splits, score
-        from bert.inference import head_outputs, length_sorted_chunks
-        from pipelines.jobs.launch import gather_to_rank0
-
         outputs: dict[str, list] = {}
         rank, world = self.worker.rank, self.worker.world
         for split in eval_splits(self.spec, self.prepared):
@@ -509,9 +430,6 @@ class _SeedRun:
 
     def save_best(self, entry: dict, metrics: dict, records: list[dict]) -> None:
         """The best model so far, with its predictions: `_best/epoch-N` (kept until the run ends)."""
-        from bert.checkpoint import save_pretrained
-        from bert.inference import write_task_file
-
         directory = save_pretrained(self.raw_model, self.best_root / f"epoch-{entry['epoch']:03d}",
                                     tokenizer_dir=self.prepared.tokenizer_dir)
         write_task_file(directory, self.prepared.task, self.prepared.max_seq_length,
@@ -523,13 +441,7 @@ class _SeedRun:
 
     def save_checkpoint(self, report: dict[str, Any]) -> None:
         """Weights, optimizer and state after this epoch (rank 0 writes), reported to Ray Train as epoch-N."""
-        import tempfile
-
         import ray.train
-        import torch
-
-        from bert.checkpoint import save_pretrained
-        from bert.finetune import OPTIMIZER_STATE
 
         if self.worker.rank != 0:
             ray.train.report(report, checkpoint=None)
@@ -545,15 +457,12 @@ class _SeedRun:
 
     def progress(self, message: str) -> None:
         if self.worker.rank == 0:
-            from pipelines.ray_runtime import worker_progress
 
             worker_progress(f"[finetune {self.prepared.task} seed {self.seed}] {message}")
 
 
 def _restore_dir(storage: Path) -> Path | None:
     """The newest complete epoch checkpoint: on disk, or Ray's own (its record can lag the disk); the later wins."""
-    import ray.train
-
     candidates = [d for d in (latest_epoch_checkpoint(storage),) if d is not None]
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None and (Path(checkpoint.path) / FINETUNE_STATE).is_file():
@@ -564,10 +473,6 @@ def _restore_dir(storage: Path) -> Path | None:
 def _choose_precision(config: FinetuneConfig, model, prepared: Prepared, worker, previous: str | None):
     """The run's precision: kept on resume; with `auto` on a bf16-capable CPU, probed on a real batch of
     the longest training sequences, and bf16 only if every rank found it faster."""
-    from bert.finetune import probe_step
-    from bert.precision import Precision, choose_precision
-    from pipelines.jobs.launch import all_min
-
     features = prepared.train_features
     longest = sorted(range(len(features)), key=lambda i: -len(features[i].input_ids))
     sample = [features[i] for i in longest[len(longest) // 4:][: max(1, config.batch_size // worker.world)]]

@@ -3,6 +3,7 @@
     train_on_ray(loop, loop_config, ...)   one TorchTrainer (DDP over gloo or NCCL) with storage,
                                            failure and checkpoint policies; returns Ray's Result
     Worker.current()                       rank, world size, device, torch threads, from inside a worker
+    record_worker(out, rank)               which process does rank r's work (`<out>/_workers/`)
     all_reduce_sum / all_min / any_rank / gather_to_rank0
                                            the collectives the jobs use (no-ops with one worker)
     copy_checkpoint_out(src, dst)          a checkpoint's files to their final dir, atomically
@@ -84,6 +85,17 @@ class Worker:
 
         model = ray.train.torch.prepare_model(model)
         return model, getattr(model, "module", model)
+
+
+def record_worker(out: Path, rank: int) -> None:
+    """`<out>/_workers/rank<r>.json`: which process and node does rank r's work (for operators and fault tests)."""
+    import ray
+
+    from bert.fsutil import write_json_atomic
+
+    (out / "_workers").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "_workers" / f"rank{rank}.json",
+                      {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()})
 
 
 def all_reduce_sum(tensor, world: int):

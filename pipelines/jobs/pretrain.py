@@ -33,12 +33,54 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
+import torch
+
+from bert.checkpoint import from_pretrained, read_checkpoint_info
 from bert.config import PRESETS, BertConfig, preset
 from bert.errors import InputError
 from bert.fsutil import write_json_atomic
-from bert.precision import PRECISIONS
-from bert.shards import ShardSet
-from pipelines.config_args import resolve_paths
+from bert.model import BertForPreTraining, flops_per_token
+from bert.optim import build_optimizer
+from bert.precision import Precision, choose_precision
+from bert.pretrain import (
+    STATS,
+    Evaluator,
+    Masker,
+    StepConfig,
+    TrainState,
+    checkpoint_complete,
+    load_optimizer_state,
+    measure_peak_flops,
+    most_frequent_token_baseline,
+    probe_step,
+    save_training_checkpoint,
+    train_step,
+    window_metrics,
+)
+from bert.shards import ShardSet, WorkerStream, read_rows
+from bert.tokenizer import Tokenizer
+from pipelines.jobs.configs import PretrainConfig, pretrain_paths
+from pipelines.jobs.launch import (
+    Worker,
+    all_min,
+    all_reduce_sum,
+    any_rank,
+    copy_checkpoint_out,
+    record_worker,
+    train_on_ray,
+)
+from pipelines.outdir import own_dir
+from pipelines.ray_runtime import worker_progress
+from pipelines.tracking import (
+    MetricLogger,
+    RunHandle,
+    final_metric_values,
+    finish_run,
+    last_logged_step,
+    open_job_run,
+)
 
 MANIFEST = "_manifest.json"
 RAY_STORAGE = "_ray"
@@ -46,107 +88,11 @@ RUN_NAME = "train"
 STAGING = "_tmp"
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
-    """One pretraining phase. Defaults follow the BERT paper where it gives them."""
-
-    shards: str | None = None  # required to run (a pipeline stage sets it from its input)
-    out: str | None = None  # required to run
-    model: str = "tiny"  # preset name, or a checkpoint dir to start from (phase 2)
-    val_shards: str | None = None
-    num_workers: int = 1
-    cpus_per_worker: int = 1
-    threads_per_worker: int | None = None  # torch threads; default: this node's cores / its workers
-    use_gpu: bool = False
-    placement_strategy: str = "PACK"  # SPREAD / STRICT_SPREAD: one worker per node
-    global_batch_size: int = 256
-    micro_batch_size: int = 32
-    max_steps: int = 1000
-    optimizer: str = "adamw"
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-6
-    warmup_steps: int = 100
-    schedule: str = "linear"  # linear | poly | constant
-    poly_power: float = 1.0
-    max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto (bf16 where native and faster) | bf16 | fp32
-    compile: bool = False
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
-    eval_every: int = 200
-    eval_examples: int = 2048
-    log_every: int = 10
-    seed: int = 12345
-    stop_at_step: int | None = None  # stop early with a checkpoint (resume by re-running)
-    time_limit_minutes: float | None = None  # same, after this much training time
-    max_failures: int = 3
-    experiment: str = "bertflow-pretrain"
-    tracking_uri: str | None = None
-    parent_run_id: str | None = None
-
-    # settings that may differ between a run and its resumption (they do not change the result)
-    RESUMABLE_CHANGES = ("stop_at_step", "time_limit_minutes", "log_every", "max_failures", "keep_checkpoints",
-                         "checkpoint_every", "tracking_uri", "parent_run_id", "experiment", "threads_per_worker",
-                         "cpus_per_worker", "placement_strategy", "compile", "out")
-
-    def __post_init__(self) -> None:
-        for name in ("num_workers", "cpus_per_worker", "global_batch_size", "micro_batch_size", "max_steps",
-                     "checkpoint_every", "eval_every", "log_every", "keep_checkpoints"):
-            if getattr(self, name) <= 0:
-                raise InputError(f"pretrain: {name} must be positive, got {getattr(self, name)}")
-        if self.threads_per_worker is not None and self.threads_per_worker <= 0:
-            raise InputError(f"pretrain: threads_per_worker must be positive, got {self.threads_per_worker}")
-        per_step = self.micro_batch_size * self.num_workers
-        if self.global_batch_size % per_step:
-            raise InputError(
-                f"pretrain: global batch {self.global_batch_size} is not divisible by "
-                f"workers x micro-batch = {self.num_workers} x {self.micro_batch_size} = {per_step}"
-            )
-        choices = {"placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-                   "optimizer": ("adamw", "lamb"), "schedule": ("linear", "poly", "constant"), "precision": PRECISIONS}
-        for name, known in choices.items():
-            if getattr(self, name) not in known:
-                raise InputError(f"pretrain: unknown {name} {getattr(self, name)!r}; known: {', '.join(known)}")
-        if not 0 <= self.warmup_steps < self.max_steps:
-            raise InputError(f"pretrain: warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
-        if self.learning_rate <= 0:
-            raise InputError(f"pretrain: learning_rate must be positive, got {self.learning_rate}")
-
-    @property
-    def accumulation_steps(self) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def identity(self) -> dict[str, Any]:
-        """The settings that define the output: a re-run must match them to resume into the same dir."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES}
-
-
-def absolute_paths(config: PretrainConfig) -> PretrainConfig:
-    """Path fields made absolute for the workers; `model` too when it names a checkpoint, not a preset."""
-    return resolve_paths(config, ("shards", "out", "val_shards") + (() if config.model in PRESETS else ("model",)))
-
-
 # ----------------------------------------------------------------------------- checks (driver)
-
-
-def check_length(what: str, seq_len: int, config: BertConfig) -> None:
-    """The one sequence-length check: `seq_len` must fit the model's position embeddings."""
-    if seq_len > config.max_position_embeddings:
-        raise InputError(f"{what} holds sequences of up to {seq_len} tokens, above the model's "
-                         f"max_position_embeddings ({config.max_position_embeddings})")
 
 
 def resolve_model_config(config: PretrainConfig, shards: ShardSet) -> tuple[BertConfig, Path | None]:
     """The model to train, checked against the shards. Returns (config, init checkpoint dir or None)."""
-    from bert.checkpoint import read_checkpoint_info
-    from bert.tokenizer import Tokenizer
-
     vocab = shards.tokenizer.vocab_size
     if config.model in PRESETS:
         model_config, init = preset(config.model, vocab_size=vocab), None
@@ -159,7 +105,7 @@ def resolve_model_config(config: PretrainConfig, shards: ShardSet) -> tuple[Bert
                              "checkpoint's tokenizer")
         if Tokenizer.is_tokenizer_dir(init) and Tokenizer.load(init).fingerprint() != shards.tokenizer.fingerprint:
             raise InputError(f"shards {shards.path} were built with a different tokenizer than checkpoint {init}")
-    check_length(f"shards {shards.path}", shards.data.max_seq_length, model_config)
+    model_config.check_sequence_length(shards.data.max_seq_length, f"shards {shards.path} hold sequences")
     return model_config, init
 
 
@@ -177,7 +123,7 @@ def preflight(config: PretrainConfig) -> tuple[ShardSet, ShardSet | None, BertCo
         val = ShardSet.open(config.val_shards, "validation shards")
         if val.tokenizer.fingerprint != shards.tokenizer.fingerprint:
             raise InputError(f"validation shards {val.path} were built with a different tokenizer than {shards.path}")
-        check_length(f"validation shards {val.path}", val.data.max_seq_length, model_config)
+        model_config.check_sequence_length(val.data.max_seq_length, f"validation shards {val.path} hold sequences")
     return shards, val, model_config, init
 
 
@@ -186,8 +132,6 @@ def preflight(config: PretrainConfig) -> tuple[ShardSet, ShardSet | None, BertCo
 
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete training checkpoint under `out` (a killed save is never taken)."""
-    from bert.pretrain import checkpoint_complete
-
     root = out / RAY_STORAGE / RUN_NAME
     candidates = sorted(root.glob("step-*")) if root.is_dir() else []
     return next((d for d in reversed(candidates) if checkpoint_complete(d)), None)
@@ -198,14 +142,9 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def run_pretraining(config: PretrainConfig) -> dict[str, Any]:
     """Check, claim the output dir, train with Ray Train, export the final checkpoint. Returns the manifest."""
-    from bert.pretrain import TrainState, most_frequent_token_baseline
-    from pipelines.jobs.launch import train_on_ray
-    from pipelines.outdir import own_dir
-    from pipelines.tracking import finish_run, last_logged_step, open_job_run
-
     if not config.shards or not config.out:
         raise InputError("pretrain: --shards and --out are required")
-    config = absolute_paths(config)
+    config = pretrain_paths(config)
     out = Path(config.out)
     done = _finished(out, config)
     if done is not None:
@@ -253,10 +192,6 @@ def _finished(out: Path, config: PretrainConfig) -> dict[str, Any] | None:
 
 def _finish(out: Path, config: PretrainConfig, model_config: BertConfig, handle, baseline: float | None) -> dict:
     """After training: export the final checkpoint and write the manifest (or report where it stopped)."""
-    from bert.pretrain import TrainState
-    from pipelines.jobs.launch import copy_checkpoint_out
-    from pipelines.tracking import MetricLogger, final_metric_values, finish_run
-
     last = latest_checkpoint(out)
     state = TrainState.read(last)
     if not state.final:
@@ -295,9 +230,6 @@ def describe_finish(manifest: dict) -> str:
 
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker: restore -> build -> step -> report."""
-    from bert.pretrain import STATS, StepConfig, TrainState, window_metrics
-    from pipelines.jobs.launch import Worker, all_reduce_sum
-
     config = PretrainConfig(**loop_config["config"])
     worker = Worker.current(config.threads_per_worker)
     run = _WorkerRun.build(config, BertConfig(**loop_config["model_config"]), loop_config, worker)
@@ -333,7 +265,6 @@ def train_loop(loop_config: dict) -> None:
 @dataclass
 class _WorkerRun:
     """One worker's model, optimiser, data and reporting: built once by `build`, used by `train_loop`."""
-
     config: PretrainConfig
     worker: Any
     model: Any
@@ -352,18 +283,9 @@ class _WorkerRun:
 
     @classmethod
     def build(cls, config: PretrainConfig, model_config: BertConfig, loop_config: dict, worker) -> _WorkerRun:
-        import torch
-
-        from bert.checkpoint import from_pretrained
-        from bert.model import BertForPreTraining, flops_per_token
-        from bert.optim import build_optimizer
-        from bert.pretrain import (Evaluator, Masker, StepConfig, TrainState, load_optimizer_state,
-                                   measure_peak_flops)
-        from bert.shards import WorkerStream
-        from pipelines.tracking import MetricLogger, RunHandle
 
         out, shards = Path(config.out), ShardSet.open(config.shards)
-        _record_worker(out, worker.rank)
+        record_worker(out, worker.rank)
         resume = _restore_dir(out)  # ---- restore
         state = TrainState.read(resume) if resume else TrainState()
         if resume is not None:
@@ -408,7 +330,6 @@ class _WorkerRun:
                    measure_peak_flops(worker.device, precision.dtype or torch.float32))
 
     def step(self):
-        from bert.pretrain import train_step
 
         return train_step(self.model, self.optimizer, self.batches, self.step_config, self.state.step,
                           self.worker.rank, self.precision, self.masker)
@@ -431,7 +352,6 @@ class _WorkerRun:
         return now, tokens
 
     def time_limit_reached(self, started: float) -> str | None:
-        from pipelines.jobs.launch import any_rank
 
         if self.config.time_limit_minutes is None:
             return None
@@ -439,17 +359,12 @@ class _WorkerRun:
         return "time limit" if any_rank(over, self.worker.world) else None  # one rank over: all stop together
 
     def evaluate(self) -> None:
-        from bert.pretrain import Evaluator
-        from pipelines.jobs.launch import all_reduce_sum
 
         counts = all_reduce_sum(self.evaluator.counts(self.model, self.precision), self.worker.world)
         self.logger.log_metrics(Evaluator.metrics(counts), self.state.step)
 
     def save_checkpoint(self, final: bool) -> None:
         """Rank 0 writes the checkpoint in the output dir's staging area; Ray Train stores it as step-N."""
-        import ray.train
-
-        from bert.pretrain import save_training_checkpoint
 
         state = self.state
         metrics = {"step": state.step, "tokens_seen": state.tokens_seen}
@@ -469,29 +384,14 @@ class _WorkerRun:
 
     def progress(self, message: str) -> None:
         if self.worker.rank == 0:
-            from pipelines.ray_runtime import worker_progress
 
             worker_progress(f"[pretrain] {message}")
-
-
-def _record_worker(out: Path, rank: int) -> None:
-    """Who is doing the work, for operators (and the fault and multi-node tests)."""
-    import os
-
-    import ray
-
-    (out / "_workers").mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "_workers" / f"rank{rank}.json",
-                      {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()})
 
 
 def _restore_dir(out: Path) -> Path | None:
     """The newest complete checkpoint: on disk under `out` (what the driver announced), or Ray's own
     (its storage may not be this node's disk). A killed save is never taken; Ray's record of the
     latest checkpoint can lag behind the disk, so the newer of the two wins."""
-    import ray.train
-
-    from bert.pretrain import TrainState
 
     candidates = [d for d in (latest_checkpoint(out),) if d is not None]
     checkpoint = ray.train.get_checkpoint()
@@ -503,11 +403,6 @@ def _restore_dir(out: Path) -> Path | None:
 def _choose_precision(config: PretrainConfig, raw, shards: ShardSet, steps, masker, worker, previous: str | None):
     """The run's precision: kept on resume; with `auto` on a bf16-capable CPU, probed on this rank's batches,
     and bf16 only if every rank found it faster."""
-    from bert.precision import Precision, choose_precision
-    from bert.pretrain import probe_step
-    from bert.shards import read_rows
-    from pipelines.jobs.launch import all_min
-
     probe = probe_step(raw, read_rows(shards, config.micro_batch_size), steps, masker)
     chosen = choose_precision(config.precision, worker.device, probe, previous)
     if all_min(float(chosen.name == "bf16"), worker.world) < 1 and chosen.name == "bf16":

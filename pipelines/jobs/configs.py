@@ -1,0 +1,221 @@
+"""The jobs' settings: frozen, typed, validated once, light to import (the CLI builds its options from them).
+
+`PretrainConfig` and `FinetuneConfig` are what `bertflow pretrain` / `bertflow finetune` take
+(one `--field-name` option per field), what a pipeline stage's config section holds (its paths
+are set when it runs), and what the Ray workers receive. `identity()` is the part that defines
+a job's output: a re-run with the same identity resumes into the same output dir; the fields
+in `RESUMABLE_CHANGES` (logging, resources, stop points) may differ between a run and its
+resumption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bert.config import PRESETS
+from bert.errors import InputError
+from bert.precision import PRECISIONS
+from pipelines.config_args import resolve_paths
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """One pretraining phase. Defaults follow the BERT paper where it gives them."""
+
+    shards: str | None = None  # required to run (a pipeline stage sets it from its input)
+    out: str | None = None  # required to run
+    model: str = "tiny"  # preset name, or a checkpoint dir to start from (phase 2)
+    val_shards: str | None = None
+    num_workers: int = 1
+    cpus_per_worker: int = 1
+    threads_per_worker: int | None = None  # torch threads; default: this node's cores / its workers
+    use_gpu: bool = False
+    placement_strategy: str = "PACK"  # SPREAD / STRICT_SPREAD: one worker per node
+    global_batch_size: int = 256
+    micro_batch_size: int = 32
+    max_steps: int = 1000
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: str = "linear"  # linear | poly | constant
+    poly_power: float = 1.0
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto (bf16 where native and faster) | bf16 | fp32
+    compile: bool = False
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    eval_every: int = 200
+    eval_examples: int = 2048
+    log_every: int = 10
+    seed: int = 12345
+    stop_at_step: int | None = None  # stop early with a checkpoint (resume by re-running)
+    time_limit_minutes: float | None = None  # same, after this much training time
+    max_failures: int = 3
+    experiment: str = "bertflow-pretrain"
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+
+    # settings that may differ between a run and its resumption (they do not change the result)
+    RESUMABLE_CHANGES = ("stop_at_step", "time_limit_minutes", "log_every", "max_failures", "keep_checkpoints",
+                         "checkpoint_every", "tracking_uri", "parent_run_id", "experiment", "threads_per_worker",
+                         "cpus_per_worker", "placement_strategy", "compile", "out")
+
+    def __post_init__(self) -> None:
+        for name in ("num_workers", "cpus_per_worker", "global_batch_size", "micro_batch_size", "max_steps",
+                     "checkpoint_every", "eval_every", "log_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"pretrain: {name} must be positive, got {getattr(self, name)}")
+        if self.threads_per_worker is not None and self.threads_per_worker <= 0:
+            raise InputError(f"pretrain: threads_per_worker must be positive, got {self.threads_per_worker}")
+        per_step = self.micro_batch_size * self.num_workers
+        if self.global_batch_size % per_step:
+            raise InputError(
+                f"pretrain: global batch {self.global_batch_size} is not divisible by "
+                f"workers x micro-batch = {self.num_workers} x {self.micro_batch_size} = {per_step}"
+            )
+        choices = {"placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                   "optimizer": ("adamw", "lamb"), "schedule": ("linear", "poly", "constant"), "precision": PRECISIONS}
+        for name, known in choices.items():
+            if getattr(self, name) not in known:
+                raise InputError(f"pretrain: unknown {name} {getattr(self, name)!r}; known: {', '.join(known)}")
+        if not 0 <= self.warmup_steps < self.max_steps:
+            raise InputError(f"pretrain: warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        if self.learning_rate <= 0:
+            raise InputError(f"pretrain: learning_rate must be positive, got {self.learning_rate}")
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that define the output: a re-run must match them to resume into the same dir."""
+        return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES}
+
+
+def pretrain_paths(config: PretrainConfig) -> PretrainConfig:
+    """Path fields made absolute for the workers; `model` too when it names a checkpoint, not a preset."""
+    return resolve_paths(config, ("shards", "out", "val_shards") + (() if config.model in PRESETS else ("model",)))
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def parse_seeds(text: str | Sequence[int] | None, default: int) -> tuple[int, ...]:
+    """The one seeds representation: "1,2,3" or [1, 2, 3] -> (1, 2, 3), distinct integers; None -> (default,)."""
+    if text is None:
+        return (default,)
+    try:
+        seeds = tuple(int(s) for s in (text.split(",") if isinstance(text, str) else text) if str(s).strip())
+    except ValueError:
+        raise InputError(f"seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise InputError(f"seeds must list distinct integers, got {text!r}")
+    return seeds
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tuning job. Defaults follow the BERT paper's GLUE recipe where it gives them."""
+
+    task: str
+    data: str | None = None  # the task's dir (e.g. glue/MRPC), or a datasets root holding it; required to run
+    checkpoint: str | None = None  # our checkpoint dir or a Hugging Face BERT dir; required to run
+    out: str | None = None  # required to run
+    tokenizer: str | None = None  # tokenizer dir; default: the checkpoint dir
+    learning_rate: float = 2e-5
+    batch_size: int = 32  # global: split across workers
+    eval_batch_size: int = 64
+    epochs: float = 3.0
+    max_seq_length: int | None = None  # default: the task row's
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    adam_eps: float = 1e-6
+    seed: int = 42
+    seeds: str | None = None  # "1,2,3": one training run per seed, mean +- std reported
+    freeze_encoder: bool = False  # feature extraction: train the head only
+    freeze_layers: int = 0  # freeze the embeddings and the bottom K Transformer layers
+    layer_lr_decay: float = 1.0  # head lr x d^0, top layer d^1, ..., embeddings d^(L+1)
+    max_train_examples: int | None = None  # the first N (deterministic)
+    max_eval_examples: int | None = None  # the first N of every eval split
+    precision: str = "auto"  # auto (bf16 where native and faster) | bf16 | fp32
+    num_workers: int = 1
+    cpus_per_worker: int = 1
+    threads_per_worker: int | None = None  # torch threads; default: this node's cores / its workers
+    use_gpu: bool = False
+    max_failures: int = 2  # lost workers replaced (from the last finished epoch) before the job fails
+    log_every: int = 20
+    experiment: str = "bertflow-finetune"
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+    log_model: bool = True  # log the checkpoint as an mlflow.pyfunc model
+
+    # settings that may differ between a run and its resumption (they do not change the result)
+    RESUMABLE_CHANGES = ("out", "eval_batch_size", "threads_per_worker", "cpus_per_worker", "max_failures",
+                         "log_every", "experiment", "tracking_uri", "parent_run_id", "log_model")
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "eval_batch_size", "num_workers", "cpus_per_worker", "log_every"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"finetune: {name} must be positive, got {getattr(self, name)}")
+        for name in ("max_train_examples", "max_eval_examples", "max_seq_length", "threads_per_worker"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise InputError(f"finetune: {name} must be positive, got {value}")
+        if self.batch_size % self.num_workers:
+            raise InputError(f"finetune: batch_size {self.batch_size} is not divisible by num_workers "
+                             f"{self.num_workers} (each global batch is split evenly across workers)")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise InputError(f"finetune: learning_rate must be positive, got {self.learning_rate}")
+        if not self.epochs > 0:
+            raise InputError(f"finetune: epochs must be positive, got {self.epochs}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise InputError(f"finetune: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0 or self.max_failures < 0:
+            raise InputError("finetune: weight_decay, max_grad_norm and max_failures must be >= 0")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise InputError(f"finetune: layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
+        if self.freeze_layers < 0:
+            raise InputError(f"finetune: freeze_layers must be >= 0, got {self.freeze_layers}")
+        if self.freeze_encoder and self.freeze_layers:
+            raise InputError("finetune: --freeze-encoder already freezes every layer; drop --freeze-layers")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"finetune: unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
+        try:
+            self.seed_list  # a bad --seeds list is an input error before anything starts
+        except InputError as exc:
+            raise InputError(f"finetune: --{exc}") from None
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        return parse_seeds(self.seeds, self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that define the output: a re-run must match them to resume into the same dir."""
+        identity = {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES + ("seed", "seeds")}
+        return identity | {"seeds": list(self.seed_list)}
+
+    def for_seed(self, seed: int) -> FinetuneConfig:
+        return dataclasses.replace(self, seed=seed, seeds=None)
+
+
+def finetune_paths(config: FinetuneConfig) -> FinetuneConfig:
+    """Path fields made absolute for the workers."""
+    return resolve_paths(config, ("data", "checkpoint", "out", "tokenizer"))
