@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         # Errors from bad input carry a message written for people; show it without a traceback.
         print(f"bertflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: outputs are written under temporary names or resumable checkpoints, so nothing
+        # half-written is left under a final name; a re-run resumes or starts clean.
+        print(f"bertflow {args.command}: interrupted", file=sys.stderr)
+        return 130
     return int(result or 0)
 
 
