@@ -14,7 +14,11 @@ Shape legend
 
 Deviations from the paper / the original TensorFlow code, all deliberate:
   * Attention uses `torch.nn.functional.scaled_dot_product_attention` (a fused kernel where the
-    hardware has one); numerically it is softmax(QK^T / sqrt(Dh) + mask) V as in the paper.
+    hardware has one); numerically it is softmax(QK^T / sqrt(Dh) + mask) V as in the paper. On
+    CPU in training with attention dropout, where torch has no fused kernel, it is written out
+    (`attention`) with the cheaper dropout below.
+  * Dropout on CPU draws its keep mask from 16-bit slices of 64-bit random words (`dropout`):
+    the drop probability holds to within 1/65536 (0.1 -> 0.100006) instead of exactly.
   * The padding mask is boolean (keys that are padding are excluded) instead of the original's
     additive -10000; padded keys therefore get exactly zero weight.
   * When no `attention_mask` is given it is derived from `input_ids != pad_token_id`
@@ -38,6 +42,54 @@ from bert.config import BertConfig
 IGNORE_INDEX = -100  # label value that contributes no loss (padding, non-first word pieces)
 
 
+# ----------------------------------------------------------------------------- dropout and attention
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout: keep each element with probability 1 - p and scale it by 1 / (1 - p).
+
+    On CPU, torch's `F.dropout` draws one random double per element (`bernoulli_`), which costs
+    more than the matmuls around it in a small BERT. Here the keep mask comes from 16-bit slices
+    of 64-bit random words (four elements per draw, from the same seeded generator): an element
+    is kept when its slice is at least round(p * 65536), so p holds to within 1/65536. Elsewhere
+    (CUDA) torch's fused kernel is used as it is.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
+    keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= round(p * 65536) - 32768
+    return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
+
+
+class Dropout(nn.Module):
+    """`dropout` as a module, in place of `nn.Dropout` (same name in checkpoints: it has no parameters)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, dropout_p: float, training: bool) -> Tensor:
+    """softmax(q k^T / sqrt(Dh), keys masked) v, with dropout on the attention probabilities in training.
+
+    `scaled_dot_product_attention` runs a fused kernel, except on CPU with dropout, where torch
+    falls back to an unfused reference path with `bernoulli_` masks (measured many times slower
+    than the fused kernel at BERT's shapes). There the same computation is written out here,
+    with the cheaper `dropout`: softmax in float32, matmuls in the autocast dtype.
+    """
+    if not training or dropout_p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p if training else 0.0)
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (B, N, T, T)
+    scores = scores.masked_fill(~key_mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)  # (B, N, T, T)
+    return dropout(probs, dropout_p, True) @ v  # (B, N, T, Dh)
+
+
 # ----------------------------------------------------------------------------- embeddings
 
 
@@ -50,7 +102,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
         T = input_ids.shape[1]
@@ -86,13 +138,7 @@ class BertSelfAttention(nn.Module):
         q = self._split_heads(self.query(hidden))  # (B, N, T, Dh)
         k = self._split_heads(self.key(hidden))  # (B, N, T, Dh)
         v = self._split_heads(self.value(hidden))  # (B, N, T, Dh)
-        context = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=key_mask,  # (B, 1, 1, T) bool, True = attend
-            dropout_p=self.dropout_prob if self.training else 0.0,
-        )  # (B, N, T, Dh)
+        context = attention(q, k, v, key_mask, self.dropout_prob, self.training)  # (B, N, T, Dh); mask (B, 1, 1, T)
         B, N, T, Dh = context.shape
         return context.transpose(1, 2).reshape(B, T, N * Dh)  # (B, T, D)
 
@@ -104,7 +150,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, context: Tensor, residual: Tensor) -> Tensor:
         return self.LayerNorm(self.dropout(self.dense(context)) + residual)  # (B, T, D)
@@ -141,7 +187,7 @@ class BertOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, intermediate: Tensor, residual: Tensor) -> Tensor:
         return self.LayerNorm(self.dropout(self.dense(intermediate)) + residual)  # (B, T, D)
@@ -367,7 +413,7 @@ class BertForSequenceClassification(nn.Module):
         self.config = config
         self.num_labels = num_labels
         self.bert = BertModel(config)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_weights(self.classifier, config.initializer_range)
 
@@ -393,7 +439,7 @@ class BertForTokenClassification(nn.Module):
         self.config = config
         self.num_labels = num_labels
         self.bert = BertModel(config, add_pooling_layer=False)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_weights(self.classifier, config.initializer_range)
 
