@@ -294,6 +294,20 @@ def score(spec: TaskSpec, prepared: Prepared, outputs: dict[str, list[np.ndarray
     return metrics, records
 
 
+def majority_baseline(spec: TaskSpec, prepared: Prepared) -> dict[str, float] | None:
+    """Dev metrics of always predicting the most frequent training label (classification tasks; else None).
+
+    What a model that learned nothing about the inputs scores: the floor a fine-tuned model is read against.
+    """
+    if spec.kind != "classification":
+        return None
+    counts = np.bincount([int(f.label) for f in prepared.train_features], minlength=len(prepared.labels))
+    constant = np.eye(len(prepared.labels), dtype=np.float32)[int(np.argmax(counts))]  # ties: the first label
+    outputs = {split: [constant] * len(features) for split, features in prepared.eval_features.items()}
+    metrics, _ = score(spec, prepared, outputs)
+    return metrics
+
+
 # ----------------------------------------------------------------------------- state and summaries
 
 

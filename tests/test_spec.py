@@ -36,8 +36,10 @@ def write_spec(tmp_path: Path, stages: dict, **top) -> Path:
 def test_shipped_specs_validate(tmp_path, datasets_dir, monkeypatch):
     monkeypatch.setenv("BERTFLOW_DATASETS", str(datasets_dir))
     quick = graph_of(QUICKSTART, workdir=tmp_path)
-    assert list(quick.nodes) == ["corpus", "tokenizer", "shards_128", "shards_256", "pretrain_phase1",
-                                 "pretrain_phase2", "finetune.pydoc_kind.seed1", "finetune.pydoc_kind.seed2", "report"]
+    assert list(quick.nodes) == ["corpus", "tokenizer", "shards_128", "shards_val", "shards_256", "pretrain_phase1",
+                                 "pretrain_phase2", "finetune.pydoc_kind.seed1", "finetune.pydoc_kind.seed2",
+                                 "random_init", "finetune_scratch.pydoc_kind.seed1", "finetune_scratch.pydoc_kind.seed2",
+                                 "report"]
     base = graph_of(ROOT / "pipelines" / "bert_base_wikipedia.yaml", workdir=tmp_path)
     assert {n.split(".")[1] for n in base.nodes if n.startswith("finetune.")} == {
         "sst2", "mrpc", "stsb", "conll2003", "squad_v1_dev_split"}
@@ -55,8 +57,14 @@ def test_keys_change_exactly_downstream_of_a_setting(tmp_path):
         after = graph_of(QUICKSTART, *overrides, workdir=tmp_path)
         return {n for n in before.nodes if before.nodes[n].key != after.nodes[n].key}
 
+    # `finetune` names a stage and a kind: it sets both finetune stages
     assert changed("finetune.tasks.pydoc_kind.learning_rate=3e-5") == {
-        "finetune.pydoc_kind.seed1", "finetune.pydoc_kind.seed2", "report"}
+        "finetune.pydoc_kind.seed1", "finetune.pydoc_kind.seed2", "finetune_scratch.pydoc_kind.seed1",
+        "finetune_scratch.pydoc_kind.seed2", "report"}
+    assert changed("finetune_scratch.tasks.pydoc_kind.learning_rate=3e-5") == {
+        "finetune_scratch.pydoc_kind.seed1", "finetune_scratch.pydoc_kind.seed2", "report"}
+    assert changed("random_init.seed=7") == {
+        "random_init", "finetune_scratch.pydoc_kind.seed1", "finetune_scratch.pydoc_kind.seed2", "report"}
     assert changed("pretrain_phase2.max_steps=61") == {
         "pretrain_phase2", "finetune.pydoc_kind.seed1", "finetune.pydoc_kind.seed2", "report"}
     assert changed("shards_256.dupe_factor=2") == {
@@ -67,7 +75,7 @@ def test_keys_change_exactly_downstream_of_a_setting(tmp_path):
     assert changed("pretrain.log_every=5", "shards.num_workers=1", "finetune.log_every=3") == set()
     # adding a seed adds a node and changes the report only
     after = graph_of(QUICKSTART, "finetune.seeds=[1, 2, 3]", workdir=tmp_path)
-    assert set(after.nodes) - set(before.nodes) == {"finetune.pydoc_kind.seed3"}
+    assert set(after.nodes) - set(before.nodes) == {"finetune.pydoc_kind.seed3", "finetune_scratch.pydoc_kind.seed3"}
     assert {n for n in before.nodes if before.nodes[n].key != after.nodes[n].key} == {"report"}
 
 

@@ -1,7 +1,8 @@
 """The `pydoc_corpus` stage: English text every Python installation ships, and a labelled task from it.
 
 Corpus: the docstrings of ~110 pure-Python stdlib modules and the language-reference topics of
-`pydoc_data` (about 1.1 MB), as JSONL documents. Task: the first paragraph of a public object's
+`pydoc_data` (about 1.1 MB), as JSONL documents: `corpus/` for pretraining, `heldout/` (the
+docstrings of the dev modules, never pretrained on) for held-out MLM accuracy. Task: the first paragraph of a public object's
 docstring, labelled with what the object is (class, exception, function, method, read off the
 object by `inspect`), in the SST-2 TSV layout so the `sst2` row of the task table reads it; split
 into train/dev by module, so dev modules are unseen in training. The quickstart pipeline runs on it
@@ -100,20 +101,22 @@ def _documented_objects(module_name: str):
 
 def pydoc_corpus(ctx: StageContext) -> dict[str, Any]:
     config: PydocCorpusConfig = ctx.config
-    (ctx.out / "corpus").mkdir()
-    (ctx.out / "task").mkdir()
-    documents = 0
+    for name in ("corpus", "heldout", "task"):
+        (ctx.out / name).mkdir()
+    documents = {"corpus": 0, "heldout": 0}
     examples: dict[str, list[tuple[str, str]]] = {"train": [], "dev": []}
     labels_of_text: dict[str, set[str]] = {}
-    with open(ctx.out / "corpus" / "docs.jsonl", "w", encoding="utf-8") as corpus:
+    with (open(ctx.out / "corpus" / "docs.jsonl", "w", encoding="utf-8") as corpus,
+          open(ctx.out / "heldout" / "docs.jsonl", "w", encoding="utf-8") as heldout):
         for module in config.modules:
             split = "dev" if _unit_hash(module) < config.dev_fraction else "train"
             for name, kind, doc in _documented_objects(module):
                 paragraphs = _paragraphs(doc)
                 if not paragraphs:
                     continue
-                corpus.write(json.dumps({"id": name, "text": "\n".join(paragraphs)}) + "\n")
-                documents += 1
+                # the dev modules' text is held out from pretraining: held-out MLM is measured on it
+                (heldout if split == "dev" else corpus).write(json.dumps({"id": name, "text": "\n".join(paragraphs)}) + "\n")
+                documents["heldout" if split == "dev" else "corpus"] += 1
                 if kind in KIND_LABELS:
                     text = paragraphs[0].replace("\t", " ")
                     examples[split].append((text, kind))
@@ -125,7 +128,7 @@ def pydoc_corpus(ctx: StageContext) -> dict[str, Any]:
                 paragraphs = _paragraphs(topics[name])
                 if paragraphs:
                     corpus.write(json.dumps({"id": f"topic:{name}", "text": "\n".join(paragraphs)}) + "\n")
-                    documents += 1
+                    documents["corpus"] += 1
     counts = {}
     for split, rows in examples.items():
         seen: set[str] = set()
@@ -139,8 +142,10 @@ def pydoc_corpus(ctx: StageContext) -> dict[str, Any]:
             f.writelines(f"{text}\t{label}\n" for text, label in kept)
         counts[split] = len(kept)
         counts[f"{split}_labels"] = {label: sum(1 for _, l in kept if l == label) for label in KIND_LABELS}
-    ctx.log(f"{documents} documents; task examples train {counts['train']}, dev {counts['dev']}")
-    return {"documents": documents, "task_examples": counts, "python": platform.python_version()}
+    ctx.log(f"{documents['corpus']} documents ({documents['heldout']} held out); task examples train "
+            f"{counts['train']}, dev {counts['dev']}")
+    return {"documents": documents["corpus"], "heldout_documents": documents["heldout"], "task_examples": counts,
+            "python": platform.python_version()}
 
 
 def _unit_hash(text: str) -> float:

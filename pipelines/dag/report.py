@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-CURVES = ("loss", "mlm_accuracy", "nsp_accuracy", "val_mlm_accuracy", "learning_rate")
+CURVES = ("loss", "mlm_accuracy", "nsp_accuracy", "val_mlm_accuracy", "val_nsp_accuracy", "learning_rate")
 
 
 def collect_finetunes(inputs: Mapping[str, Path]) -> dict[str, list[dict[str, Any]]]:
@@ -46,8 +46,9 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             table[name] = {"mean": statistics.fmean(values),
                            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                            "n": len(values)}
+    baselines = [r["majority_baseline"].get(primary) for r in runs if r.get("majority_baseline")]
     return {"task": runs[0]["task"], "primary_metric": primary, "seeds": sorted(r["seed"] for r in runs),
-            "metrics": table}
+            "metrics": table, "majority_baseline": baselines[0] if baselines else None}
 
 
 def _fmt(stat: Mapping[str, float]) -> str:
@@ -79,27 +80,38 @@ def write_report(out: Path, inputs: Mapping[str, Path], title: str) -> dict[str,
     lines = [f"# {title}", ""]
     if finetune:
         lines += ["## Fine-tuning (dev, mean ± std over seeds; scores in [0, 1] shown ×100)", "",
-                  "| task | seeds | primary metric | score | other metrics |", "|---|---|---|---|---|"]
+                  "Majority class: the score of always predicting the most frequent training label, the floor "
+                  "a model that learned nothing reaches.", "",
+                  "| task | seeds | primary metric | score | majority class | other metrics |",
+                  "|---|---|---|---|---|---|"]
         for group, s in finetune.items():
             primary = s["metrics"].get(s["primary_metric"])
             others = ", ".join(f"{name} {_fmt(stat)}" for name, stat in s["metrics"].items()
                                if name != s["primary_metric"])
+            floor = s["majority_baseline"]
             lines.append(f"| {group} ({s['task']}) | {len(s['seeds'])} | {s['primary_metric']} | "
-                         f"{_fmt(primary) if primary else 'n/a'} | {others} |")
+                         f"{_fmt(primary) if primary else 'n/a'} | "
+                         f"{'n/a' if floor is None else f'{100 * floor:.1f}'} | {others} |")
         lines.append("")
     if pretrain:
-        lines += ["## Pretraining", "", "| stage | steps | tokens | final loss | final MLM acc | final NSP acc |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["## Pretraining", "",
+                  "Held-out MLM accuracy against the most-frequent-token baseline (always predicting the most "
+                  "frequent masked token of the held-out examples); NSP against 50% (chance).", "",
+                  "| stage | steps | tokens | final loss | final MLM acc (train) | held-out MLM acc | "
+                  "most-frequent-token baseline | held-out NSP acc |", "|---|---|---|---|---|---|---|---|"]
         for role, (manifest, history) in pretrain.items():
             def last(key: str) -> str:
                 return f"{history[key][-1][1]:.4f}" if history.get(key) else "n/a"
+            baseline = manifest.get("val_mlm_majority_baseline")
             lines.append(f"| {role} | {manifest['step']} | {manifest['tokens_seen']:,} | {last('loss')} | "
-                         f"{last('mlm_accuracy')} | {last('nsp_accuracy')} |")
+                         f"{last('mlm_accuracy')} | {last('val_mlm_accuracy')} | "
+                         f"{'n/a' if baseline is None else f'{baseline:.4f}'} | {last('val_nsp_accuracy')} |")
         lines += ["", "![pretraining curves](pretrain_curves.png)", ""]
         _plot(out / "pretrain_curves.png", {role: h for role, (_, h) in pretrain.items()})
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     results = {"finetune": finetune,
                "pretrain": {role: {"step": m["step"], "tokens_seen": m["tokens_seen"],
+                                   "most_frequent_token_baseline": m.get("val_mlm_majority_baseline"),
                                    "final": {k: v[-1][1] for k, v in h.items()}}
                             for role, (m, h) in pretrain.items()}}
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

@@ -2,10 +2,11 @@
 
 | kind | reads (inputs) | writes (its output dir) | wraps |
 |---|---|---|---|
-| `pydoc_corpus` | - | `corpus/docs.jsonl`, `task/{train,dev}.tsv` | stdlib docstrings (`pipelines/dag/pydoc_corpus.py`) |
+| `pydoc_corpus` | - | `corpus/docs.jsonl`, `heldout/docs.jsonl`, `task/{train,dev}.tsv` | stdlib docstrings (`pipelines/dag/pydoc_corpus.py`) |
 | `tokenizer` | `corpus` (optional) | a tokenizer dir | `Tokenizer.train_sentencepiece` / `from_vocab_file` |
 | `shards` | `tokenizer`, `corpus` (optional) | `shards/` (a shards dir) | `pipelines.jobs.shards.build_shards` |
-| `pretrain` | `shards`, `init` (optional) | `checkpoint/`, `pretrain_manifest.json` | `pipelines.jobs.pretrain.run_pretraining` |
+| `pretrain` | `shards`, `init`, `val` (both optional) | `checkpoint/`, `pretrain_manifest.json` | `pipelines.jobs.pretrain.run_pretraining` |
+| `random_init` | `tokenizer` | `checkpoint/`: a model of a preset shape, randomly initialised (a from-scratch baseline) | `bert.model.BertForPreTraining` |
 | `finetune` | `checkpoint`, `data` (both optional) | one node per task x seed: `metrics.json`, `predictions.jsonl`, `checkpoint/` | `pipelines.jobs.finetune.run_finetune` |
 | `report` | any stages | `report.md`, `results.json`, `pretrain_curves.png` | `pipelines.dag.report.write_report` |
 
@@ -169,6 +170,7 @@ class ShardsStageConfig:
     shards stage's settings are `PretrainingDataConfig`'s."""
 
     corpus: tuple[str, ...] = ()
+    corpus_dir: str = "corpus"  # the folder of the `corpus` input that holds the text (e.g. heldout)
     text_column: str = "text"
     lowercase: bool = True
     num_workers: int | None = None  # concurrent Ray tasks: speed only, not in the key
@@ -192,7 +194,7 @@ def shards_stage(ctx: StageContext) -> dict[str, Any]:
     from pipelines.jobs.shards import build_shards
 
     source, data = ctx.config
-    corpus = list(source.corpus) + ([str(ctx.inputs["corpus"] / "corpus")] if "corpus" in ctx.inputs else [])
+    corpus = list(source.corpus) + ([str(ctx.inputs["corpus"] / source.corpus_dir)] if "corpus" in ctx.inputs else [])
     manifest = build_shards(corpus, ctx.inputs["tokenizer"], ctx.out / "shards", data,
                             CorpusConfig(text_column=source.text_column), lowercase=source.lowercase,
                             num_workers=source.num_workers)
@@ -250,6 +252,7 @@ def pretrain_stage(ctx: StageContext) -> dict[str, Any]:
     run_dir = ctx.work / "run"  # stable: a re-run after a kill resumes from its checkpoints
     config = dataclasses.replace(ctx.config, shards=str(ctx.inputs["shards"] / "shards"), out=str(run_dir),
                                  **({"model": str(ctx.inputs["init"] / "checkpoint")} if "init" in ctx.inputs else {}),
+                                 **({"val_shards": str(ctx.inputs["val"] / "shards")} if "val" in ctx.inputs else {}),
                                  **_tracking(ctx))
     manifest = run_pretraining(config)
     if not manifest.get("complete"):
@@ -260,6 +263,41 @@ def pretrain_stage(ctx: StageContext) -> dict[str, Any]:
     result = {"step": manifest["step"], "tokens_seen": manifest["tokens_seen"], "mlflow": manifest.get("mlflow")}
     result.update({f"final_{k}": v for k, v in (manifest.get("final_metrics") or {}).items()})
     return result
+
+
+@dataclass(frozen=True)
+class RandomInitConfig:
+    """A model of a preset shape with random weights: what "from scratch" starts from (the same
+    weights a `pretrain` stage with this preset and seed starts from)."""
+
+    model: str = "tiny"
+    seed: int = 12345
+
+
+def configure_random_init(w: Where) -> list[Stage]:
+    from bert.config import PRESETS
+
+    (values,) = split_section(w.spec.config, [RandomInitConfig], w.text)
+    config = RandomInitConfig(**values)
+    if config.model not in PRESETS:
+        raise InputError(f"{w.text}.model: {config.model!r} is not a preset; known: {', '.join(PRESETS)}")
+    return [w.stage(config, dataclasses.asdict(config))]
+
+
+def random_init_stage(ctx: StageContext) -> dict[str, Any]:
+    import torch
+
+    from bert.checkpoint import save_pretrained
+    from bert.config import preset
+    from bert.model import BertForPreTraining
+    from bert.tokenizer import Tokenizer
+
+    config: RandomInitConfig = ctx.config
+    tokenizer = Tokenizer.load(ctx.inputs["tokenizer"])
+    torch.manual_seed(config.seed)
+    model = BertForPreTraining(preset(config.model, vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id))
+    save_pretrained(model, ctx.out / "checkpoint", tokenizer_dir=ctx.inputs["tokenizer"])
+    return {"model": config.model, "parameters": sum(p.numel() for p in model.parameters())}
 
 
 # ----------------------------------------------------------------------------- finetune
@@ -396,12 +434,15 @@ class StageKind:
 KINDS: dict[str, StageKind] = {
     k.name: k
     for k in (
-        StageKind("pydoc_corpus", 1, pydoc_corpus, (), (), {"num_cpus": 1}, configure_pydoc_corpus),
+        StageKind("pydoc_corpus", 2, pydoc_corpus, (), (), {"num_cpus": 1}, configure_pydoc_corpus),
         StageKind("tokenizer", 1, tokenizer_stage, ("corpus",), (), {"num_cpus": 1}, configure_tokenizer),
         # the three below drive Ray Data / Ray Train workers, which hold the CPUs
         StageKind("shards", 1, shards_stage, ("tokenizer", "corpus"), ("tokenizer",), {"num_cpus": 0},
                   configure_shards),
-        StageKind("pretrain", 1, pretrain_stage, ("shards", "init"), ("shards",), {"num_cpus": 0}, configure_pretrain),
+        StageKind("pretrain", 1, pretrain_stage, ("shards", "init", "val"), ("shards",), {"num_cpus": 0},
+                  configure_pretrain),
+        StageKind("random_init", 1, random_init_stage, ("tokenizer",), ("tokenizer",), {"num_cpus": 1},
+                  configure_random_init),
         StageKind("finetune", 1, finetune_stage, ("checkpoint", "data"), (), {"num_cpus": 0}, configure_finetune),
         StageKind("report", 1, report_stage, (), (), {"num_cpus": 0}, configure_report),
     )

@@ -61,6 +61,7 @@ from bert.finetune import (
     freeze,
     json_number,
     layerwise_groups,
+    majority_baseline,
     probe_step,
     score,
     task_model,
@@ -211,7 +212,8 @@ def _write_seed_outputs(config: FinetuneConfig, prepared: Prepared, seed_dir: Pa
     metrics = {
         "task": config.task, "seed": config.seed, "primary_metric": get_task(config.task).primary_metric,
         "metrics": best["metrics"], "best_epoch": best["epoch"], "best_step": best["step"], "history": state.history,
-        "precision": state.precision, "skipped": prepared.skipped, "num_train_examples": prepared.num_train_examples,
+        "precision": state.precision, "majority_baseline": majority_baseline(get_task(config.task), prepared),
+        "skipped": prepared.skipped, "num_train_examples": prepared.num_train_examples,
         "num_eval_examples": {split: len(ex) for split, ex in prepared.eval_examples.items()},
         "labels": list(prepared.labels), "max_seq_length": prepared.max_seq_length, "train_time_s": train_time,
         "config": config.to_dict(), "identity": config.identity(),
