@@ -1,19 +1,27 @@
-"""Training-step throughput of our BERT vs `transformers` with the same config, in one process.
+"""Training-step throughput of our BERT vs `transformers` with the same config, in one process, lever by lever.
 
 Pre-training: batch 32 x 128 tokens, 20 masked positions per sequence, MLM + NSP loss, AdamW
 step; for the `mini` preset and for L6/H384 (MiniLM's shape). Our MLM head runs only at the
 masked positions; the reference computes logits at every position and ignores the rest.
 Fine-tuning: sequence classification on real MRPC train batches with dynamic padding.
 
-The two implementations are measured alternately (ours, reference, ours, ...) so that drift in
-machine load hits both alike. Prints one JSON object.
+Ours is measured in variants that add one lever at a time (`--variants`):
+    torch-kernels   torch's F.dropout and SDPA with attention dropout (the unfused path on CPU), fp32
+    cpu-dropout     bert.model's CPU dropout and written-out attention, fp32
+    bf16            + bf16 autocast (fp32 master weights)
+    compile         + torch.compile (dynamic shapes)
+Each variant is measured alternately with the reference (ours, reference, ours, ...) so that drift
+in machine load hits both alike; ratios are reference time / ours. Both use AdamW as each system
+does by default (ours: torch's fused kernel via bert.optim.adamw; the reference: torch's default).
+Prints one JSON object.
 
-    python benchmarks/model_step.py [--rounds 5] [--steps 3] [--threads 2]
+    python benchmarks/model_step.py [--rounds 5] [--steps 3] [--threads 2] [--variants torch-kernels,cpu-dropout,bf16]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import platform
@@ -73,40 +81,74 @@ def alternate(ours_step, ref_step, rounds: int, steps: int) -> tuple[float, floa
     return statistics.median(ours_t), statistics.median(ref_t)
 
 
-def make_step(model, optimizer, forward):
+def make_step(model, optimizer, forward, precision=None):
     def step():
         optimizer.zero_grad(set_to_none=True)
-        forward().backward()
+        with precision.autocast() if precision is not None else contextlib.nullcontext():
+            loss = forward()
+        loss.backward()
         optimizer.step()
 
     return step
 
 
+VARIANTS = ("torch-kernels", "cpu-dropout", "bf16", "compile")
+
+
+@contextlib.contextmanager
+def torch_kernels(enabled: bool):
+    """With `enabled`, bert.model uses torch's own dropout and SDPA (with its attention dropout) everywhere."""
+    import torch.nn.functional as F
+
+    import bert.model as model
+
+    saved = model.dropout, model.attention
+    if enabled:
+        model.dropout = lambda x, p, training: F.dropout(x, p, training)
+        model.attention = lambda q, k, v, mask, p, training: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)
+    try:
+        yield
+    finally:
+        model.dropout, model.attention = saved
+
+
+def ours_variant(model, variant: str):
+    """(model to call, precision) for a variant: bf16 and compile include the levers before them."""
+    from bert.precision import Precision
+
+    precision = Precision("bf16" if variant in ("bf16", "compile") else "fp32", "cpu")
+    if variant == "compile":
+        model = torch.compile(model, dynamic=True)
+    return model, precision
+
+
 def bench_pretraining(name: str, c: bert.BertConfig, args) -> dict:
-    torch.manual_seed(0)
-    ours = BertForPreTraining(c).train()
-    ref = transformers.BertForPreTraining(hf_config(c)).train()
+    from bert.optim import build_optimizer
+
     ids, types, mask, positions, original, nsp, labels = pretraining_batch(c, args.batch, args.seq, args.masked)
-    ours_opt = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    torch.manual_seed(0)
+    ref = transformers.BertForPreTraining(hf_config(c)).train()
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
-    ours_step = make_step(
-        ours, ours_opt, lambda: ours(ids, types, mask, positions, original, nsp).loss
-    )
     ref_step = make_step(
         ref,
         ref_opt,
         lambda: ref(input_ids=ids, token_type_ids=types, attention_mask=mask, labels=labels, next_sentence_label=nsp).loss,
     )
-    t_ours, t_ref = alternate(ours_step, ref_step, args.rounds, args.steps)
     tokens = args.batch * args.seq
-    return {
-        "config": name,
-        "batch": [args.batch, args.seq],
-        "masked_per_seq": args.masked,
-        "ours_tokens_per_s": round(tokens / t_ours, 1),
-        "transformers_tokens_per_s": round(tokens / t_ref, 1),
-        "ratio": round(t_ref / t_ours, 3),
-    }
+    result = {"config": name, "batch": [args.batch, args.seq], "masked_per_seq": args.masked, "variants": {}}
+    for variant in args.variants:
+        torch.manual_seed(0)
+        raw = BertForPreTraining(c).train()
+        model, precision = ours_variant(raw, variant)
+        ours_opt = build_optimizer(raw, "adamw", lr=1e-4, weight_decay=0.01)
+        with torch_kernels(variant == "torch-kernels"):
+            ours_step = make_step(model, ours_opt, lambda: model(ids, types, mask, positions, original, nsp).loss, precision)
+            t_ours, t_ref = alternate(ours_step, ref_step, args.rounds, args.steps)
+        result["variants"][variant] = {"ours_tokens_per_s": round(tokens / t_ours, 1),
+                                       "transformers_tokens_per_s": round(tokens / t_ref, 1),
+                                       "ratio": round(t_ref / t_ours, 3)}
+    return result
 
 
 def mrpc_batches(batch_size: int, n_batches: int):
@@ -125,37 +167,43 @@ def mrpc_batches(batch_size: int, n_batches: int):
 
 
 def bench_classification(name: str, c: bert.BertConfig, args) -> dict:
-    torch.manual_seed(0)
-    ours = BertForSequenceClassification(c, 2).train()
-    ref = transformers.BertForSequenceClassification(hf_config(c, num_labels=2)).train()
+    from bert.optim import adamw, param_groups
+
     batches = mrpc_batches(args.batch, args.steps)
-    ours_opt = torch.optim.AdamW(ours.parameters(), lr=2e-5)
+    torch.manual_seed(0)
+    ref = transformers.BertForSequenceClassification(hf_config(c, num_labels=2)).train()
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=2e-5)
 
-    def run(model, opt, call):
+    def run(model, opt, call, precision=None):
         def all_batches():
             for enc in batches:
                 opt.zero_grad(set_to_none=True)
-                call(model, enc).backward()
+                with precision.autocast() if precision is not None else contextlib.nullcontext():
+                    loss = call(model, enc)
+                loss.backward()
                 opt.step()
 
         return all_batches
 
-    ours_run = run(ours, ours_opt, lambda m, e: m(e["input_ids"], e["token_type_ids"], e["attention_mask"], e["labels"]).loss)
     ref_run = run(ref, ref_opt, lambda m, e: m(**e).loss)
-    t_ours, t_ref = alternate(ours_run, ref_run, args.rounds, 1)
     examples = sum(len(e["labels"]) for e in batches)
     tokens = sum(int(e["attention_mask"].sum()) for e in batches)
-    return {
-        "config": name,
-        "task": "MRPC train, dynamic padding",
-        "batches": len(batches),
-        "batch_size": args.batch,
-        "ours_examples_per_s": round(examples / t_ours, 1),
-        "transformers_examples_per_s": round(examples / t_ref, 1),
-        "ours_real_tokens_per_s": round(tokens / t_ours, 1),
-        "ratio": round(t_ref / t_ours, 3),
-    }
+    result = {"config": name, "task": "MRPC train, dynamic padding", "batches": len(batches),
+              "batch_size": args.batch, "variants": {}}
+    for variant in args.variants:
+        torch.manual_seed(0)
+        raw = BertForSequenceClassification(c, 2).train()
+        model, precision = ours_variant(raw, variant)
+        ours_opt = adamw(param_groups(raw, 0.01), lr=2e-5)
+        with torch_kernels(variant == "torch-kernels"):
+            ours_run = run(model, ours_opt, lambda m, e: m(e["input_ids"], e["token_type_ids"], e["attention_mask"],
+                                                           e["labels"]).loss, precision)
+            t_ours, t_ref = alternate(ours_run, ref_run, args.rounds, 1)
+        result["variants"][variant] = {"ours_examples_per_s": round(examples / t_ours, 1),
+                                       "transformers_examples_per_s": round(examples / t_ref, 1),
+                                       "ours_real_tokens_per_s": round(tokens / t_ours, 1),
+                                       "ratio": round(t_ref / t_ours, 3)}
+    return result
 
 
 def main() -> None:
@@ -166,13 +214,20 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--masked", type=int, default=20)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", default="torch-kernels,cpu-dropout,bf16", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--configs", default="mini,L6-H384")
     args = p.parse_args()
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     configs = {
         "mini": bert.preset("mini"),
         "L6-H384": bert.BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
     }
+    configs = {k: v for k, v in configs.items() if k in args.configs.split(",")}
     result = {
         "benchmark": "model_step",
         "device": "cpu",
