@@ -10,10 +10,26 @@ gathered into a chunk until it reaches the target; segment A is the chunk's firs
 `randint(1, len - 1)` sentences; segment B is the rest of the chunk (`next_sentence_label` 0)
 or, with probability 0.5, text from a random position of a different document (label 1),
 in which case the chunk's unused sentences are put back for the next example. The pair is
-trimmed to fit (`truncate_seq_pair`) and masked (`mask_sequence`).
+trimmed to fit (`truncate_seq_pairs`) and masked (`mask_rows`).
 
-Per shard (`create_examples`): the documents are shuffled, `dupe_factor` passes are made over
-them, and the examples of all passes are shuffled, as in the original.
+Per shard (`create_example_batches`): the documents are shuffled, `dupe_factor` passes are
+made over them, and the examples of all passes are shuffled, as in the original; they are
+then assembled and masked a batch of rows at a time.
+
+How it is computed (the same distributions as the original, drawn in bulk):
+
+* A shard's documents live in one `DocumentSet`: all token ids back to back, sentence and
+  document offsets into them. No Python object per sentence or per example is made on the
+  way from the buckets to the part file.
+* Pair spans are drawn per document in plain Python over lists of offsets; the document's
+  random numbers come from one `rng.random` call, and each integer draw is `lo + ⌊u·(hi-lo)⌋`.
+* Trimming (`truncate_seq_pairs`) is the original's one-token-at-a-time rule in closed form:
+  the longer segment loses tokens first (B on a tie), so the final lengths follow from the
+  two lengths alone, and the number of tokens taken from the front of a segment is
+  Binomial(trimmed, 1/2), as the original's coin per trimmed token makes it.
+* Masking (`mask_rows`) works on many rows at once: a uniform random subset of k candidates
+  per row is the k smallest of random keys; whole words are taken greedily in a random order,
+  one column of that order at a time for all rows together.
 
 Deviations from the original, each on purpose:
 
@@ -39,10 +55,15 @@ Deviations from the original, each on purpose:
 
 from __future__ import annotations
 
+import os
+import re
+from bisect import bisect_left
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import NamedTuple, Protocol
+from itertools import chain
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -51,7 +72,7 @@ from bert.errors import InputError
 RANDOM_NEXT_PROB = 0.5  # the original's fixed share of random-next pairs
 MASK_PROB = 0.8  # of the chosen positions (or words): replaced by [MASK]
 RANDOM_TOKEN_PROB = 0.1  # ... by a random token; the remaining 10% are left unchanged
-
+BATCH_ROWS = 4096  # examples assembled and masked together
 
 @dataclass(frozen=True)
 class PretrainingDataConfig:
@@ -208,7 +229,7 @@ class Example:
     word_starts: np.ndarray | None  # (T,) bool, with whole-word masking
     a_doc_id: str
     b_doc_id: str
-    span: PairSpan  # document indices refer to the (shuffled) list the example was built from
+    span: PairSpan  # document indices refer to the documents the example was built from
 
 
 @dataclass(frozen=True)
@@ -221,29 +242,307 @@ class MaskedBatch:
     masked_lm_weights: np.ndarray  # (B, P) float32: 1.0 for a real prediction, 0.0 for padding
 
 
+
+# ----------------------------------------------------------------------------- documents
+
+
+@dataclass(frozen=True)
+class DocumentSet:
+    """Many tokenized documents in flat arrays: one shard's worth, with no object per sentence.
+
+    Document `d` holds sentences `doc_sentences[d]:doc_sentences[d + 1]`; sentence `s` is
+    `tokens[sentence_offsets[s]:sentence_offsets[s + 1]]`. Every sentence has at least one token.
+    """
+
+    doc_ids: Sequence[str]
+    tokens: np.ndarray  # (L,) int32
+    sentence_offsets: np.ndarray  # (S + 1,) int64, from 0, strictly increasing
+    doc_sentences: np.ndarray  # (D + 1,) int64, from 0, strictly increasing
+    word_starts: np.ndarray | None = None  # (L,) bool
+
+    @classmethod
+    def from_lengths(
+        cls,
+        doc_ids: Sequence[str],
+        tokens: np.ndarray,
+        sentence_lengths: np.ndarray,
+        sentences_per_doc: np.ndarray,
+        word_starts: np.ndarray | None = None,
+    ) -> DocumentSet:
+        """Build from the token counts of the sentences and the sentence counts of the documents."""
+        sentence_offsets = np.zeros(len(sentence_lengths) + 1, dtype=np.int64)
+        np.cumsum(sentence_lengths, out=sentence_offsets[1:])
+        doc_sentences = np.zeros(len(sentences_per_doc) + 1, dtype=np.int64)
+        np.cumsum(sentences_per_doc, out=doc_sentences[1:])
+        if sentence_offsets[-1] != len(tokens) or doc_sentences[-1] != len(sentence_lengths):
+            raise InputError(
+                f"inconsistent document arrays: {len(tokens)} tokens, sentence lengths summing to "
+                f"{sentence_offsets[-1]}, {len(sentence_lengths)} sentences, documents holding {doc_sentences[-1]}"
+            )
+        return cls(list(doc_ids), np.asarray(tokens, dtype=np.int32), sentence_offsets, doc_sentences, word_starts)
+
+    @classmethod
+    def of(cls, documents: Sequence[TokenizedDocument]) -> DocumentSet:
+        """The documents' arrays concatenated, in order."""
+        starts = None
+        if documents and all(d.word_starts is not None for d in documents):
+            starts = np.concatenate([d.word_starts for d in documents])  # type: ignore[misc]
+        return cls.from_lengths(
+            [d.doc_id for d in documents],
+            np.concatenate([d.tokens for d in documents]) if documents else np.zeros(0, np.int32),
+            np.concatenate([np.diff(d.sentence_offsets) for d in documents]) if documents else np.zeros(0, np.int64),
+            np.array([d.num_sentences for d in documents], dtype=np.int64),
+            starts,
+        )
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+    @cached_property
+    def doc_tokens(self) -> np.ndarray:
+        """(D + 1,) int64: document `d` holds `tokens[doc_tokens[d]:doc_tokens[d + 1]]`."""
+        return self.sentence_offsets[self.doc_sentences]
+
+    def document(self, d: int) -> TokenizedDocument:
+        """Document `d` as a `TokenizedDocument` (views, no copy)."""
+        s0, s1 = self.doc_sentences[d], self.doc_sentences[d + 1]
+        t0, t1 = self.sentence_offsets[s0], self.sentence_offsets[s1]
+        starts = None if self.word_starts is None else self.word_starts[t0:t1]
+        return TokenizedDocument(self.doc_ids[d], self.tokens[t0:t1], self.sentence_offsets[s0 : s1 + 1] - t0, starts)
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+_ENCODE_BATCH_SENTENCES = 4096  # sentences per tokenizer call
+
+
+def encode_documents(
+    tokenizer: Any, documents: Sequence[tuple[str, Sequence[str]]], word_starts: bool = False
+) -> tuple[DocumentSet, int]:
+    """Tokenize `(doc_id, sentences)` pairs into a `DocumentSet`; also returns how many documents had no token.
+
+    Sentences without a token are left out, and so are documents left with no sentence. The ids
+    are those of `tokenizer.encode_batch(sentences, add_special_tokens=False)`. A WordPiece
+    `bert.tokenizer.Tokenizer` is asked through its `tokenizers` library object directly, for
+    the ids only (no offsets, no tokens, no Python object per token), on the calling thread.
+    """
+    sentences = [s for _, doc in documents for s in doc]
+    fast = _library_encoder(tokenizer)
+    if fast is not None:
+        ids, lengths = fast(sentences)
+        starts = fast.word_start_table[ids] if word_starts else None
+    else:
+        ids, lengths, starts = _encode_with(tokenizer, sentences, word_starts)
+    per_doc = np.array([len(doc) for _, doc in documents], dtype=np.int64)
+    doc_of_sentence = np.repeat(np.arange(len(documents)), per_doc)
+    kept = lengths > 0
+    per_doc = np.bincount(doc_of_sentence[kept], minlength=len(documents))
+    doc_ids = [documents[d][0] for d in np.flatnonzero(per_doc).tolist()]
+    empty = int((per_doc == 0).sum())
+    return DocumentSet.from_lengths(doc_ids, ids, lengths[kept], per_doc[per_doc > 0], starts), empty
+
+
+def _encode_with(
+    tokenizer: Any, sentences: list[str], word_starts: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Ids (and word starts) through the tokenizer's public `encode_batch`."""
+    ids: list[int] = []
+    starts: list[bool] = []
+    lengths = np.zeros(len(sentences), dtype=np.int64)
+    for b in range(0, len(sentences), _ENCODE_BATCH_SENTENCES):
+        batch = tokenizer.encode_batch(sentences[b : b + _ENCODE_BATCH_SENTENCES], add_special_tokens=False)
+        for k, encoding in enumerate(batch):
+            lengths[b + k] = len(encoding.ids)
+            ids += encoding.ids
+            if word_starts:
+                starts += encoding.word_starts
+    return np.array(ids, dtype=np.int32), lengths, np.array(starts, dtype=bool) if word_starts else None
+
+
+class _LibraryEncoder:
+    """A WordPiece tokenizer's `tokenizers.Tokenizer`, asked for ids only (`encode_batch_fast`), sequentially."""
+
+    def __init__(self, library: Any, vocabulary: list[str]) -> None:
+        self.library = library
+        # BERT's whole-word rule, as bert.tokenizer applies it: a "##" piece continues a word
+        self.word_start_table = np.array([not t.startswith("##") for t in vocabulary], dtype=bool)
+
+    def __call__(self, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All token ids back to back, and each sentence's number of tokens."""
+        texts = [s if s.isascii() else _SURROGATES.sub("\ufffd", s) for s in sentences]  # as Tokenizer does
+        with _tokenizers_on_this_thread():
+            encodings = self.library.encode_batch_fast(texts, add_special_tokens=False)
+        pieces = [e.ids for e in encodings]
+        lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+        ids = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=int(lengths.sum()))
+        return ids, lengths
+
+
+@contextmanager
+def _tokenizers_on_this_thread() -> Iterator[None]:
+    """`tokenizers` batches without its thread pool: a Ray task runs on one CPU, beside others."""
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+
+
+def _library_encoder(tokenizer: Any) -> _LibraryEncoder | None:
+    """The fast path for a WordPiece `bert.tokenizer.Tokenizer`, else None.
+
+    `bert.tokenizer` has no public call for ids alone, so this reaches its library object; if
+    that changes shape, the public `encode_batch` is used.
+    """
+    try:
+        import tokenizers
+    except ImportError:
+        return None
+    library = getattr(getattr(tokenizer, "_backend", None), "_library", None)
+    if getattr(tokenizer, "backend", None) != "wordpiece" or not isinstance(library, tokenizers.Tokenizer):
+        return None
+    return _LibraryEncoder(library, tokenizer.convert_ids_to_tokens(range(tokenizer.vocab_size)))
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def truncate_seq_pairs(
+    a_length: np.ndarray, b_length: np.ndarray, max_num_tokens: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """How many tokens to trim from the front and the back of A and of B, for many pairs at once.
+
+    The original's rule: while the pair is too long, one token goes from the longer segment
+    (B on a tie), from its front or its back with probability one half each. In closed form:
+    if the excess is at most the difference of the lengths, the longer segment loses it all;
+    otherwise both end up at half the room, A keeping the odd token. The fronts are
+    Binomial(trimmed, 1/2). Returns (a_front, a_back, b_front, b_back).
+    """
+    a_length = np.asarray(a_length, dtype=np.int64)
+    b_length = np.asarray(b_length, dtype=np.int64)
+    excess = np.maximum(a_length + b_length - max_num_tokens, 0)
+    a_longer = a_length > b_length
+    gap = np.abs(a_length - b_length)
+    one_sided = excess <= gap
+    b_keep_half = max_num_tokens // 2
+    a_trim = np.where(one_sided, np.where(a_longer, excess, 0), a_length - (max_num_tokens - b_keep_half))
+    b_trim = np.where(one_sided, np.where(a_longer, 0, excess), b_length - b_keep_half)
+    a_front = rng.binomial(a_trim, 0.5)
+    b_front = rng.binomial(b_trim, 0.5)
+    return a_front, a_trim - a_front, b_front, b_trim - b_front
+
+
 def truncate_seq_pair(
     a: tuple[int, int], b: tuple[int, int], max_num_tokens: int, rng: np.random.Generator
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Trim two [start, end) slices until their lengths add up to at most `max_num_tokens`.
-
-    As the original: one token at a time from the longer one (B on a tie), from its front or
-    its back with probability one half each.
-    """
+    """Trim two [start, end) slices until their lengths add up to at most `max_num_tokens` (see `truncate_seq_pairs`)."""
     (a_start, a_end), (b_start, b_end) = a, b
-    excess = (a_end - a_start) + (b_end - b_start) - max_num_tokens
-    if excess <= 0:
+    if (a_end - a_start) + (b_end - b_start) <= max_num_tokens:
         return a, b
-    for from_front in (rng.random(excess) < 0.5).tolist():
-        if a_end - a_start > b_end - b_start:
-            if from_front:
-                a_start += 1
-            else:
-                a_end -= 1
-        elif from_front:
-            b_start += 1
+    af, ab, bf, bb = (int(x[0]) for x in truncate_seq_pairs(
+        np.array([a_end - a_start]), np.array([b_end - b_start]), max_num_tokens, rng))
+    return (a_start + af, a_end - ab), (b_start + bf, b_end - bb)
+
+
+_PAIR_FIELDS = 7  # a_doc, a_sentence_start, a_sentence_end, b_doc, b_sentence_start, b_sentence_end, is_random_next
+
+
+def _document_pairs(
+    d: int,
+    num_docs: int,
+    sentence_offsets: list[int],
+    doc_sentences: list[int],
+    max_num_tokens: int,
+    short_seq_prob: float,
+    u: list[float],
+) -> list[tuple[int, int, int, int, int, int, int]]:
+    """The chunks of document `d` as sentence ranges (global sentence indices), from the uniforms `u`.
+
+    At most 2 + 4 per sentence of the document are used: the target length, then per chunk
+    the split point, the kind of B, and for a random B its document and first sentence.
+    """
+    first, last = doc_sentences[d], doc_sentences[d + 1]
+    k = 1
+    target = max_num_tokens
+    if u[0] < short_seq_prob:
+        target = 2 + int(u[1] * (max_num_tokens - 1))  # integers(2, max_num_tokens + 1)
+        k = 2
+    pairs = []
+    chunk_start = first
+    while chunk_start < last:
+        # the chunk ends at the first sentence i that brings it to the target with two sentences or more,
+        # or at the document's end: i + 1 is the first end in [chunk_start + 2, last) reaching the target
+        reach = bisect_left(sentence_offsets, sentence_offsets[chunk_start] + target, chunk_start + 2, last)
+        i = min(reach, last) - 1
+        chunk_len = i + 1 - chunk_start
+        a_end = chunk_start + 1
+        if chunk_len >= 2:
+            a_end += int(u[k] * (chunk_len - 1))  # integers(1, chunk_len)
+            k += 1
+        is_random_next = u[k] < RANDOM_NEXT_PROB
+        k += 1
+        if (is_random_next and num_docs == 1) or (not is_random_next and chunk_len == 1):
+            chunk_start = i + 1  # the drawn kind of B is impossible here: no pair from this chunk
+            continue
+        if is_random_next:
+            target_b = target - (sentence_offsets[a_end] - sentence_offsets[chunk_start])
+            b = int(u[k] * (num_docs - 1))
+            b += b >= d  # uniform over the other documents
+            b_first, b_last = doc_sentences[b], doc_sentences[b + 1]
+            b_start = b_first + int(u[k + 1] * (b_last - b_first))
+            k += 2
+            # the first end whose text reaches the target, else the document's end
+            b_end = bisect_left(sentence_offsets, sentence_offsets[b_start] + target_b, b_start + 1, b_last)
+            pairs.append((d, chunk_start, a_end, b, b_start, b_end, 1))
+            i = a_end - 1  # the chunk's unused sentences go back for the next example
         else:
-            b_end -= 1
-    return (a_start, a_end), (b_start, b_end)
+            pairs.append((d, chunk_start, a_end, d, a_end, i + 1, 0))
+        chunk_start = i + 1
+    return pairs
+
+
+class _Pairs(NamedTuple):
+    """Pairs as int32 columns: documents, sentence ranges (global sentence indices), trimmed token ranges (global)."""
+
+    a_doc: np.ndarray
+    a_sentence_start: np.ndarray
+    a_sentence_end: np.ndarray
+    a_token_start: np.ndarray
+    a_token_end: np.ndarray
+    b_doc: np.ndarray
+    b_sentence_start: np.ndarray
+    b_sentence_end: np.ndarray
+    b_token_start: np.ndarray
+    b_token_end: np.ndarray
+    is_random_next: np.ndarray
+
+    def take(self, index: np.ndarray) -> _Pairs:
+        return _Pairs(*(column[index] for column in self))
+
+
+def _draw_pairs(
+    docs: DocumentSet, order: Sequence[int], config: PretrainingDataConfig, rng: np.random.Generator, passes: int
+) -> _Pairs:
+    """`passes` passes over the documents in `order`: their pairs, trimmed."""
+    sentence_offsets = docs.sentence_offsets.tolist()
+    doc_sentences = docs.doc_sentences.tolist()
+    rows: list[tuple[int, ...]] = []
+    for _ in range(passes):
+        for d in order:
+            n = doc_sentences[d + 1] - doc_sentences[d]
+            rows += _document_pairs(d, len(docs), sentence_offsets, doc_sentences, config.max_num_tokens,
+                                    config.short_seq_prob, rng.random(2 + 4 * n).tolist())
+    table = np.array(rows, dtype=np.int64).reshape(-1, _PAIR_FIELDS)
+    del rows
+    a_doc, a_s0, a_s1, b_doc, b_s0, b_s1, is_random_next = table.T
+    offsets = docs.sentence_offsets
+    a_t0, a_t1, b_t0, b_t1 = offsets[a_s0], offsets[a_s1], offsets[b_s0], offsets[b_s1]
+    af, ab, bf, bb = truncate_seq_pairs(a_t1 - a_t0, b_t1 - b_t0, config.max_num_tokens, rng)
+    columns = (a_doc, a_s0, a_s1, a_t0 + af, a_t1 - ab, b_doc, b_s0, b_s1, b_t0 + bf, b_t1 - bb, is_random_next)
+    return _Pairs(*(c.astype(np.int32) for c in columns))  # 44 bytes a pair for the whole shard
 
 
 def create_pair_spans(
@@ -252,52 +551,326 @@ def create_pair_spans(
     config: PretrainingDataConfig,
     rng: np.random.Generator,
 ) -> list[PairSpan]:
-    """The sentence pairs of one document (the original `create_instances_from_document`)."""
-    doc = documents[doc_index]
-    offsets = doc.sentence_offsets
-    max_num_tokens = config.max_num_tokens
-    target_seq_length = max_num_tokens
-    if rng.random() < config.short_seq_prob:
-        target_seq_length = int(rng.integers(2, max_num_tokens + 1))
+    """The sentence pairs of one document (the original `create_instances_from_document`), trimmed."""
+    docs = DocumentSet.of(documents)
+    pairs = _draw_pairs(docs, [doc_index], config, rng, passes=1)
+    return [_pair_span(docs, pairs, r) for r in range(len(pairs.a_doc))]
 
-    spans: list[PairSpan] = []
-    chunk_start = 0  # first sentence of the current chunk
-    i = 0
-    while i < doc.num_sentences:
-        chunk_len = i + 1 - chunk_start
-        chunk_tokens = int(offsets[i + 1] - offsets[chunk_start])
-        at_doc_end = i == doc.num_sentences - 1
-        if not (at_doc_end or (chunk_tokens >= target_seq_length and chunk_len >= 2)):
-            i += 1
-            continue
-        a_end = chunk_start + 1
-        if chunk_len >= 2:
-            a_end = chunk_start + int(rng.integers(1, chunk_len))
-        a_tokens = (int(offsets[chunk_start]), int(offsets[a_end]))
-        is_random_next = rng.random() < RANDOM_NEXT_PROB
-        if (is_random_next and len(documents) == 1) or (not is_random_next and chunk_len == 1):
-            chunk_start = i = i + 1  # the drawn kind of B is impossible here: no pair from this chunk
-            continue
-        if is_random_next:
-            target_b_length = target_seq_length - (a_tokens[1] - a_tokens[0])
-            b_doc = int(rng.integers(0, len(documents) - 1))
-            b_doc += b_doc >= doc_index  # uniform over the other documents
-            other = documents[b_doc]
-            b_start = int(rng.integers(0, other.num_sentences))
-            b_end = b_start + 1
-            while b_end < other.num_sentences and other.sentence_offsets[b_end] - other.sentence_offsets[b_start] < target_b_length:
-                b_end += 1
-            b_tokens = (int(other.sentence_offsets[b_start]), int(other.sentence_offsets[b_end]))
-            i = a_end - 1  # the chunk's unused sentences go back for the next example
-        else:
-            b_doc, b_start, b_end = doc_index, a_end, i + 1
-            b_tokens = (int(offsets[a_end]), int(offsets[i + 1]))
-        a_tokens, b_tokens = truncate_seq_pair(a_tokens, b_tokens, max_num_tokens, rng)
-        spans.append(
-            PairSpan(doc_index, chunk_start, a_end, *a_tokens, b_doc, b_start, b_end, *b_tokens, is_random_next)
+
+def _pair_span(docs: DocumentSet, pairs: _Pairs, r: int) -> PairSpan:
+    """Row `r` of `pairs` with sentence and token ranges relative to their documents."""
+    a, b = int(pairs.a_doc[r]), int(pairs.b_doc[r])
+    sa, sb = int(docs.doc_sentences[a]), int(docs.doc_sentences[b])
+    ta, tb = int(docs.doc_tokens[a]), int(docs.doc_tokens[b])
+    return PairSpan(
+        a, int(pairs.a_sentence_start[r]) - sa, int(pairs.a_sentence_end[r]) - sa,
+        int(pairs.a_token_start[r]) - ta, int(pairs.a_token_end[r]) - ta,
+        b, int(pairs.b_sentence_start[r]) - sb, int(pairs.b_sentence_end[r]) - sb,
+        int(pairs.b_token_start[r]) - tb, int(pairs.b_token_end[r]) - tb,
+        bool(pairs.is_random_next[r]),
+    )
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+@dataclass(frozen=True)
+class MaskedRows:
+    """Many rows masked at once, flat: row `r` is `input_ids[row_offsets[r]:row_offsets[r + 1]]`, its
+    predictions `masked_lm_*[mask_offsets[r]:mask_offsets[r + 1]]` (positions within the row, increasing)."""
+
+    input_ids: np.ndarray  # (N,) int32
+    masked_lm_positions: np.ndarray  # (M,) int32
+    masked_lm_ids: np.ndarray  # (M,) int32
+    mask_offsets: np.ndarray  # (B + 1,) int64
+
+
+def mask_rows(
+    input_ids: np.ndarray,
+    row_offsets: np.ndarray,
+    config: PretrainingDataConfig,
+    special: SpecialTokens,
+    rng: np.random.Generator,
+    word_starts: np.ndarray | None = None,
+) -> MaskedRows:
+    """Mask many rows at once, with `mask_sequence`'s rules (and its distribution) for each row.
+
+    Per row, `min(max_predictions_per_seq, max(1, round(n * masked_lm_prob)))` of its n
+    non-special tokens are chosen uniformly: those with the smallest random keys. With
+    whole-word masking, words are visited in a random order and a word is taken if all its
+    pieces still fit. Each chosen token (or word) becomes [MASK] 80% of the time, a random
+    non-special token 10%, and stays 10%.
+    """
+    ids = np.asarray(input_ids, dtype=np.int32)
+    row_offsets = np.asarray(row_offsets, dtype=np.int64)
+    rows = len(row_offsets) - 1
+    candidate = ~special.is_special[ids]
+    running = np.concatenate(([0], np.cumsum(candidate)))
+    n = running[row_offsets[1:]] - running[row_offsets[:-1]]
+    k = np.minimum(config.max_predictions_per_seq, np.maximum(1, np.round(n * config.masked_lm_prob))).astype(np.int64)
+    k[n == 0] = 0
+
+    if config.whole_word_masking:
+        if word_starts is None:
+            raise InputError("whole-word masking needs the word_starts of the rows")
+        row_of = np.repeat(np.arange(rows), np.diff(row_offsets))
+        chosen, choice = _choose_words(
+            np.flatnonzero(candidate), row_of, np.asarray(word_starts, dtype=bool), k, rows, rng
         )
-        chunk_start = i = i + 1
-    return spans
+        chosen_rows = row_of[chosen]
+    else:
+        chosen_rows, chosen = _choose_tokens(candidate, row_offsets, k, rng)
+        choice = rng.random(len(chosen))
+
+    to_mask = choice < MASK_PROB
+    to_random = (choice >= MASK_PROB) & (choice < MASK_PROB + RANDOM_TOKEN_PROB)
+    labels = ids[chosen]
+    masked = ids.copy()
+    masked[chosen[to_mask]] = special.mask_id
+    masked[chosen[to_random]] = special.replacement_ids[
+        rng.integers(0, len(special.replacement_ids), int(to_random.sum()))
+    ]
+    mask_offsets = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(chosen_rows, minlength=rows), out=mask_offsets[1:])
+    positions = (chosen - row_offsets[chosen_rows]).astype(np.int32)
+    return MaskedRows(masked, positions, labels.astype(np.int32), mask_offsets)
+
+
+_KEY_BITS = 54  # random part of a selection key; the low 7+ bits hold the column, which makes keys distinct
+
+
+def _choose_tokens(
+    candidate: np.ndarray, row_offsets: np.ndarray, k: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and flat positions (increasing) of k[r] uniformly chosen candidates of each row r.
+
+    Rows are laid out in a (rows, longest) table of keys: a random number above the column
+    (so no two keys of a row are equal), or for a non-candidate or padding a key above every
+    random one. A row's chosen tokens are those with its k[r] smallest keys.
+    """
+    lengths = np.diff(row_offsets)
+    rows, width = len(lengths), int(lengths.max(initial=0))
+    most = int(k.max(initial=0))
+    if most == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    column_bits = max(7, int(width - 1).bit_length())
+    inside = np.arange(width)[None, :] < lengths[:, None]
+    draws = rng.integers(0, 1 << _KEY_BITS, size=len(candidate), dtype=np.int64)
+    draws[~candidate] = 1 << _KEY_BITS
+    keys = np.full((rows, width), 1 << _KEY_BITS, dtype=np.int64)
+    keys[inside] = draws
+    keys <<= column_bits
+    keys |= np.arange(width, dtype=np.int64)[None, :]
+    smallest = np.sort(np.partition(keys, most - 1, axis=1)[:, :most] if most < width else keys, axis=1)
+    threshold = smallest[np.arange(rows), np.maximum(k - 1, 0)]
+    chosen = (keys <= threshold[:, None]) & (k > 0)[:, None]
+    chosen_rows, columns = np.nonzero(chosen)
+    return chosen_rows, row_offsets[chosen_rows] + columns
+
+
+def _choose_words(
+    cand: np.ndarray, row_of: np.ndarray, word_starts: np.ndarray, k: np.ndarray, rows: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whole words: flat positions of the chosen pieces (increasing), and each piece's word's 80/10/10 draw."""
+    if len(cand) == 0:
+        return cand, np.zeros(0)
+    cand_row = row_of[cand]
+    starts = word_starts[cand].copy()
+    starts[0] = True
+    starts[1:] |= (np.diff(cand) != 1) | (cand_row[1:] != cand_row[:-1])  # a word never continues across a special
+    word_first = np.flatnonzero(starts)  # index into cand of each word's first piece
+    word_len = np.diff(np.append(word_first, len(cand)))
+    word_row = cand_row[word_first]
+    words_per_row = np.bincount(word_row, minlength=rows)
+    row_first_word = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(words_per_row, out=row_first_word[1:])
+    # each row's words in a random order: sort by (row, key)
+    order = np.lexsort((rng.random(len(word_first)), word_row))
+    width = int(words_per_row.max())
+    column = np.arange(len(order)) - row_first_word[word_row[order]]
+    length = np.zeros((rows, width), dtype=np.int64)
+    length[word_row[order], column] = word_len[order]
+    taken = np.zeros((rows, width), dtype=bool)
+    total = np.zeros(rows, dtype=np.int64)
+    for c in range(width):  # greedy, as mask_sequence: a word is taken if all its pieces still fit
+        fits = (length[:, c] > 0) & (total + length[:, c] <= k)
+        total += np.where(fits, length[:, c], 0)
+        taken[:, c] = fits
+        if (total == k).all():
+            break
+    words = order[taken[word_row[order], column]]  # chosen words, row by row in their random order
+    word_choice = rng.random(len(words))
+    chosen = np.zeros(len(cand), dtype=bool)
+    draw = np.zeros(len(cand))
+    pieces = np.repeat(word_first[words], word_len[words]) + _ranges(word_len[words])
+    chosen[pieces] = True
+    draw[pieces] = np.repeat(word_choice, word_len[words])
+    return cand[chosen], draw[chosen]
+
+
+def _ranges(lengths: np.ndarray) -> np.ndarray:
+    """`[0, 1, ..., l0 - 1, 0, 1, ..., l1 - 1, ...]` for the given lengths."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    total = int(lengths.sum())
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.arange(total, dtype=np.int64) - starts
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+@dataclass(frozen=True)
+class ExampleBatch:
+    """Examples in flat arrays: row `r` is `input_ids[row_offsets[r]:row_offsets[r + 1]]` ([CLS] A [SEP] B [SEP]).
+
+    `masked_lm_*` are empty under dynamic masking; `word_starts` is there with whole-word masking.
+    Document indices refer to the `DocumentSet` the batch was built from; sentence indices are
+    relative to their documents.
+    """
+
+    input_ids: np.ndarray  # (N,) int32, masked
+    row_offsets: np.ndarray  # (B + 1,) int64
+    token_type_ids: np.ndarray  # (N,) int8
+    word_starts: np.ndarray | None  # (N,) bool
+    masked_lm_positions: np.ndarray  # (M,) int32, increasing within a row
+    masked_lm_ids: np.ndarray  # (M,) int32
+    mask_offsets: np.ndarray  # (B + 1,) int64
+    next_sentence_label: np.ndarray  # (B,) int8
+    a_doc: np.ndarray  # (B,) int64
+    a_sentence_start: np.ndarray
+    a_sentence_end: np.ndarray
+    b_doc: np.ndarray
+    b_sentence_start: np.ndarray
+    b_sentence_end: np.ndarray
+    pairs: _Pairs  # the rows' pairs (global sentence and token indices)
+
+    def __len__(self) -> int:
+        return len(self.row_offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.row_offsets)
+
+    def examples(self, docs: DocumentSet) -> Iterator[Example]:
+        """The rows as `Example`s (one Python object each: for tests and inspection, not for building)."""
+        for r in range(len(self)):
+            t0, t1 = self.row_offsets[r], self.row_offsets[r + 1]
+            m0, m1 = self.mask_offsets[r], self.mask_offsets[r + 1]
+            span = _pair_span(docs, self.pairs, r)
+            yield Example(
+                self.input_ids[t0:t1],
+                self.token_type_ids[t0:t1],
+                self.masked_lm_positions[m0:m1],
+                self.masked_lm_ids[m0:m1],
+                int(self.next_sentence_label[r]),
+                None if self.word_starts is None else self.word_starts[t0:t1],
+                docs.doc_ids[span.a_doc],
+                docs.doc_ids[span.b_doc],
+                span,
+            )
+
+
+def _assemble(
+    docs: DocumentSet,
+    pairs: _Pairs,
+    config: PretrainingDataConfig,
+    special: SpecialTokens,
+    rng: np.random.Generator,
+    source: tuple[np.ndarray, np.ndarray | None] | None = None,
+) -> ExampleBatch:
+    """`[CLS] A [SEP] B [SEP]` for every pair, masked unless masking is dynamic.
+
+    Each row is five runs of `source` (the shard's tokens followed by [CLS] and [SEP]): [CLS],
+    A, [SEP], B, [SEP]; one gather over the concatenated runs' indices makes every row at once.
+    """
+    tokens, starts = source or _sources(docs, special)
+    cls_at, sep_at = len(tokens) - 2, len(tokens) - 1
+    rows = len(pairs.a_doc)
+    a_len = (pairs.a_token_end - pairs.a_token_start).astype(np.int64)
+    b_len = (pairs.b_token_end - pairs.b_token_start).astype(np.int64)
+    run_start = np.empty((rows, 5), dtype=np.int64)
+    run_start[:, 0], run_start[:, 1], run_start[:, 2] = cls_at, pairs.a_token_start, sep_at
+    run_start[:, 3], run_start[:, 4] = pairs.b_token_start, sep_at
+    run_len = np.ones((rows, 5), dtype=np.int64)
+    run_len[:, 1], run_len[:, 3] = a_len, b_len
+    run_start, run_len = run_start.ravel(), run_len.ravel()
+    row_offsets = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(a_len + b_len + 3, out=row_offsets[1:])
+    # index = run start + position in the run: a running sum of ones, jumping at each run's start
+    step = np.ones(int(row_offsets[-1]), dtype=np.int64)
+    run_first = np.zeros(len(run_len), dtype=np.int64)
+    np.cumsum(run_len[:-1], out=run_first[1:])
+    step[run_first] = run_start - np.concatenate(([0], run_start[:-1] + run_len[:-1] - 1))
+    index = np.cumsum(step)
+    ids = tokens[index]
+    token_types = np.repeat(np.tile(np.array([0, 0, 0, 1, 1], dtype=np.int8), rows), run_len)
+    word_starts = None
+    if config.whole_word_masking:
+        assert starts is not None
+        word_starts = starts[index]
+        word_starts[run_first] = True  # a trimmed segment may start inside a word
+    if config.dynamic_masking:
+        masked = MaskedRows(ids, np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(rows + 1, np.int64))
+    else:
+        masked = mask_rows(ids, row_offsets, config, special, rng, word_starts)
+    a_first = docs.doc_sentences[pairs.a_doc]
+    b_first = docs.doc_sentences[pairs.b_doc]
+    return ExampleBatch(
+        masked.input_ids, row_offsets, token_types, word_starts,
+        masked.masked_lm_positions, masked.masked_lm_ids, masked.mask_offsets,
+        pairs.is_random_next.astype(np.int8),
+        pairs.a_doc.astype(np.int64), pairs.a_sentence_start - a_first, pairs.a_sentence_end - a_first,
+        pairs.b_doc.astype(np.int64), pairs.b_sentence_start - b_first, pairs.b_sentence_end - b_first,
+        pairs,
+    )
+
+
+def _sources(docs: DocumentSet, special: SpecialTokens) -> tuple[np.ndarray, np.ndarray | None]:
+    """The shard's tokens followed by [CLS] and [SEP] (and its word starts, followed by two Trues)."""
+    tokens = np.concatenate((docs.tokens, np.array([special.cls_id, special.sep_id], dtype=np.int32)))
+    starts = None if docs.word_starts is None else np.concatenate((docs.word_starts, [True, True]))
+    return tokens, starts
+
+
+def create_example_batches(
+    docs: DocumentSet,
+    config: PretrainingDataConfig,
+    special: SpecialTokens,
+    rng: np.random.Generator,
+    batch_rows: int = BATCH_ROWS,
+) -> Iterator[ExampleBatch]:
+    """All examples of a set of documents (one shard), in their final, shuffled order, `batch_rows` at a time.
+
+    Documents are shuffled, `dupe_factor` passes each draw new pairs, the pairs of all passes
+    are shuffled, and each batch is assembled and masked in that order. Only the pairs (eleven
+    int32 each) are held for the whole shard; examples are made a batch at a time.
+    """
+    if config.whole_word_masking and docs.word_starts is None:
+        raise InputError("whole-word masking needs word_starts on every document")
+    order = rng.permutation(len(docs)).tolist()
+    pairs = _draw_pairs(docs, order, config, rng, passes=config.dupe_factor)
+    pairs = pairs.take(rng.permutation(len(pairs.a_doc)))
+    source = _sources(docs, special)
+    for start in range(0, len(pairs.a_doc), batch_rows):
+        yield _assemble(docs, pairs.take(np.s_[start : start + batch_rows]), config, special, rng, source)
+
+
+def create_examples(
+    documents: Sequence[TokenizedDocument] | DocumentSet,
+    config: PretrainingDataConfig,
+    special: SpecialTokens,
+    rng: np.random.Generator,
+) -> Iterator[Example]:
+    """`create_example_batches`, one `Example` at a time (document indices refer to `documents`)."""
+    if not isinstance(documents, DocumentSet):
+        if config.whole_word_masking and any(d.word_starts is None for d in documents):
+            raise InputError("whole-word masking needs word_starts on every document")
+        documents = DocumentSet.of(documents)
+    for batch in create_example_batches(documents, config, special, rng):
+        yield from batch.examples(documents)
+
+
+# ----------------------------------------------------------------------------- one sequence (training time)
 
 
 def mask_sequence(
@@ -389,65 +962,3 @@ def mask_batch(
     return out
 
 
-def build_example(
-    documents: Sequence[TokenizedDocument],
-    span: PairSpan,
-    config: PretrainingDataConfig,
-    special: SpecialTokens,
-    rng: np.random.Generator,
-) -> Example:
-    """Assemble `[CLS] A [SEP] B [SEP]` for one span, masked unless masking is dynamic."""
-    a_doc, b_doc = documents[span.a_doc], documents[span.b_doc]
-    a = a_doc.tokens[span.a_token_start : span.a_token_end]
-    b = b_doc.tokens[span.b_token_start : span.b_token_end]
-    ids = np.concatenate(([special.cls_id], a, [special.sep_id], b, [special.sep_id])).astype(np.int32)
-    token_types = np.zeros(len(ids), dtype=np.int8)
-    token_types[len(a) + 2 :] = 1
-    word_starts = None
-    if config.whole_word_masking:
-        assert a_doc.word_starts is not None and b_doc.word_starts is not None
-        word_starts = np.concatenate(
-            (
-                [True],
-                a_doc.word_starts[span.a_token_start : span.a_token_end],
-                [True],
-                b_doc.word_starts[span.b_token_start : span.b_token_end],
-                [True],
-            )
-        ).astype(bool)
-        word_starts[[1, len(a) + 2]] = True  # a trimmed segment may start inside a word
-    if config.dynamic_masking:
-        positions = labels = np.zeros(0, np.int32)
-    else:
-        ids, positions, labels = mask_sequence(ids, config, special, rng, word_starts)
-    return Example(
-        ids, token_types, positions, labels, int(span.is_random_next), word_starts, a_doc.doc_id, b_doc.doc_id, span
-    )
-
-
-def create_examples(
-    documents: Sequence[TokenizedDocument],
-    config: PretrainingDataConfig,
-    special: SpecialTokens,
-    rng: np.random.Generator,
-) -> Iterator[Example]:
-    """All examples of a set of documents (one shard), in their final, shuffled order.
-
-    Documents are shuffled, `dupe_factor` passes each draw new pairs, the pairs of all passes
-    are shuffled, and each is assembled and masked in that order. Only the pair spans (eleven
-    integers each) are held for the whole shard; examples are produced one at a time.
-    """
-    if config.whole_word_masking and any(d.word_starts is None for d in documents):
-        raise InputError("whole-word masking needs word_starts on every document")
-    order = rng.permutation(len(documents))
-    shuffled = [documents[i] for i in order]
-    chunks = [np.zeros((0, len(PairSpan._fields)), dtype=np.int64)]
-    for _ in range(config.dupe_factor):
-        for doc_index in range(len(shuffled)):
-            spans = create_pair_spans(shuffled, doc_index, config, rng)
-            if spans:
-                chunks.append(np.array(spans, dtype=np.int64))
-    packed = np.concatenate(chunks)  # (pairs, 11) int64: 88 bytes a pair
-    for k in rng.permutation(len(packed)).tolist():
-        *fields, is_random_next = packed[k].tolist()
-        yield build_example(shuffled, PairSpan(*fields, bool(is_random_next)), config, special, rng)

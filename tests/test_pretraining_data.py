@@ -23,9 +23,12 @@ from bert.pretraining_data import (
     TokenizedDocument,
     create_examples,
     create_pair_spans,
+    encode_documents,
     mask_batch,
+    mask_rows,
     mask_sequence,
     truncate_seq_pair,
+    truncate_seq_pairs,
 )
 from bert.tokenizer import Tokenizer
 
@@ -272,3 +275,60 @@ def test_mask_sequence_whole_words_need_word_starts(special) -> None:
 def test_config_is_validated(field: str, value: float) -> None:
     with pytest.raises(InputError, match=field):
         PretrainingDataConfig(**{field: value})
+
+
+def test_encode_documents_gives_the_tokenizers_ids(datasets_dir: Path, tokenizer: Tokenizer) -> None:
+    """The shards stage's fast path (ids only, from the library) against `Tokenizer.encode_batch`, sentence by sentence."""
+    wiki = datasets_dir / "wikipedia_en_extract" / "AA"
+    stats = ReadStats()
+    docs = [(d.doc_id, d.sentences) for f in expand_inputs([wiki / "wiki_17.gz", wiki / "wiki_18.gz"])
+            for d in read_documents(f, stats)]
+    odd = ("odd:0", ("\u200b", "Caf\u00e9 na\u00efve \u00c5ngstr\u00f6m.", "\ud800 lone surrogate", "\u4e2d\u6587\u5b57",
+                     "x" * 150 + " long word", "\x00\x01", "[MASK] is text here."))
+    docs += [odd, ("nothing:0", ("\u200b", "\x00"))]
+    got, without_tokens = encode_documents(tokenizer, docs, word_starts=True)
+    assert without_tokens == 1 and got.doc_ids == [d for d, _ in docs[:-1]]
+    ids, starts = [], []
+    for _, sentences in docs[:-1]:
+        for e in tokenizer.encode_batch(list(sentences), add_special_tokens=False):
+            if e.ids:
+                ids.append(e.ids)
+                starts.append(e.word_starts)
+    assert np.diff(got.sentence_offsets).tolist() == [len(i) for i in ids]
+    assert got.tokens.tolist() == [t for i in ids for t in i]
+    assert got.word_starts is not None and got.word_starts.tolist() == [w for s in starts for w in s]
+    assert got.document(len(got) - 1).num_sentences == 5  # "\u200b" and "\x00\x01" have no token
+
+
+def test_truncate_seq_pairs_is_the_one_token_at_a_time_rule() -> None:
+    """The closed form ends where the original's loop ends, for every pair of lengths up to 40."""
+    a, b = np.meshgrid(np.arange(1, 41), np.arange(1, 41))
+    a, b = a.ravel(), b.ravel()
+    af, ab, bf, bb = truncate_seq_pairs(a, b, 29, np.random.default_rng(0))
+    for i in range(len(a)):
+        la, lb = int(a[i]), int(b[i])
+        while la + lb > 29:  # the original: the longer loses a token, B on a tie
+            if la > lb:
+                la -= 1
+            else:
+                lb -= 1
+        assert (a[i] - af[i] - ab[i], b[i] - bf[i] - bb[i]) == (la, lb)
+    fronts, trimmed = (af + bf).sum(), (af + ab + bf + bb).sum()
+    assert abs(fronts / trimmed - 0.5) < 0.01  # front or back with probability one half
+
+
+def test_mask_rows_chooses_uniformly(special) -> None:
+    """Each non-special position of a row is chosen equally often; the count per row is the rule's."""
+    config = PretrainingDataConfig(max_predictions_per_seq=5)
+    row = np.array([special.cls_id, *range(2000, 2030), special.sep_id, *range(3000, 3010), special.sep_id])
+    rows = np.tile(row, 4000)
+    offsets = np.arange(4001) * len(row)
+    masked = mask_rows(rows, offsets, config, special, np.random.default_rng(0))
+    assert (np.diff(masked.mask_offsets) == 5).all()  # min(5, round(40 * 0.15)) = 5
+    positions = masked.masked_lm_positions.reshape(4000, 5)
+    assert (np.diff(positions, axis=1) > 0).all()
+    hits = np.bincount(positions.ravel(), minlength=len(row))
+    assert hits[[0, 31, 42]].sum() == 0
+    expected = 4000 * 5 / 40
+    assert np.abs(hits[np.r_[1:31, 32:42]] / expected - 1).max() < 0.2
+    assert np.array_equal(masked.masked_lm_ids, rows[(offsets[:-1, None] + positions).ravel()])

@@ -3,23 +3,28 @@
 Two Ray Data passes, both streaming, neither holding more than one file or one shard:
 
 1. **Tokenize** — one row per input file (`ray.data.from_items(files).map(...)`). A task reads
-   the file's documents (`bert.corpus`), tokenizes their sentences and appends each document
-   to the bucket of its shard: `_buckets/<shard>/<file index>.parquet`. A document's shard is
-   a blake2b hash of its `doc_id`, so it does not depend on which worker read it.
+   the file's documents (`bert.corpus`), tokenizes their sentences about 1 MiB of text at a
+   time (`bert.pretraining_data.encode_documents`: ids only, no Python object per token) and
+   appends each document to the bucket of its shard: `_buckets/<shard>/<file index>.parquet`,
+   flat columns (the document's tokens, its sentence lengths). A document's shard is a
+   blake2b hash of its `doc_id`, so it does not depend on which worker read it.
 2. **Build** — one row per shard. A task reads its buckets in the canonical order (by file
-   index, then document order within the file), creates the examples with
-   `bert.pretraining_data.create_examples` and a generator seeded from `(seed, shard)`, and
-   writes `part-<shard>.parquet` under a temporary name, then renames it.
+   index, then document order within the file) into one `DocumentSet`, creates the examples
+   with `bert.pretraining_data.create_example_batches` and a generator seeded from
+   `(seed, shard)`, `ROW_GROUP_ROWS` at a time as flat arrays that become Arrow columns
+   without a Python object per example, and writes `part-<shard>.parquet` under a temporary
+   name, then renames it.
 
 Every random draw of a shard comes from its own generator, and every input to it is read in
 an order fixed by the corpus alone, so the same corpus, config and shard count give
 byte-identical part files whatever the number of workers, CPUs or blocks.
 
-Memory: pass 1 flushes its buckets every `_BUCKET_FLUSH_TOKENS` tokens; pass 2 holds one
-shard's token ids (4 bytes a token) and its pair spans (88 bytes a pair), and writes examples
-out in row groups. The default shard count keeps a shard near `SHARD_TEXT_BYTES` of text, so
-the peak memory of a build depends on the shard size and the number of concurrent tasks,
-not on the corpus size.
+Memory: pass 1 holds one batch of a file's documents and flushes its buckets every
+`_BUCKET_FLUSH_TOKENS` tokens; pass 2 holds one shard's token ids (4 bytes a token, 5 with
+whole-word masking), its sentence offsets (8 bytes a sentence), its pairs (44 bytes a pair)
+and one row group of examples. The default shard count keeps a shard near
+`SHARD_TEXT_BYTES` of text, so the peak memory of a build depends on the shard size and the
+number of concurrent tasks, not on the corpus size.
 
 The output obeys the output rule (`pipelines.outdir.atomic_output`): it must be new and
 disjoint from the inputs, is locked while the build runs, is built in a temporary sibling and
@@ -35,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -48,24 +52,38 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bert.corpus import CorpusConfig, InputFile, ReadStats, expand_inputs, probe_file, read_documents
+from bert.corpus import (
+    CorpusConfig,
+    InputFile,
+    ReadStats,
+    expand_inputs,
+    probe_file,
+    read_documents,
+)
 from bert.errors import InputError
 from bert.fsutil import sha256_file, write_json_atomic
-from bert.shards import FORMAT, MANIFEST, TOKENIZER_DIR, example_schema
 from bert.pretraining_data import (
-    Example,
+    DocumentSet,
+    ExampleBatch,
     PretrainingDataConfig,
     SpecialTokens,
-    TokenizedDocument,
-    create_examples,
+    create_example_batches,
+    encode_documents,
 )
+from bert.shards import FORMAT, MANIFEST, TOKENIZER_DIR, example_schema
 
 JOB = "shards build"  # the command, as the output rule names it
 SHARD_TEXT_BYTES = 32 << 20  # default shard size: about 32 MiB of text, ~120 MB to build
 ROW_GROUP_ROWS = 4096  # examples per parquet row group
 HISTOGRAM_BINS = 16
-_BUCKET_FLUSH_TOKENS = 1 << 20  # pass 1 writes its pending documents out at this many tokens (~40 MB)
-_ENCODE_BATCH_SENTENCES = 4096  # sentences per tokenizer call in pass 1
+PARQUET_OPTIONS: dict[str, Any] = {  # of the part files: zstd, dictionaries only where they pay, no min/max statistics
+    "compression": "zstd",
+    "compression_level": 1,
+    "use_dictionary": ["a_doc_id", "b_doc_id"],
+    "write_statistics": False,
+}
+_BUCKET_FLUSH_TOKENS = 1 << 22  # pass 1 writes its pending documents out at this many tokens (~16 MB)
+_ENCODE_BATCH_CHARS = 1 << 20  # pass 1 tokenizes a file's documents about 1 MiB of text at a time
 
 
 def shard_of(doc_id: str, num_shards: int) -> int:
@@ -263,11 +281,19 @@ def _cached_tokenizer(tokenizer_dir: str) -> Any:
 def _bucket_schema(word_starts: bool) -> pa.Schema:
     fields = [
         pa.field("doc_id", pa.string()),
-        pa.field("sentences", pa.list_(pa.list_(pa.int32()))),
+        pa.field("tokens", pa.list_(pa.int32())),  # the document's tokens, back to back
+        pa.field("sentence_lengths", pa.list_(pa.int32())),  # tokens per sentence
     ]
     if word_starts:
-        fields.append(pa.field("word_starts", pa.list_(pa.list_(pa.bool_()))))
+        fields.append(pa.field("word_starts", pa.list_(pa.bool_())))
     return pa.schema(fields)
+
+
+def _list_array(values: np.ndarray, lengths: np.ndarray, dtype: pa.DataType) -> pa.Array:
+    """A list array from flat values and the list lengths (no Python object per element)."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=dtype))
 
 
 class _BucketWriter:
@@ -282,15 +308,16 @@ class _BucketWriter:
         self.file_index = file_index
         self.num_shards = num_shards
         self.schema = _bucket_schema(word_starts)
-        self.word_starts = word_starts
-        self.pending: dict[int, list[tuple[str, list[list[int]], list[list[bool]] | None]]] = {}
+        self.pending: dict[int, list[DocumentSet]] = {}
         self.pending_tokens = 0
         self.writers: dict[int, pq.ParquetWriter] = {}
 
-    def add(self, doc_id: str, sentences: list[list[int]], word_starts: list[list[bool]] | None) -> None:
-        shard = shard_of(doc_id, self.num_shards)
-        self.pending.setdefault(shard, []).append((doc_id, sentences, word_starts))
-        self.pending_tokens += sum(map(len, sentences))
+    def add(self, docs: DocumentSet) -> None:
+        """Route each document of `docs` to its shard's bucket."""
+        shards = np.array([shard_of(doc_id, self.num_shards) for doc_id in docs.doc_ids], dtype=np.int64)
+        for shard in np.unique(shards).tolist():
+            self.pending.setdefault(shard, []).append(_select(docs, np.flatnonzero(shards == shard)))
+        self.pending_tokens += len(docs.tokens)
         if self.pending_tokens >= _BUCKET_FLUSH_TOKENS:
             self._flush()
 
@@ -300,17 +327,53 @@ class _BucketWriter:
             writer.close()
 
     def _flush(self) -> None:
-        for shard, docs in sorted(self.pending.items()):
-            columns: dict[str, Any] = {"doc_id": [d[0] for d in docs], "sentences": [d[1] for d in docs]}
-            if self.word_starts:
-                columns["word_starts"] = [d[2] for d in docs]
+        for shard, parts in sorted(self.pending.items()):
+            docs = _concat(parts)
+            sentences_per_doc = np.diff(docs.doc_sentences)
+            columns = [
+                pa.array(docs.doc_ids, pa.string()),
+                _list_array(docs.tokens, np.diff(docs.doc_tokens), pa.int32()),
+                _list_array(np.diff(docs.sentence_offsets).astype(np.int32), sentences_per_doc, pa.int32()),
+            ]
+            if docs.word_starts is not None:
+                columns.append(_list_array(docs.word_starts, np.diff(docs.doc_tokens), pa.bool_()))
             if shard not in self.writers:
                 path = self.buckets / f"{shard:05d}" / f"{self.file_index:06d}.parquet"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self.writers[shard] = pq.ParquetWriter(path, self.schema)
-            self.writers[shard].write_table(pa.Table.from_pydict(columns, schema=self.schema))
+                self.writers[shard] = pq.ParquetWriter(path, self.schema, compression="none", use_dictionary=False)
+            self.writers[shard].write_table(pa.Table.from_arrays(columns, schema=self.schema))
         self.pending.clear()
         self.pending_tokens = 0
+
+
+def _select(docs: DocumentSet, index: np.ndarray) -> DocumentSet:
+    """The documents `index` (increasing) of `docs`, as a new set."""
+    tok_first, tok_last = docs.doc_tokens[index], docs.doc_tokens[index + 1]
+    sent_first, sent_last = docs.doc_sentences[index], docs.doc_sentences[index + 1]
+    tokens = np.concatenate([docs.tokens[a:b] for a, b in zip(tok_first.tolist(), tok_last.tolist())])
+    lengths = np.diff(docs.sentence_offsets)
+    sentence_lengths = np.concatenate([lengths[a:b] for a, b in zip(sent_first.tolist(), sent_last.tolist())])
+    starts = None
+    if docs.word_starts is not None:
+        starts = np.concatenate([docs.word_starts[a:b] for a, b in zip(tok_first.tolist(), tok_last.tolist())])
+    return DocumentSet.from_lengths([docs.doc_ids[i] for i in index.tolist()], tokens, sentence_lengths,
+                                    sent_last - sent_first, starts)
+
+
+def _concat(sets: Sequence[DocumentSet]) -> DocumentSet:
+    """Document sets one after the other."""
+    if len(sets) == 1:
+        return sets[0]
+    starts = None
+    if sets[0].word_starts is not None:
+        starts = np.concatenate([s.word_starts for s in sets])  # type: ignore[misc]
+    return DocumentSet.from_lengths(
+        [doc_id for s in sets for doc_id in s.doc_ids],
+        np.concatenate([s.tokens for s in sets]),
+        np.concatenate([np.diff(s.sentence_offsets) for s in sets]),
+        np.concatenate([np.diff(s.doc_sentences) for s in sets]),
+        starts,
+    )
 
 
 def _tokenize_file(
@@ -322,7 +385,7 @@ def _tokenize_file(
     word_starts: bool,
     corpus_config: CorpusConfig,
 ) -> dict[str, Any]:
-    """Pass 1 for one input file; returns its fingerprint and counts."""
+    """Pass 1 for one input file; returns its fingerprint and counts (and the input error it met, if any)."""
     tok = _cached_tokenizer(tokenizer_dir)
     file = InputFile(Path(row["path"]), row["name"])
     stats = ReadStats()
@@ -330,30 +393,22 @@ def _tokenize_file(
     counts = {"tokens": 0, "tokenized_documents": 0, "documents_without_tokens": 0}
 
     def encode(batch: list[tuple[str, tuple[str, ...]]]) -> None:
-        encodings = tok.encode_batch([s for _, sentences in batch for s in sentences], add_special_tokens=False)
-        k = 0
-        for doc_id, sentences in batch:
-            encs = encodings[k : k + len(sentences)]
-            k += len(sentences)
-            ids = [e.ids for e in encs if len(e.ids)]
-            if not ids:
-                counts["documents_without_tokens"] += 1
-                continue
-            starts = [list(e.word_starts) for e in encs if len(e.ids)] if word_starts else None
-            writer.add(doc_id, ids, starts)
-            counts["tokens"] += sum(map(len, ids))
-            counts["tokenized_documents"] += 1
+        docs, without_tokens = encode_documents(tok, batch, word_starts)
+        counts["documents_without_tokens"] += without_tokens
+        counts["tokens"] += len(docs.tokens)
+        counts["tokenized_documents"] += len(docs)
+        writer.add(docs)
 
     batch: list[tuple[str, tuple[str, ...]]] = []
-    batch_sentences = 0
+    batch_chars = 0
     error = ""
     try:
         for doc in read_documents(file, stats, corpus_config):
             batch.append((doc.doc_id, doc.sentences))
-            batch_sentences += len(doc.sentences)
-            if batch_sentences >= _ENCODE_BATCH_SENTENCES:
+            batch_chars += sum(map(len, doc.sentences))
+            if batch_chars >= _ENCODE_BATCH_CHARS:
                 encode(batch)
-                batch, batch_sentences = [], 0
+                batch, batch_chars = [], 0
     except InputError as exc:  # reported by the driver as it is: Ray would wrap it beyond recognition
         error = str(exc)
     if batch:
@@ -375,62 +430,54 @@ def _tokenize_file(
 # pass 2: one shard's buckets -> its examples in part-<shard>.parquet
 
 
-def read_bucket_documents(paths: Iterable[Path], word_starts: bool) -> list[TokenizedDocument]:
-    """The documents of bucket files, in the order given and the order within each file.
-
-    Token ids stay in the Arrow buffers: each document's arrays are zero-copy views.
-    """
-    docs: list[TokenizedDocument] = []
+def read_bucket_documents(paths: Iterable[Path], word_starts: bool) -> DocumentSet:
+    """The documents of bucket files, in the order given and the order within each file, as one set."""
+    doc_ids: list[str] = []
+    tokens, sentence_lengths, sentences_per_doc, starts = [], [], [], []
     for path in paths:
         table = pq.read_table(path)
-        doc_ids = table.column("doc_id").to_pylist()
-        sentences = table.column("sentences").combine_chunks()
-        doc_offsets = sentences.offsets.to_numpy()
-        sentence_offsets = sentences.values.offsets.to_numpy()
-        tokens = sentences.values.values.to_numpy()
-        starts = None
+        doc_ids += table.column("doc_id").to_pylist()
+        column = table.column("tokens").combine_chunks()
+        tokens.append(column.values.to_numpy())
+        column = table.column("sentence_lengths").combine_chunks()
+        sentence_lengths.append(column.values.to_numpy())
+        sentences_per_doc.append(np.diff(column.offsets.to_numpy()))
         if word_starts:
-            starts = table.column("word_starts").combine_chunks().values.values.to_numpy(zero_copy_only=False)
-        for d, doc_id in enumerate(doc_ids):
-            s0, s1 = doc_offsets[d], doc_offsets[d + 1]
-            t0, t1 = sentence_offsets[s0], sentence_offsets[s1]
-            docs.append(
-                TokenizedDocument(
-                    doc_id,
-                    tokens[t0:t1],
-                    (sentence_offsets[s0 : s1 + 1] - t0).astype(np.int64),
-                    None if starts is None else starts[t0:t1],
-                )
-            )
-    return docs
+            starts.append(table.column("word_starts").combine_chunks().values.to_numpy(zero_copy_only=False))
+    if not doc_ids:
+        return DocumentSet.from_lengths([], np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                        np.zeros(0, bool) if word_starts else None)
+    return DocumentSet.from_lengths(
+        doc_ids,
+        np.concatenate(tokens),
+        np.concatenate(sentence_lengths),
+        np.concatenate(sentences_per_doc),
+        np.concatenate(starts) if word_starts else None,
+    )
 
 
-def _list_array(arrays: list[np.ndarray], dtype: pa.DataType) -> pa.Array:
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    values = np.concatenate(arrays) if arrays else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=dtype))
-
-
-def _examples_table(examples: list[Example], schema: pa.Schema) -> pa.Table:
-    spans = [e.span for e in examples]
+def _examples_table(batch: ExampleBatch, doc_ids: pa.Array, schema: pa.Schema) -> pa.Table:
+    """A batch as an Arrow table of the part schema, straight from its flat arrays."""
+    lengths = batch.lengths
+    predictions = np.diff(batch.mask_offsets)
     columns: dict[str, pa.Array] = {
-        "input_ids": _list_array([e.input_ids for e in examples], pa.int32()),
-        "token_type_ids": _list_array([e.token_type_ids for e in examples], pa.int8()),
-        "masked_lm_positions": _list_array([e.masked_lm_positions for e in examples], pa.int32()),
-        "masked_lm_ids": _list_array([e.masked_lm_ids for e in examples], pa.int32()),
-        "next_sentence_label": pa.array([e.next_sentence_label for e in examples], pa.int8()),
-        "length": pa.array([len(e.input_ids) for e in examples], pa.int32()),
+        "input_ids": _list_array(batch.input_ids, lengths, pa.int32()),
+        "token_type_ids": _list_array(batch.token_type_ids, lengths, pa.int8()),
+        "masked_lm_positions": _list_array(batch.masked_lm_positions, predictions, pa.int32()),
+        "masked_lm_ids": _list_array(batch.masked_lm_ids, predictions, pa.int32()),
+        "next_sentence_label": pa.array(batch.next_sentence_label, pa.int8()),
+        "length": pa.array(lengths.astype(np.int32), pa.int32()),
     }
     if "word_starts" in schema.names:
-        columns["word_starts"] = _list_array([e.word_starts for e in examples], pa.bool_())  # type: ignore[misc]
+        assert batch.word_starts is not None
+        columns["word_starts"] = _list_array(batch.word_starts, lengths, pa.bool_())
     columns |= {
-        "a_doc_id": pa.array([e.a_doc_id for e in examples], pa.string()),
-        "a_sentence_start": pa.array([s.a_sentence_start for s in spans], pa.int32()),
-        "a_sentence_end": pa.array([s.a_sentence_end for s in spans], pa.int32()),
-        "b_doc_id": pa.array([e.b_doc_id for e in examples], pa.string()),
-        "b_sentence_start": pa.array([s.b_sentence_start for s in spans], pa.int32()),
-        "b_sentence_end": pa.array([s.b_sentence_end for s in spans], pa.int32()),
+        "a_doc_id": doc_ids.take(pa.array(batch.a_doc)),
+        "a_sentence_start": pa.array(batch.a_sentence_start.astype(np.int32), pa.int32()),
+        "a_sentence_end": pa.array(batch.a_sentence_end.astype(np.int32), pa.int32()),
+        "b_doc_id": doc_ids.take(pa.array(batch.b_doc)),
+        "b_sentence_start": pa.array(batch.b_sentence_start.astype(np.int32), pa.int32()),
+        "b_sentence_end": pa.array(batch.b_sentence_end.astype(np.int32), pa.int32()),
     }
     return pa.table(columns, schema=schema)
 
@@ -447,17 +494,19 @@ class _ShardStats:
         )
         self.length_counts = np.zeros(config.max_seq_length + 1, dtype=np.int64)
 
-    def add(self, e: Example) -> None:
+    def add(self, batch: ExampleBatch) -> None:
         c = self.counts
-        c["examples"] += 1
-        c["example_tokens"] += len(e.input_ids)
-        c["random_next"] += e.next_sentence_label
-        self.length_counts[len(e.input_ids)] += 1
-        got = e.input_ids[e.masked_lm_positions]
+        lengths = batch.lengths
+        c["examples"] += len(batch)
+        c["example_tokens"] += int(lengths.sum())
+        c["random_next"] += int(batch.next_sentence_label.sum())
+        self.length_counts += np.bincount(lengths, minlength=len(self.length_counts))
+        row = np.repeat(np.arange(len(batch)), np.diff(batch.mask_offsets))
+        got = batch.input_ids[batch.row_offsets[:-1][row] + batch.masked_lm_positions]
         is_mask = got == self.special.mask_id
-        is_keep = got == e.masked_lm_ids
+        is_keep = got == batch.masked_lm_ids
         # the tokens that could be masked: non-special now, or non-special before being masked
-        c["predictable_tokens"] += int((~self.special.is_special[e.input_ids]).sum() + is_mask.sum())
+        c["predictable_tokens"] += int((~self.special.is_special[batch.input_ids]).sum() + is_mask.sum())
         c["masked"] += len(got)
         c["masked_mask"] += int(is_mask.sum())
         c["masked_keep"] += int(is_keep.sum())
@@ -470,32 +519,29 @@ def _build_shard(
     """Pass 2 for one shard: read its buckets, create its examples, write its part file."""
     shard = row["shard"]
     paths = sorted((Path(buckets) / f"{shard:05d}").glob("*.parquet"))  # zero-padded file index
-    documents = read_bucket_documents(paths, config.whole_word_masking)
+    docs = read_bucket_documents(paths, config.whole_word_masking)
+    doc_ids = pa.array(docs.doc_ids, pa.string())
     rng = np.random.default_rng([config.seed, shard])
     schema = example_schema(config.whole_word_masking)
     name = f"part-{shard:05d}.parquet"
     final = Path(out) / name
     tmp = final.with_name(f".{name}.tmp")
     stats = _ShardStats(config, special)
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        batch: list[Example] = []
-        for example in create_examples(documents, config, special, rng):
-            stats.add(example)
-            batch.append(example)
-            if len(batch) == ROW_GROUP_ROWS:
-                writer.write_table(_examples_table(batch, schema), row_group_size=ROW_GROUP_ROWS)
-                batch = []
-        if batch or stats.counts["examples"] == 0:
-            writer.write_table(_examples_table(batch, schema), row_group_size=ROW_GROUP_ROWS)
+    with pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS) as writer:
+        for batch in create_example_batches(docs, config, special, rng, batch_rows=ROW_GROUP_ROWS):
+            stats.add(batch)
+            writer.write_table(_examples_table(batch, doc_ids, schema), row_group_size=ROW_GROUP_ROWS)
+        if stats.counts["examples"] == 0:
+            writer.write_table(schema.empty_table())
     os.replace(tmp, final)
     return {
         "shard": shard,
         "part": name,
         "bytes": final.stat().st_size,
         "sha256": sha256_file(final),
-        "documents": len(documents),
-        "sentences": sum(d.num_sentences for d in documents),
-        "tokens": sum(len(d.tokens) for d in documents),
+        "documents": len(docs),
+        "sentences": len(docs.sentence_offsets) - 1,
+        "tokens": len(docs.tokens),
         **stats.counts,
         "length_counts": stats.length_counts.tolist(),
     }
