@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "pipelines.commands.shards",
     "pipelines.commands.pretrain",
     "pipelines.commands.finetune",
+    "pipelines.commands.sweep",
     "pipelines.commands.predict",
     "pipelines.commands.pipeline",
 )

@@ -8,6 +8,7 @@
 | `pretrain` | `shards`, `init`, `val` (both optional) | `checkpoint/`, `pretrain_manifest.json` | `pipelines.jobs.pretrain.run_pretraining` |
 | `random_init` | `tokenizer` | `checkpoint/`: a model of a preset shape, randomly initialised (a from-scratch baseline) | `bert.model.BertForPreTraining` |
 | `finetune` | `checkpoint`, `data` (both optional) | one node per task x seed: `metrics.json`, `predictions.jsonl`, `checkpoint/` | `pipelines.jobs.finetune.run_finetune` |
+| `sweep` | `checkpoint`, `data` (both optional) | one node (one task): `sweep.json`, `trials.csv`, `sweep.png`, `best/` | `pipelines.jobs.sweep.run_sweep` (`pipelines/dag/sweep_stage.py`) |
 | `report` | any stages | `report.md`, `results.json`, `pretrain_curves.png` | `pipelines.dag.report.write_report` |
 
 A kind is a row of `KINDS`: its code version, its function, its input roles, its Ray resources,
@@ -41,6 +42,7 @@ from bert.pretraining_data import PretrainingDataConfig
 from pipelines.dag.graph import Stage, StageContext
 from pipelines.dag.pydoc_corpus import PydocCorpusConfig, pydoc_corpus
 from pipelines.dag.spec import Spec, StageSpec, check_value, expand_path, split_section
+from pipelines.dag.sweep_stage import configure_sweep, sweep_stage
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -444,6 +446,7 @@ KINDS: dict[str, StageKind] = {
         StageKind("random_init", 1, random_init_stage, ("tokenizer",), ("tokenizer",), {"num_cpus": 1},
                   configure_random_init),
         StageKind("finetune", 1, finetune_stage, ("checkpoint", "data"), (), {"num_cpus": 0}, configure_finetune),
+        StageKind("sweep", 1, sweep_stage, ("checkpoint", "data"), (), {"num_cpus": 0}, configure_sweep),
         StageKind("report", 1, report_stage, (), (), {"num_cpus": 0}, configure_report),
     )
 }
