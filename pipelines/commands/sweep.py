@@ -51,13 +51,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_sweep_command(args: argparse.Namespace) -> int:
     from pipelines.config_args import dataclass_from_args
     from pipelines.jobs.configs import FinetuneConfig
-    from pipelines.jobs.sweep_space import SweepOptions
+    from pipelines.jobs.sweep_space import SweepOptions, resolve_space
 
     base = dataclass_from_args(FinetuneConfig, args, seeds=None)
     options = dataclass_from_args(SweepOptions, args)
-    from pipelines.jobs.sweep import run_sweep  # Ray Tune and torch: only once the options are good
+    space = resolve_space(options, base)  # a bad space file fails here, before Ray Tune and torch load
+    from pipelines.jobs.sweep import run_sweep
 
-    result = run_sweep(base, options)
+    result = run_sweep(base, options, space)
     print(f"[sweep] outputs in {base.out}: trials.csv, sweep.json, sweep.png"
           + (", best/" if result["rerun"] else ""), flush=True)
     return 0

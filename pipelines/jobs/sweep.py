@@ -181,7 +181,7 @@ def _search(ctx: dict[str, Any], options: SweepOptions, plans: list[dict[str, An
         tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": 0.01}),
         param_space={"plan": tune.grid_search(tune_plans)},
         tune_config=tune.TuneConfig(metric=ctx["metric"], mode="max", scheduler=scheduler,
-                                    max_concurrent_trials=concurrency, reuse_actors=True,
+                                    max_concurrent_trials=concurrency, reuse_actors=False,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name="sweep", storage_path=str(out / TUNE_DIR), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=options.trial_retries),

@@ -135,7 +135,7 @@ def load_space_file(path: str | Path, base: FinetuneConfig) -> Space:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML: {exc}") from None
+        raise InputError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     return parse_space(raw, str(path), base)
 
 
