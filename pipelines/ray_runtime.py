@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ def start_local_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None
     """
     import ray
 
+    prune_ray_sessions()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -60,6 +63,41 @@ def start_local_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = saved
+
+
+RAY_TEMP_ROOT = Path("/tmp/ray")  # Ray's default temp root: one session dir (logs, sockets) per runtime
+STALE_SESSION_SECONDS = 600
+
+
+def prune_ray_sessions(root: Path = RAY_TEMP_ROOT) -> list[Path]:
+    """Remove the session dirs of local Ray runtimes that are gone (each run adds one, tens of MB of logs).
+
+    A session is live while any process names its dir on its command line (Ray's raylet and GCS
+    are started with `--session_dir`); a dir no process names, untouched for 10 minutes, belongs
+    to a runtime that has exited. Failing to inspect or remove anything is never an error.
+    """
+    if not root.is_dir():
+        return []
+    try:
+        live = set()
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+                except OSError:
+                    continue
+                live.update(part for part in cmdline.split("\0") if "/session_" in part)
+        removed = []
+        for session in root.glob("session_2*"):
+            if session.is_symlink() or any(str(session) in arg for arg in live):
+                continue
+            if time.time() - session.stat().st_mtime < STALE_SESSION_SECONDS:
+                continue
+            shutil.rmtree(session, ignore_errors=True)
+            removed.append(session)
+        return removed
+    except OSError:
+        return []
 
 
 def worker_progress(message: str) -> None:

@@ -243,3 +243,24 @@ def test_pretrain_killed_resumes_from_the_newest_checkpoint_on_disk(ray_local, s
     assert loss_steps == list(range(1, 121))  # every step once
     assert len(runs_tagged(out)) == 1
     assert not (out / "_tmp").exists()
+
+
+def test_stale_ray_sessions_are_pruned_and_live_ones_kept(tmp_path):
+    """Finding 12: /tmp/ray grew by a session dir per run; a new local runtime removes those of exited ones."""
+    from pipelines.ray_runtime import prune_ray_sessions
+
+    stale, live, fresh = (tmp_path / f"session_2026-01-01_00-00-0{i}_1_{i}" for i in range(3))
+    for session in (stale, live, fresh):
+        (session / "logs").mkdir(parents=True)
+        (session / "logs" / "raylet.out").write_text("log")
+    for session in (stale, live):
+        os.utime(session, (time.time() - 3600, time.time() - 3600))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--session_dir={live}"])
+    try:
+        wait_for(lambda: str(live) in Path(f"/proc/{holder.pid}/cmdline").read_bytes().decode(errors="replace"), 10,
+                 "the holder process")
+        assert prune_ray_sessions(tmp_path) == [stale]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not stale.exists() and live.exists() and fresh.exists()  # fresh: maybe a runtime still starting
