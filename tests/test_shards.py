@@ -362,3 +362,14 @@ def gzip_bytes(data: bytes) -> bytes:
     import gzip
 
     return gzip.compress(data)
+
+
+def test_file_blocks_are_contiguous_runs_of_about_equal_text() -> None:
+    from pipelines.jobs.shards import file_blocks
+
+    for sizes, blocks in (([1] * 10, 3), ([5, 1, 1, 1, 1, 1], 3), ([1, 1, 1], 5), ([0, 0, 0], 2), ([7], 4)):
+        runs = file_blocks(sizes, blocks)
+        assert [i for run in runs for i in run] == list(range(len(sizes)))  # every file once, in order
+        assert all(len(run) for run in runs) and len(runs) == min(blocks, len(sizes))
+    assert file_blocks([1] * 10, 3) == [range(0, 4), range(4, 7), range(7, 10)]
+    assert file_blocks([5, 1, 1, 1, 1, 1], 3) == [range(0, 1), range(1, 3), range(3, 6)]

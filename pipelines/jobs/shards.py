@@ -1,15 +1,18 @@
 """Shards stage: corpus files -> MLM/NSP examples in `part-*.parquet` (DESIGN.md, "Shards dir").
 
-Two Ray Data passes, both streaming, neither holding more than one file or one shard:
+Two passes of Ray tasks (`_map_tasks`), neither holding more than a batch of one file or one shard:
 
-1. **Tokenize** — one row per input file (`ray.data.from_items(files).map(...)`). A task reads
-   the file's documents (`bert.corpus`), tokenizes their sentences about 1 MiB of text at a
-   time (`bert.pretraining_data.encode_documents`: ids only, no Python object per token) and
-   appends each document to the bucket of its shard: `_buckets/<shard>/<file index>.parquet`,
-   flat columns (the document's tokens, its sentence lengths). A document's shard is a
-   blake2b hash of its `doc_id`, so it does not depend on which worker read it.
-2. **Build** — one row per shard. A task reads its buckets in the canonical order (by file
-   index, then document order within the file) into one `DocumentSet`, creates the examples
+1. **Tokenize** — one task per run of consecutive input files (`file_blocks`: a few runs per
+   CPU, of about equal text size). A task reads each file's documents (`bert.corpus`),
+   tokenizes their sentences about 1 MiB of text at a time
+   (`bert.pretraining_data.encode_documents`: ids only, no Python object per token) and
+   appends each document to the bucket of its shard: `_buckets/<shard>/<first file index of
+   the run>.parquet`, flat columns (the document's tokens, its sentence lengths). A
+   document's shard is a blake2b hash of its `doc_id`, so it does not depend on which worker
+   read it; runs instead of single files keep the number of bucket files near
+   runs x shards, not files x shards.
+2. **Build** — one task per shard. A task reads its buckets in the canonical order (by first
+   file index, then document order within the run) into one `DocumentSet`, creates the examples
    with `bert.pretraining_data.create_example_batches` and a generator seeded from
    `(seed, shard)`, `ROW_GROUP_ROWS` at a time as flat arrays that become Arrow columns
    without a Python object per example, and writes `part-<shard>.parquet` under a temporary
@@ -92,22 +95,41 @@ def shard_of(doc_id: str, num_shards: int) -> int:
     return struct.unpack("<Q", digest)[0] % num_shards
 
 
-def default_num_shards(files: Sequence[InputFile]) -> int:
-    """One shard per `SHARD_TEXT_BYTES` of text, estimated from the files without reading them.
+def text_bytes(file: InputFile) -> int:
+    """A file's text size, estimated without reading it.
 
     A gzip file's size is taken from its trailer (the uncompressed size modulo 4 GiB); a
     parquet file's text is estimated at three times its size.
     """
-    total = 0
-    for f in files:
-        size = f.path.stat().st_size
-        with open(f.path, "rb") as fh:
-            magic = fh.read(2)
-            if magic == b"\x1f\x8b" and size >= 18:
-                fh.seek(-4, os.SEEK_END)
-                size = max(size, struct.unpack("<I", fh.read(4))[0])
-        total += size * 3 if f.path.name.lower().endswith(".parquet") else size
-    return max(1, math.ceil(total / SHARD_TEXT_BYTES))
+    size = file.path.stat().st_size
+    with open(file.path, "rb") as fh:
+        magic = fh.read(2)
+        if magic == b"\x1f\x8b" and size >= 18:
+            fh.seek(-4, os.SEEK_END)
+            size = max(size, struct.unpack("<I", fh.read(4))[0])
+    return size * 3 if file.path.name.lower().endswith(".parquet") else size
+
+
+def default_num_shards(files: Sequence[InputFile]) -> int:
+    """One shard per `SHARD_TEXT_BYTES` of text, estimated from the files without reading them."""
+    return max(1, math.ceil(sum(map(text_bytes, files)) / SHARD_TEXT_BYTES))
+
+
+def file_blocks(sizes: Sequence[int], blocks: int) -> list[range]:
+    """The file list cut into at most `blocks` contiguous runs of about equal text size (none empty)."""
+    blocks = max(1, min(blocks, len(sizes)))
+    total = sum(sizes) or 1
+    runs: list[range] = []
+    start, seen = 0, 0
+    for i, size in enumerate(sizes):
+        seen += size
+        left = len(sizes) - i - 1  # files after this one
+        if len(runs) < blocks - 1 and (seen * blocks >= total * (len(runs) + 1) or left == blocks - 1 - len(runs)):
+            runs.append(range(start, i + 1))
+            start = i + 1
+    if start < len(sizes):
+        runs.append(range(start, len(sizes)))
+    return runs
 
 
 def load_tokenizer(path: str | os.PathLike[str], lowercase: bool = True) -> Any:
@@ -136,8 +158,9 @@ def build_shards(
     """Build the shards dir `out` from the corpus paths; returns the manifest.
 
     `num_workers` caps the concurrent Ray tasks of each pass (None: as many as Ray has CPUs)
-    and `read_blocks` the number of blocks the file list is cut into (None: one per file);
-    neither changes a byte of the output. `out` obeys the output rule (`pipelines.outdir`):
+    and `read_blocks` the number of runs of consecutive files the tokenize pass is cut into,
+    one task each (None: four per Ray CPU, or one per `SHARD_TEXT_BYTES` of text if that is
+    more); neither changes a byte of the output. `out` obeys the output rule (`pipelines.outdir`):
     it must not exist nor overlap an input, it is locked while the build runs, built in a
     temporary sibling and renamed into place; a killed run's temporaries are removed.
 
@@ -216,11 +239,26 @@ def skipped_files(manifest: dict[str, Any]) -> dict[str, list[str]]:
     return {k: list(v) for k, v in manifest.get("skipped_files", {}).items() if v}
 
 
-def _compute(num_workers: int | None, num_rows: int) -> Any:
-    """Ray tasks for a map over `num_rows` rows: at most `num_workers` (None: all CPUs) at a time."""
-    import ray.data
+def _map_tasks(fn: Any, items: Sequence[dict[str, Any]], num_workers: int | None, **kwargs: Any) -> list[Any]:
+    """`fn(item, **kwargs)` for every item as Ray tasks of one CPU, at most `num_workers` (None: all CPUs) at a time.
 
-    return ray.data.TaskPoolStrategy(size=None if num_workers is None else min(num_workers, num_rows))
+    Plain tasks, not Ray Data: each task reads and writes its own files and returns a small
+    dict, so Ray Data's executor, stats and autoscaling actors would add only their start-up
+    (about 10 CPU seconds and as many wall seconds per build on 2 cores) and nothing else.
+    """
+    import ray
+
+    task = ray.remote(num_cpus=1)(fn)
+    limit = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    shared = {k: ray.put(v) for k, v in kwargs.items()}
+    pending: list[Any] = []
+    results: list[Any] = []
+    for item in items:
+        if len(pending) >= limit:
+            done, pending = ray.wait(pending, num_returns=1)
+            results += ray.get(done)
+        pending.append(task.remote(item, **shared))
+    return results + ray.get(pending)
 
 
 def _run_tokenize_pass(
@@ -232,38 +270,27 @@ def _run_tokenize_pass(
     num_workers: int | None,
     read_blocks: int | None,
 ) -> list[dict[str, Any]]:
-    import ray.data
+    import ray
 
-    items = [{"file_index": i, "path": str(f.path), "name": f.name} for i, f in enumerate(files)]
-    blocks = min(read_blocks or len(items), len(items))
-    ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map(
-        _tokenize_file,
-        fn_kwargs={
-            "tokenizer_dir": str(tokenizer_dir),
-            "buckets": str(buckets),
-            "num_shards": config.num_shards,
-            "word_starts": config.whole_word_masking,
-            "corpus_config": corpus_config,
-        },
-        compute=_compute(num_workers, blocks),
-    )
-    return sorted(ds.take_all(), key=lambda r: r["file_index"])
+    if read_blocks is None:  # a few tasks per CPU, and no more than one per shard's worth of text
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        read_blocks = max(4 * cpus, math.ceil(sum(map(text_bytes, files)) / SHARD_TEXT_BYTES))
+    runs = file_blocks([text_bytes(f) for f in files], read_blocks)
+    items = [{"files": [{"file_index": i, "path": str(files[i].path), "name": files[i].name} for i in run]}
+             for run in runs]
+    blocks = _map_tasks(_tokenize_block, items, num_workers, tokenizer_dir=str(tokenizer_dir), buckets=str(buckets),
+                        num_shards=config.num_shards, word_starts=config.whole_word_masking,
+                        corpus_config=corpus_config)
+    return sorted((file_row for block in blocks for file_row in block["files"]), key=lambda r: r["file_index"])
 
 
 def _run_build_pass(
     buckets: Path, out: Path, config: PretrainingDataConfig, special: SpecialTokens, num_workers: int | None
 ) -> list[dict[str, Any]]:
-    import ray.data
-
     assert config.num_shards is not None
-    ds = ray.data.from_items([{"shard": k} for k in range(config.num_shards)], override_num_blocks=config.num_shards)
-    ds = ds.map(
-        _build_shard,
-        fn_kwargs={"buckets": str(buckets), "out": str(out), "config": config, "special": special},
-        compute=_compute(num_workers, config.num_shards),
-    )
-    return sorted(ds.take_all(), key=lambda r: r["shard"])
+    rows = _map_tasks(_build_shard, [{"shard": k} for k in range(config.num_shards)], num_workers,
+                      buckets=str(buckets), out=str(out), config=config, special=special)
+    return sorted(rows, key=lambda r: r["shard"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,7 +403,7 @@ def _concat(sets: Sequence[DocumentSet]) -> DocumentSet:
     )
 
 
-def _tokenize_file(
+def _tokenize_block(
     row: dict[str, Any],
     *,
     tokenizer_dir: str,
@@ -385,11 +412,29 @@ def _tokenize_file(
     word_starts: bool,
     corpus_config: CorpusConfig,
 ) -> dict[str, Any]:
-    """Pass 1 for one input file; returns its fingerprint and counts (and the input error it met, if any)."""
+    """Pass 1 for a run of consecutive input files: their buckets are named by the run's first file index.
+
+    Returns each file's fingerprint and counts, and the input error met, if any: the
+    run stops at a file that raises it.
+    """
     tok = _cached_tokenizer(tokenizer_dir)
-    file = InputFile(Path(row["path"]), row["name"])
+    entries = sorted(row["files"], key=lambda f: f["file_index"])
+    writer = _BucketWriter(Path(buckets), entries[0]["file_index"], num_shards, word_starts)
+    results = []
+    for entry in entries:
+        result = _tokenize_file(InputFile(Path(entry["path"]), entry["name"]), tok, writer, word_starts, corpus_config)
+        results.append({"file_index": entry["file_index"], **result})
+        if result["error"]:
+            break
+    writer.close()
+    return {"files": results}
+
+
+def _tokenize_file(
+    file: InputFile, tok: Any, writer: _BucketWriter, word_starts: bool, corpus_config: CorpusConfig
+) -> dict[str, Any]:
+    """One input file's documents, tokenized, into `writer`; returns its fingerprint and counts."""
     stats = ReadStats()
-    writer = _BucketWriter(Path(buckets), row["file_index"], num_shards, word_starts)
     counts = {"tokens": 0, "tokenized_documents": 0, "documents_without_tokens": 0}
 
     def encode(batch: list[tuple[str, tuple[str, ...]]]) -> None:
@@ -413,11 +458,9 @@ def _tokenize_file(
         error = str(exc)
     if batch:
         encode(batch)
-    writer.close()
     return {
-        "file_index": row["file_index"],
-        "name": row["name"],
-        "path": row["path"],
+        "name": file.name,
+        "path": str(file.path),
         "bytes": file.path.stat().st_size,
         "sha256": sha256_file(file.path),
         "error": error,
@@ -518,7 +561,7 @@ def _build_shard(
 ) -> dict[str, Any]:
     """Pass 2 for one shard: read its buckets, create its examples, write its part file."""
     shard = row["shard"]
-    paths = sorted((Path(buckets) / f"{shard:05d}").glob("*.parquet"))  # zero-padded file index
+    paths = sorted((Path(buckets) / f"{shard:05d}").glob("*.parquet"))  # zero-padded first file index
     docs = read_bucket_documents(paths, config.whole_word_masking)
     doc_ids = pa.array(docs.doc_ids, pa.string())
     rng = np.random.default_rng([config.seed, shard])
