@@ -62,7 +62,14 @@ def configure_sweep(w) -> list:
     from pipelines.dag import stages
     from pipelines.dag.spec import expand_path, split_section
     from pipelines.jobs.configs import FinetuneConfig
-    from pipelines.jobs.sweep_space import GRIDS, SweepOptions, expand, load_space_file, parse_space, sweep_identity
+    from pipelines.jobs.sweep_space import (
+        GRIDS,
+        SweepOptions,
+        expand,
+        load_space_file,
+        parse_space,
+        sweep_identity,
+    )
 
     own, option_values, finetune_values = split_section(w.spec.config, [SweepStageConfig, SweepOptions, FinetuneConfig],
                                                         w.text, excluded=SET_BY_PIPELINE)

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import ray.tune as tune
+from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
@@ -56,12 +56,31 @@ from bert.finetune import FinetuneState
 from bert.fsutil import write_json_atomic
 from bert.tasks import get_task
 from pipelines.jobs.configs import FinetuneConfig, finetune_paths
-from pipelines.jobs.finetune import BEST, METRICS, RAY_STORAGE, STAGING, latest_epoch_checkpoint, preflight, run_finetune
-from pipelines.jobs.sweep_space import (SweepOptions, describe_settings, expand, resolve_space, space_dict,
-                                        sweep_identity)
+from pipelines.jobs.finetune import (
+    BEST,
+    METRICS,
+    RAY_STORAGE,
+    STAGING,
+    latest_epoch_checkpoint,
+    preflight,
+    run_finetune,
+)
+from pipelines.jobs.sweep_space import (
+    SweepOptions,
+    describe_settings,
+    expand,
+    resolve_space,
+    space_dict,
+    sweep_identity,
+)
 from pipelines.outdir import own_dir
 from pipelines.ray_runtime import ensure_ray
-from pipelines.tracking import MetricLogger, default_tracking_uri, finish_run, open_job_run
+from pipelines.tracking import (
+    MetricLogger,
+    default_tracking_uri,
+    finish_run,
+    open_job_run,
+)
 
 TRIALS = "trials"
 RERUN = "best"

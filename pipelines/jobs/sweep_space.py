@@ -105,15 +105,20 @@ class SweepOptions:
         if self.trial_retries < 0:
             raise InputError(f"sweep: trial_retries must be >= 0, got {self.trial_retries}")
         try:
-            self.rerun_seeds
+            rerun_seeds(self.seeds)
         except InputError as exc:
             raise InputError(f"sweep: --{exc}") from None
 
     @property
     def rerun_seeds(self) -> tuple[int, ...]:
-        if self.seeds is None or self.seeds.strip().lower() in ("", "none"):
-            return ()
-        return parse_seeds(self.seeds, 1)
+        return rerun_seeds(self.seeds)
+
+
+def rerun_seeds(text: str | None) -> tuple[int, ...]:
+    """"1,2,3" -> (1, 2, 3); None, "" or "none" -> () (no re-run)."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return ()
+    return parse_seeds(text, 1)
 
 
 # ----------------------------------------------------------------------------- parsing and checking
