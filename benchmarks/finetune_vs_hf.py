@@ -4,7 +4,9 @@
 Same for every run: checkpoint, tokenization (our WordPiece features, i.e. the same token ids), the
 training examples, head initialisation seed, AdamW (eps 1e-6, weight decay 0.01 on weight matrices
 only), learning rate, warmup 10% then linear decay, gradient clipping at 1.0, epochs, max_seq_length,
-best epoch kept. bertflow runs as a Ray Train job (1 worker) with dynamic padding. The reference
+best epoch kept. bertflow runs as a Ray Train job (1 worker) with dynamic padding, in the precision
+`--bertflow-precision` asks for (default `auto`, the job's own: bf16 on a CPU with native bf16 when
+its probe step is faster; the report lists what each seed used); the references run in fp32. The reference
 peers (`--reference-padding`, comma list) are plain loops:
 
   max_length  bertflow's batches (`length_grouped_batches`, same seed and epoch), every batch padded
@@ -20,7 +22,7 @@ padding fraction (padded tokens / all tokens). Per-run results go to stderr as J
 benchmark runs. Wall time is end to end for every run: featurization, training, evaluation after
 every epoch; bertflow's also includes Ray Train start-up, checkpoint writing and MLflow logging (into
 one SQLite store shared by its runs, created before the first run as a user's store exists already).
-`Recipe` holds the reference loop's other knobs (head init, decay groups, eps, schedule), for
+`Recipe` holds the reference loop's other knobs (head init, decay groups, eps, schedule, precision), for
 experiments that change one thing at a time.
 
     python benchmarks/finetune_vs_hf.py [--tasks mrpc,stsb] [--epochs 3] [--seeds 1,2,3] [--max-train-examples N]
@@ -32,6 +34,7 @@ The SST-2 setting of the fine-tuning acceptance: `--tasks sst2 --epochs 1 --max-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -66,6 +69,8 @@ class Recipe:
     eps        AdamW epsilon (bertflow 1e-6; torch's default 1e-8)
     schedule   "transformers": `get_linear_schedule_with_warmup` (lr 0 at step 0);
                "bertflow": `bert.optim.lr_multiplier` (warmup reaches its i-th step at (i+1)/warmup)
+    precision  "fp32"; "bf16": the training forward under `torch.autocast(dtype=bfloat16)`, as bertflow's
+               `auto` precision chooses on a CPU with native bf16 when its probe step is faster
     """
 
     batches: str = "bertflow"
@@ -73,6 +78,7 @@ class Recipe:
     decay: str = "matrices"
     eps: float = 1e-6
     schedule: str = "transformers"
+    precision: str = "fp32"
 
 
 # Reference peers: name -> (padding, recipe). `max_length` and `dynamic` get bertflow's own batches
@@ -164,6 +170,13 @@ def reference_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, 
     else:
         raise ValueError(f"unknown batches {recipe.batches!r}")
 
+    if recipe.precision == "fp32":
+        autocast = contextlib.nullcontext
+    elif recipe.precision == "bf16":
+        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    else:
+        raise ValueError(f"unknown precision {recipe.precision!r}")
+
     def batch_inputs(features):
         batch = collate(features, tokenizer.pad_id)
         if padding == "max_length":
@@ -182,7 +195,8 @@ def reference_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, 
         for indices in epoch_batches(epoch):
             if step == total:
                 break
-            loss = model(**batch_inputs([train_features[i] for i in indices])).loss
+            with autocast():
+                loss = model(**batch_inputs([train_features[i] for i in indices])).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -225,7 +239,8 @@ def finetune_api():
 
 
 def bertflow_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, out: Path,
-                 tracking_uri: str) -> tuple[float, dict]:
+                 tracking_uri: str) -> tuple[float, dict, dict]:
+    """bertflow's fine-tune job; returns (seconds, best-epoch dev metrics, {"precision": what the run used})."""
     FinetuneConfig, run_finetune = finetune_api()
 
     start = time.time()
@@ -233,13 +248,14 @@ def bertflow_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, o
         task=task, data=str(data_dir), checkpoint=str(checkpoint), out=str(out), seed=seed, epochs=args.epochs,
         learning_rate=args.learning_rate, batch_size=args.batch_size, max_train_examples=args.max_train_examples,
         max_eval_examples=args.max_eval_examples, log_model=False, tracking_uri=tracking_uri,
+        precision=args.bertflow_precision,
     ))
-    return time.time() - start, result["metrics"]
+    return time.time() - start, result["metrics"], {"precision": result.get("precision")}
 
 
-def progress(task: str, seed: int, name: str, result: tuple[float, dict]) -> None:
-    print(json.dumps({"task": task, "seed": seed, "run": name, "wall_time_s": round(result[0], 1), **result[1]}),
-          file=sys.stderr, flush=True)
+def progress(task: str, seed: int, name: str, result: tuple) -> None:
+    print(json.dumps({"task": task, "seed": seed, "run": name, "wall_time_s": round(result[0], 1), **result[1],
+                      **(result[2] if len(result) > 2 else {})}), file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -254,6 +270,8 @@ def main() -> None:
     parser.add_argument("--max-eval-examples", type=int, default=None)
     parser.add_argument("--reference-padding", default="max_length,dynamic,shuffled",
                         help=f"comma list of reference peers: {', '.join(PEERS)}")
+    parser.add_argument("--bertflow-precision", default="auto",
+                        help="bertflow's precision: auto (its default, bf16 where native and faster), fp32, bf16")
     args = parser.parse_args()
 
     import ray
@@ -299,6 +317,8 @@ def main() -> None:
                 metrics = {k: statistics.fmean(r[1][k] for r in results) for k in results[0][1]}
                 entry[name] = {"dev": metrics, "per_seed_primary": [r[1][spec.primary_metric] for r in results],
                                "wall_time_s": statistics.fmean(r[0] for r in results)}
+                if name == "bertflow":
+                    entry[name]["precision_per_seed"] = [r[2]["precision"] for r in results]
             for padding in paddings:
                 peer = entry[f"reference_{padding}"]
                 entry[f"primary_delta_points_vs_{padding}"] = 100 * (
