@@ -20,6 +20,7 @@ shared machine slows the wall times, not the trial-epochs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -65,7 +66,8 @@ def search(base, scheduler: str, args: argparse.Namespace) -> dict:
                            reduction_factor=args.reduction_factor, max_concurrent=1)
     load_before = os.getloadavg()[0]
     started = time.time()
-    result = run_sweep(dataclasses.replace(base, out=str(Path(base.out) / scheduler)), options)
+    with contextlib.redirect_stdout(sys.stderr):  # progress lines: stdout holds only the JSON
+        result = run_sweep(dataclasses.replace(base, out=str(Path(base.out) / scheduler)), options)
     wall = time.time() - started
     best, compute = result["best"], result["compute"]
     return {
