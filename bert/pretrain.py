@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bert.checkpoint import save_pretrained
+from bert.checkpoint import write_checkpoint
 from bert.optim import clip_grad_norm, lr_multiplier
 from bert.precision import Precision
 from bert.pretraining_data import MaskedBatch, PretrainingDataConfig, SpecialTokens, mask_batch
@@ -331,8 +331,9 @@ def checkpoint_complete(directory: Path) -> bool:
 
 def save_training_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                              state: TrainState, tokenizer_dir: Path | None) -> Path:
-    """Model, tokenizer, optimizer and train_state.json in a new dir; train_state.json is written last."""
-    save_pretrained(getattr(model, "module", model), directory, tokenizer_dir=tokenizer_dir)
+    """Model, tokenizer, optimizer and train_state.json in `directory` (new, or empty); train_state.json last."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(getattr(model, "module", model), directory, tokenizer_dir=tokenizer_dir)
     torch.save(optimizer.state_dict(), directory / OPTIMIZER_STATE)
     state.files = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
     (directory / TRAIN_STATE).write_text(json.dumps(asdict(state), indent=2))

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -45,7 +44,7 @@ import ray.train
 import torch
 
 from bert import finetune
-from bert.checkpoint import from_pretrained, save_pretrained
+from bert.checkpoint import from_pretrained, save_pretrained, write_checkpoint
 from bert.errors import InputError
 from bert.finetune import (
     FINETUNE_STATE,
@@ -80,6 +79,7 @@ from pipelines.jobs.launch import (
     copy_checkpoint_out,
     gather_to_rank0,
     record_worker,
+    report_checkpoint,
     train_on_ray,
 )
 from pipelines.outdir import own_dir
@@ -443,19 +443,14 @@ class _SeedRun:
 
     def save_checkpoint(self, report: dict[str, Any]) -> None:
         """Weights, optimizer and state after this epoch (rank 0 writes), reported to Ray Train as epoch-N."""
-        import ray.train
-
-        if self.worker.rank != 0:
-            ray.train.report(report, checkpoint=None)
-            return
-        staging = self.best_root.with_name(STAGING)
-        staging.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=staging) as tmp:
-            directory = save_pretrained(self.raw_model, Path(tmp) / "ckpt")
+        def write(directory: Path) -> None:
+            write_checkpoint(self.raw_model, directory)
             torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_STATE)
             self.state.write(directory)
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                             checkpoint_dir_name=f"epoch-{self.state.epoch:03d}")
+
+        report_checkpoint(report, self.worker.rank, self.best_root.with_name(STAGING),
+                          Path(self.config.out) / RAY_STORAGE / f"seed-{self.seed}", f"epoch-{self.state.epoch:03d}",
+                          write)
 
     def progress(self, message: str) -> None:
         if self.worker.rank == 0:

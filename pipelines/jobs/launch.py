@@ -6,6 +6,7 @@
     record_worker(out, rank)               which process does rank r's work (`<out>/_workers/`)
     all_reduce_sum / all_min / any_rank / gather_to_rank0
                                            the collectives the jobs use (no-ops with one worker)
+    report_checkpoint(...)                 metrics from every rank, a checkpoint from rank 0, moved into storage
     copy_checkpoint_out(src, dst)          a checkpoint's files to their final dir, atomically
 
 `bert/` is single-device code; everything that knows about several workers is here.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +135,40 @@ def gather_to_rank0(obj: Any, rank: int, world: int) -> list[Any] | None:
     parts: list[Any] = [None] * world
     dist.all_gather_object(parts, obj)
     return parts if rank == 0 else None
+
+
+def report_checkpoint(metrics: dict[str, Any], rank: int, staging: Path, storage: Path, name: str,
+                      write: Callable[[Path], Any]) -> None:
+    """Report `metrics` from every rank; rank 0 also a checkpoint, written by `write(dir)`, stored as `storage/name`.
+
+    The checkpoint is written in `staging` (under the job's output dir, never /tmp) and renamed
+    into Ray Train's storage dir (the same file system: no copy of the weights); a stale dir of
+    the same name, left by a killed save, is replaced. All ranks must call this together.
+    """
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+
+    def move(checkpoint, dir_name: str):
+        target = storage / dir_name
+        if target.exists():
+            shutil.rmtree(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(checkpoint.path, target)
+        except OSError:  # another file system: copy
+            shutil.copytree(checkpoint.path, target)
+        return ray.train.Checkpoint.from_directory(str(target))
+
+    staging.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=staging) as tmp:
+        directory = Path(tmp) / "checkpoint"
+        directory.mkdir()
+        write(directory)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                         checkpoint_dir_name=name, checkpoint_upload_fn=move)
 
 
 def copy_checkpoint_out(src: Path, dst: Path, exclude: Iterable[str] = ()) -> Path:

@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -69,6 +68,7 @@ from pipelines.jobs.launch import (
     any_rank,
     copy_checkpoint_out,
     record_worker,
+    report_checkpoint,
     train_on_ray,
 )
 from pipelines.outdir import own_dir
@@ -365,22 +365,17 @@ class _WorkerRun:
 
     def save_checkpoint(self, final: bool) -> None:
         """Rank 0 writes the checkpoint in the output dir's staging area; Ray Train stores it as step-N."""
-
         state = self.state
-        metrics = {"step": state.step, "tokens_seen": state.tokens_seen}
-        if self.worker.rank != 0:
-            ray.train.report(metrics, checkpoint=None)
-            return
-        staging = Path(self.config.out) / STAGING
-        staging.mkdir(exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=staging) as tmp:
-            state.final = final
-            directory = save_training_checkpoint(Path(tmp) / "ckpt", self.raw_model, self.optimizer, state,
-                                                 self.tokenizer_dir)
+        state.final = final
+
+        def write(directory: Path) -> None:
+            save_training_checkpoint(directory, self.raw_model, self.optimizer, state, self.tokenizer_dir)
             if final and self.logger.active:
                 self.logger.log_artifacts(directory, "checkpoint")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                             checkpoint_dir_name=f"step-{state.step:08d}")
+
+        out = Path(self.config.out)
+        report_checkpoint({"step": state.step, "tokens_seen": state.tokens_seen}, self.worker.rank, out / STAGING,
+                          out / RAY_STORAGE / RUN_NAME, f"step-{state.step:08d}", write)
 
     def progress(self, message: str) -> None:
         if self.worker.rank == 0:
