@@ -359,7 +359,10 @@ def _sentences(kind: str, texts: list[str], config: CorpusConfig, stats: ReadSta
     if kind == "lines":
         sentences = [t.strip() for t in texts if t.strip()]
     else:
-        sentences = [s for p in texts if p.strip() for s in split_sentences(p, config.language)]
+        from sentencex import segment  # once per document, not per paragraph
+
+        language = config.language
+        sentences = [s for p in texts if p.strip() for s in (piece.strip() for piece in segment(language, p)) if s]
     out: list[str] = []
     for s in sentences:
         if len(s) > config.max_sentence_chars:

@@ -274,6 +274,8 @@ class DocumentSet:
         np.cumsum(sentence_lengths, out=sentence_offsets[1:])
         doc_sentences = np.zeros(len(sentences_per_doc) + 1, dtype=np.int64)
         np.cumsum(sentences_per_doc, out=doc_sentences[1:])
+        if (np.asarray(sentence_lengths) <= 0).any() or (np.asarray(sentences_per_doc) <= 0).any():
+            raise InputError("every sentence needs a token and every document a sentence (leave empty ones out)")
         if sentence_offsets[-1] != len(tokens) or doc_sentences[-1] != len(sentence_lengths):
             raise InputError(
                 f"inconsistent document arrays: {len(tokens)} tokens, sentence lengths summing to "
@@ -369,8 +371,9 @@ class _LibraryEncoder:
     def __call__(self, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All token ids back to back, and each sentence's number of tokens."""
         texts = [s if s.isascii() else _SURROGATES.sub("\ufffd", s) for s in sentences]  # as Tokenizer does
+        encode = getattr(self.library, "encode_batch_fast", self.library.encode_batch)  # tokenizers >= 0.20.1: ids only
         with _tokenizers_on_this_thread():
-            encodings = self.library.encode_batch_fast(texts, add_special_tokens=False)
+            encodings = encode(texts, add_special_tokens=False)
         pieces = [e.ids for e in encodings]
         lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
         ids = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=int(lengths.sum()))
@@ -529,14 +532,17 @@ def _draw_pairs(
     """`passes` passes over the documents in `order`: their pairs, trimmed."""
     sentence_offsets = docs.sentence_offsets.tolist()
     doc_sentences = docs.doc_sentences.tolist()
-    rows: list[tuple[int, ...]] = []
-    for _ in range(passes):
+    tables = [np.zeros((0, _PAIR_FIELDS), dtype=np.int32)]
+    for _ in range(passes):  # each pass's Python tuples become an int32 table at once: memory stays ~28 bytes a pair
+        rows: list[tuple[int, ...]] = []
         for d in order:
             n = doc_sentences[d + 1] - doc_sentences[d]
             rows += _document_pairs(d, len(docs), sentence_offsets, doc_sentences, config.max_num_tokens,
                                     config.short_seq_prob, rng.random(2 + 4 * n).tolist())
-    table = np.array(rows, dtype=np.int64).reshape(-1, _PAIR_FIELDS)
+        tables.append(np.array(rows, dtype=np.int32).reshape(-1, _PAIR_FIELDS))
     del rows
+    table = np.concatenate(tables)
+    del tables
     a_doc, a_s0, a_s1, b_doc, b_s0, b_s1, is_random_next = table.T
     offsets = docs.sentence_offsets
     a_t0, a_t1, b_t0, b_t1 = offsets[a_s0], offsets[a_s1], offsets[b_s0], offsets[b_s1]

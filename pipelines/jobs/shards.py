@@ -480,13 +480,12 @@ def read_bucket_documents(paths: Iterable[Path], word_starts: bool) -> DocumentS
     for path in paths:
         table = pq.read_table(path)
         doc_ids += table.column("doc_id").to_pylist()
-        column = table.column("tokens").combine_chunks()
-        tokens.append(column.values.to_numpy())
+        tokens.append(table.column("tokens").combine_chunks().flatten().to_numpy())
         column = table.column("sentence_lengths").combine_chunks()
-        sentence_lengths.append(column.values.to_numpy())
-        sentences_per_doc.append(np.diff(column.offsets.to_numpy()))
+        sentence_lengths.append(column.flatten().to_numpy())
+        sentences_per_doc.append(column.value_lengths().to_numpy())
         if word_starts:
-            starts.append(table.column("word_starts").combine_chunks().values.to_numpy(zero_copy_only=False))
+            starts.append(table.column("word_starts").combine_chunks().flatten().to_numpy(zero_copy_only=False))
     if not doc_ids:
         return DocumentSet.from_lengths([], np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64),
                                         np.zeros(0, bool) if word_starts else None)
