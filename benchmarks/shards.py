@@ -1,147 +1,303 @@
-"""Benchmark of the shards stage: throughput and peak memory at 1x and 4x the Wikipedia extract.
+"""Benchmark of the shards stage against its bound: the `tokenizers` WordPiece on one thread.
 
-Prints ONE JSON object. Each scale is built in a fresh subprocess with its own local Ray
-runtime (`ray.init(address="local", num_cpus=max(4, cpu_count))`), with the default `PretrainingDataConfig`
-unless `--dupe-factor` says otherwise. The 4x corpus is the extract linked four times under
-different directory names, so every document id is distinct and the default shard count
-grows with the corpus.
+Prints ONE JSON object. Measured in the same run, on the Wikipedia extract (raw WikiExtractor
+input, bert-base-uncased WordPiece, the default `PretrainingDataConfig`: sequence length 128,
+20 predictions, dupe factor 5):
 
-Memory is sampled every 0.25 s over the driver and every process below it (GCS, raylet, Ray
-workers) as PSS, the proportional set size, which splits shared pages (the object store,
-shared libraries) among the processes that map them, so the sum counts each page once.
-`peak_memory_mb` is the largest sum seen during the build; `idle_memory_mb` is the same sum
-for the idle runtime just before the build, and `build_memory_mb` the difference: what the
-build itself added. If the stage streams as designed, `build_memory_mb` stays flat from 1x to
-4x. tokens/s/core divides corpus tokens per wall second by the physical cores Ray could use.
+* **The bound** — the `tokenizers` library object our WordPiece `Tokenizer` wraps (the same
+  normalizer, pre-tokenizer and model) encoding the text of the extract on one thread
+  (`TOKENIZERS_PARALLELISM=false`, `RAYON_NUM_THREADS=1`), in a fresh process, the text
+  already in memory: every body line of every article (the paragraphs, as the files hold
+  them), with `encode_batch` (ids, offsets, tokens: the library's usual call) and with
+  `encode_batch_fast` (ids only: what the build asks for). Corpus tokens per second.
+* **The build** — `build_shards` end to end (reading and decompressing, sentence splitting,
+  tokenizing, buckets, pair drawing, masking, parquet), in a fresh process with its own local
+  Ray runtime (`num_cpus` = max(4, CPUs), as `start_local_ray`), at 1x with 1 and 2 workers
+  and with the default (as many tasks as Ray CPUs), and at 10x with the default. The 10x
+  corpus is the extract linked ten times under different directory names, so every document
+  id is distinct and the default shard count grows with the corpus.
+
+Per build: wall seconds (and of each pass), corpus tokens per wall second per core (cores =
+the physical CPUs the build could use, at most its workers), the CPU seconds of the whole
+process tree (driver, Ray runtime, workers) and corpus tokens per CPU second, and memory: PSS
+(proportional set size, which splits shared pages among the processes mapping them, so the
+sum counts each page once) summed over the driver and every process below it, sampled every
+0.25 s: `peak_pss_mb` the largest sum during the build, `idle_pss_mb` the idle runtime just
+before it, `build_pss_mb` the difference.
+
+`fraction_of_bound`: the build's corpus tokens per second per core (default workers, 1x) over
+the bound's tokens per second; by wall time (what a user waits for, hurt by anything else the
+machine runs) and by CPU time (the work the build does per token). `scale_10x`: the 10x
+build's wall time and peak PSS over the 1x build's. The machine's load average is recorded
+before and after: on a shared machine, read the wall-time figures with it.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import argparse
+import gzip
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("BERTFLOW_DATASETS", ROOT.parent / "shared" / "datasets"))
 WIKI = DATASETS / "wikipedia_en_extract" / "AA"
 VOCAB = DATASETS / "bert-base-uncased" / "vocab.txt"
+BEFORE_TODAY = {"issue": 16, "tokens_per_s_per_core": 85_000, "fraction_of_bound": 0.2,
+                "note": "the build before this work, measured on a quiet 2-core machine (issue #16)"}
 
 
-def tree_pss_bytes(root_pid: int) -> int:
+# ----------------------------------------------------------------------------- measuring a process tree
+
+
+def _tree(root_pid: int) -> list:
     import psutil
 
-    total = 0
     try:
         root = psutil.Process(root_pid)
-        procs = [root, *root.children(recursive=True)]
+        return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    for proc in procs:
-        try:
-            total += proc.memory_full_info().pss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
+        return []
 
 
-class PeakSampler:
-    """Samples the process tree's PSS in a background thread and keeps the maximum."""
+class TreeMeter:
+    """Samples a process tree in a background thread: the peak of its summed PSS, and its CPU seconds.
+
+    CPU seconds are each process's user + system time, counted from the start of the
+    measurement (or from the process's start, if it started later), at the last sample that
+    saw it: a process that exits between samples loses at most one interval.
+    """
 
     def __init__(self, pid: int, interval_s: float = 0.25) -> None:
-        self.pid, self.interval_s, self.peak = pid, interval_s, 0
+        self.pid, self.interval_s = pid, interval_s
+        self.peak_pss = 0
+        self._start: dict[int, float] = {}
+        self._last: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self, first: bool = False) -> int:
+        import psutil
+
+        pss = 0
+        for proc in _tree(self.pid):
+            try:
+                times = proc.cpu_times()
+                pss += proc.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            cpu = times.user + times.system
+            if first:
+                self._start[proc.pid] = cpu
+            self._start.setdefault(proc.pid, 0.0)
+            self._last[proc.pid] = cpu
+        return pss
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_pss_bytes(self.pid))
+            self.peak_pss = max(self.peak_pss, self.sample())
             self._stop.wait(self.interval_s)
 
-    def __enter__(self) -> PeakSampler:
+    @property
+    def cpu_s(self) -> float:
+        return sum(self._last[pid] - self._start[pid] for pid in self._last)
+
+    def __enter__(self) -> TreeMeter:
+        self.sample(first=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, tree_pss_bytes(self.pid))
+        self.peak_pss = max(self.peak_pss, self.sample())
 
 
-def child(scale: int, dupe_factor: int | None, workdir: Path) -> dict:
-    """Build one scale in this process and return its measurements."""
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# ----------------------------------------------------------------------------- the bound
+
+
+def body_lines(files: list[Path]) -> list[str]:
+    """The paragraphs of WikiExtractor files: every non-empty line outside the `<doc>` markup."""
+    lines = []
+    for path in files:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("<doc") and line != "</doc>":
+                    lines.append(line)
+    return lines
+
+
+def child_bound(files: int | None) -> dict:
+    """Tokens per second of the `tokenizers` WordPiece alone, one thread (run with the env set by the parent)."""
+    sys.path.insert(0, str(ROOT))
+    from bert.tokenizer import Tokenizer
+
+    library = Tokenizer.from_vocab_file(VOCAB)._backend._library  # the very pipeline the build runs
+    lines = body_lines(sorted(WIKI.glob("wiki_*.gz"))[:files])
+    result = {"lines": len(lines), "characters": sum(map(len, lines))}
+    for name, call in (("encode_batch", library.encode_batch), ("encode_batch_fast", library.encode_batch_fast)):
+        best_wall = best_cpu = float("inf")
+        for _ in range(2):
+            wall, cpu = time.perf_counter(), time.process_time()
+            tokens = sum(len(e.ids) for e in call(lines, add_special_tokens=False))
+            best_wall = min(best_wall, time.perf_counter() - wall)
+            best_cpu = min(best_cpu, time.process_time() - cpu)
+        result[name] = {"tokens": tokens, "wall_s": round(best_wall, 2), "cpu_s": round(best_cpu, 2),
+                        "tokens_per_s": round(tokens / best_wall), "tokens_per_cpu_s": round(tokens / best_cpu)}
+    return result
+
+
+# ----------------------------------------------------------------------------- one build
+
+
+def child_build(scale: int, workers: int | None, files: int | None, workdir: Path) -> dict:
+    """Build one scale in this process (its own local Ray runtime) and return its measurements."""
+    sys.path.insert(0, str(ROOT))
     import ray
 
     from bert.pretraining_data import PretrainingDataConfig
-    from pipelines.jobs.shards import build_shards
+    from pipelines.jobs import shards as job
 
     corpus = workdir / f"corpus-{scale}x"
     corpus.mkdir()
     for copy in range(scale):
-        (corpus / f"copy{copy}").symlink_to(WIKI, target_is_directory=True)
+        target = corpus / f"copy{copy}"
+        if files is None:
+            target.symlink_to(WIKI, target_is_directory=True)
+        else:  # a quick run on the first files
+            target.mkdir()
+            for path in sorted(WIKI.glob("wiki_*.gz"))[:files]:
+                (target / path.name).symlink_to(path)
     num_cpus = max(4, os.cpu_count() or 1)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
+             log_to_driver=False)
     time.sleep(2.0)  # let the runtime settle before the idle measurement
-    idle = tree_pss_bytes(os.getpid())
-    config = PretrainingDataConfig() if dupe_factor is None else PretrainingDataConfig(dupe_factor=dupe_factor)
-    with PeakSampler(os.getpid()) as sampler:
+    passes: dict[str, float] = {}
+    for name in ("_run_tokenize_pass", "_run_build_pass"):
+        original = getattr(job, name)
+
+        def timed(*args, _original=original, _name=name, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                passes[_name] = round(time.perf_counter() - start, 1)
+
+        setattr(job, name, timed)
+    config = PretrainingDataConfig()
+    with TreeMeter(os.getpid()) as meter:
+        idle = meter.sample()
         start = time.perf_counter()
-        manifest = build_shards([corpus], VOCAB, workdir / f"shards-{scale}x", config)
+        manifest = job.build_shards([corpus], VOCAB, workdir / f"shards-{scale}x", config, num_workers=workers)
         wall = time.perf_counter() - start
     ray.shutdown()
-    cores = min(num_cpus, len(os.sched_getaffinity(0)))
+    cores = min(workers or num_cpus, num_cpus, len(os.sched_getaffinity(0)))
     tokens = manifest["counts"]["tokens"]
     parts = manifest["parts"]
     return {
         "scale": scale,
-        "dupe_factor": config.dupe_factor,
+        "workers": workers or f"default ({num_cpus} Ray CPUs)",
+        "cores": cores,
         "documents": manifest["counts"]["documents"],
         "tokens": tokens,
         "examples": manifest["counts"]["examples"],
         "num_shards": len(parts),
-        "part_mb_min_max": [round(min(p["bytes"] for p in parts) / 2**20, 1), round(max(p["bytes"] for p in parts) / 2**20, 1)],
+        "part_mb_min_max": [round(min(p["bytes"] for p in parts) / 2**20, 1),
+                            round(max(p["bytes"] for p in parts) / 2**20, 1)],
         "wall_s": round(wall, 1),
+        "tokenize_pass_s": passes.get("_run_tokenize_pass"),
+        "build_pass_s": passes.get("_run_build_pass"),
         "tokens_per_s_per_core": round(tokens / wall / cores),
-        "idle_memory_mb": round(idle / 2**20),
-        "peak_memory_mb": round(sampler.peak / 2**20),
-        "build_memory_mb": round((sampler.peak - idle) / 2**20),
+        "cpu_s": round(meter.cpu_s, 1),
+        "tokens_per_cpu_s": round(tokens / meter.cpu_s),
+        "idle_pss_mb": round(idle / 2**20),
+        "peak_pss_mb": round(meter.peak_pss / 2**20),
+        "build_pss_mb": round((meter.peak_pss - idle) / 2**20),
+        "load_average_after": load_average(),
     }
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_child(args: list[str], env: dict[str, str] | None = None) -> dict:
+    command = [sys.executable, __file__, *args]
+    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scales", default="1,4", help="corpus multiples to build (default: 1,4)")
-    parser.add_argument("--dupe-factor", type=int, default=None, help="default: the config default (5)")
-    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--files", type=int, default=None, help="only the first N files of the extract (quick runs)")
+    parser.add_argument("--big-scale", type=int, default=10, help="the large corpus multiple (default: 10)")
+    parser.add_argument("--skip-scaling", action="store_true", help="leave out the 1x builds with 1 and 2 workers")
+    parser.add_argument("--child", choices=("bound", "build"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--scale", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.child is not None:
-        print(json.dumps(child(args.child, args.dupe_factor, args.workdir)))
+    files = [] if args.files is None else ["--files", str(args.files)]
+    if args.child == "bound":
+        print(json.dumps(child_bound(args.files)))
+        return
+    if args.child == "build":
+        print(json.dumps(child_build(args.scale, args.workers, args.files, args.workdir)))
         return
 
-    results = []
-    for scale in (int(s) for s in args.scales.split(",")):
+    load_before = load_average()
+    bound = run_child(["--child", "bound", *files], {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"})
+    plan = [(1, None)] if args.skip_scaling else [(1, 1), (1, 2), (1, None)]
+    plan.append((args.big_scale, None))
+    builds = []
+    for scale, workers in plan:
         with tempfile.TemporaryDirectory(prefix="bertflow-bench-shards-") as workdir:
-            command = [sys.executable, __file__, "--child", str(scale), "--workdir", workdir]
-            if args.dupe_factor is not None:
-                command += ["--dupe-factor", str(args.dupe_factor)]
-            done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            extra = [] if workers is None else ["--workers", str(workers)]
+            builds.append(run_child(["--child", "build", "--scale", str(scale), "--workdir", workdir, *extra, *files]))
+        print(f"{scale}x, workers {builds[-1]['workers']}: {builds[-1]['wall_s']} s", file=sys.stderr)
+    one = next(b for b in builds if b["scale"] == 1 and not isinstance(b["workers"], int))
+    big = builds[-1]
+    fast = bound["encode_batch_fast"]
+    usual = bound["encode_batch"]
+    by_workers = {b["workers"]: b for b in builds if b["scale"] == 1 and isinstance(b["workers"], int)}
     print(json.dumps({
-        "benchmark": "shards build (Wikipedia extract, bert-base-uncased WordPiece)",
-        "dupe_factor": results[0]["dupe_factor"],
+        "benchmark": "shards build vs the tokenizers WordPiece alone (Wikipedia extract, bert-base-uncased)",
+        "config": "max_seq_length 128, max_predictions_per_seq 20, dupe_factor 5, raw WikiExtractor input",
         "cpus_physical": len(os.sched_getaffinity(0)),
         "ray_num_cpus": max(4, os.cpu_count() or 1),
-        "memory_note": "PSS summed over the driver and all Ray processes; build = peak - idle runtime",
-        "runs": results,
-        "build_memory_ratio_last_to_first": round(results[-1]["build_memory_mb"] / max(1, results[0]["build_memory_mb"]), 2),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "bound": bound,
+        "builds": builds,
+        "fraction_of_bound": {
+            "by_wall_per_core_vs_encode_batch_fast": round(one["tokens_per_s_per_core"] / fast["tokens_per_s"], 2),
+            "by_wall_per_core_vs_encode_batch": round(one["tokens_per_s_per_core"] / usual["tokens_per_s"], 2),
+            "by_cpu_vs_encode_batch_fast": round(one["tokens_per_cpu_s"] / fast["tokens_per_cpu_s"], 2),
+            "by_cpu_vs_encode_batch": round(one["tokens_per_cpu_s"] / usual["tokens_per_cpu_s"], 2),
+        },
+        "scaling_1_to_2_workers": (round(by_workers[1]["wall_s"] / by_workers[2]["wall_s"], 2)
+                                   if {1, 2} <= set(by_workers) else None),
+        "scale_10x": {
+            "scale": big["scale"],
+            "tokens_ratio": round(big["tokens"] / one["tokens"], 2),
+            "wall_ratio": round(big["wall_s"] / one["wall_s"], 2),
+            "cpu_ratio": round(big["cpu_s"] / one["cpu_s"], 2),
+            "peak_pss_ratio": round(big["peak_pss_mb"] / one["peak_pss_mb"], 2),
+            "build_pss_ratio": round(big["build_pss_mb"] / max(1, one["build_pss_mb"]), 2),
+        },
+        "before": BEFORE_TODAY,
     }))
 
 

@@ -76,7 +76,7 @@ from bert.pretraining_data import (
 from bert.shards import FORMAT, MANIFEST, TOKENIZER_DIR, example_schema
 
 JOB = "shards build"  # the command, as the output rule names it
-SHARD_TEXT_BYTES = 32 << 20  # default shard size: about 32 MiB of text, ~120 MB to build
+SHARD_TEXT_BYTES = 32 << 20  # default shard size: about 32 MiB of text (~7M tokens), ~250 MB to build
 ROW_GROUP_ROWS = 4096  # examples per parquet row group
 HISTOGRAM_BINS = 16
 PARQUET_OPTIONS: dict[str, Any] = {  # of the part files: zstd, dictionaries only where they pay, no min/max statistics
