@@ -225,12 +225,30 @@ def test_sweep_killed_after_a_finished_trial_resumes_without_training_it_again(t
     result = json.loads((out / "sweep.json").read_text())
     assert [r["status"] for r in result["trials"]] == ["finished", "finished"]
     assert result["trials"][0]["metric"] == json.loads(finished.read_text())["metrics"]["dev/f1"]
-    try:  # the killed run's Ray processes are gone (its runtime died with its driver)
-        os.killpg(first.pid, 0)
-        leftovers = True
-    except ProcessLookupError:
-        leftovers = False
-    assert not leftovers
+    # the killed run's Ray processes are gone (its runtime died with its driver); zombies do not count: a
+    # container whose PID 1 does not reap keeps exited processes in the table
+    leftovers = live_processes_in_group(first.pid)
+    for proc in leftovers:
+        proc.kill()
+    assert not leftovers, [" ".join(proc.cmdline()[:3]) for proc in leftovers]
+
+
+def live_processes_in_group(pgid: int, wait_s: float = 60.0) -> list:
+    """Processes of process group `pgid` that have not exited, after waiting up to `wait_s` for them to go."""
+    import psutil
+
+    deadline = time.time() + wait_s
+    while True:
+        live = []
+        for proc in psutil.process_iter():
+            try:
+                if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
+                    live.append(proc)
+            except (ProcessLookupError, psutil.NoSuchProcess):
+                continue
+        if not live or time.time() > deadline:
+            return live
+        time.sleep(1)
 
 
 # ----------------------------------------------------------------------------- the pipeline stage

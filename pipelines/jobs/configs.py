@@ -21,7 +21,6 @@ from bert.errors import InputError
 from bert.precision import PRECISIONS
 from pipelines.config_args import resolve_paths
 
-
 # ----------------------------------------------------------------------------- pretraining
 
 
