@@ -15,7 +15,14 @@ import transformers
 
 from bert.errors import InputError
 from bert.model import IGNORE_INDEX
-from bert.tasks import SquadAnswer, SquadExample, TokenExample, collate, get_task, length_grouped_batches
+from bert.tasks import (
+    SquadAnswer,
+    SquadExample,
+    TokenExample,
+    collate,
+    get_task,
+    length_grouped_batches,
+)
 from bert.tasks.featurize import MEGA_BATCH_FACTOR, padding_fraction
 from bert.tasks.metrics import normalize_answer
 from bert.tasks.ner import featurize_ner, word_predictions
@@ -366,7 +373,7 @@ def test_squad_v2_null_answer(tokenizer: Tokenizer) -> None:
 
 def test_squad_v2_threshold_chosen_on_dev_maximises_official_f1() -> None:
     spec = get_task("squad_v2")
-    pred = lambda text, odds: SpanPrediction(text, 1.0, odds, text)  # noqa: E731 - answers decided below
+    pred = lambda text, odds: SpanPrediction(text, 1.0, odds, text)
     predictions = [pred("the mat", -2.0), pred("the mat", 1.2)]
     # Ascending null odds: answering "a" (-2.0) gains 1 over "no answer everywhere"; answering "b" too loses it.
     threshold = spec.choose_threshold(predictions, SQUAD2)
