@@ -7,7 +7,7 @@ Fine-tuning: sequence classification on real MRPC train batches with dynamic pad
 
 Ours is measured in variants that add one lever at a time (`--variants`):
     torch-kernels   torch's F.dropout and SDPA with attention dropout (the unfused path on CPU), fp32
-    cpu-dropout     bert.model's CPU dropout and written-out attention, fp32
+    cpu-dropout     bert.kernels' CPU dropout and written-out attention, fp32
     bf16            + bf16 autocast (fp32 master weights)
     compile         + torch.compile (dynamic shapes)
 Each variant is measured alternately with the reference (ours, reference, ours, ...) so that drift
@@ -100,17 +100,18 @@ def torch_kernels(enabled: bool):
     """With `enabled`, bert.model uses torch's own dropout and SDPA (with its attention dropout) everywhere."""
     import torch.nn.functional as F
 
+    import bert.kernels as kernels
     import bert.model as model
 
-    saved = model.dropout, model.attention
+    saved = kernels.dropout, model.attention  # Dropout modules call kernels.dropout; layers call model.attention
     if enabled:
-        model.dropout = lambda x, p, training: F.dropout(x, p, training)
+        kernels.dropout = lambda x, p, training: F.dropout(x, p, training)
         model.attention = lambda q, k, v, mask, p, training: F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)
     try:
         yield
     finally:
-        model.dropout, model.attention = saved
+        kernels.dropout, model.attention = saved
 
 
 def ours_variant(model, variant: str):

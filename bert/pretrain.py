@@ -39,7 +39,8 @@ from torch import Tensor, nn
 from bert.checkpoint import write_checkpoint
 from bert.optim import clip_grad_norm, lr_multiplier
 from bert.precision import Precision
-from bert.pretraining_data import MaskedBatch, PretrainingDataConfig, SpecialTokens, mask_batch
+from bert.pretraining_data import PretrainingDataConfig
+from bert.pretraining_masking import MaskedBatch, SpecialTokens, mask_batch
 from bert.shards import ShardSet, read_rows
 
 TRAIN_STATE = "train_state.json"

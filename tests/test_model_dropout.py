@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bert.model import attention, dropout
+from bert.kernels import attention, dropout
 
 
 def test_dropout_keeps_one_minus_p_and_scales():

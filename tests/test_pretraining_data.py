@@ -19,17 +19,13 @@ from bert.errors import InputError
 from bert.pretraining_data import (
     PairSpan,
     PretrainingDataConfig,
-    SpecialTokens,
-    TokenizedDocument,
     create_examples,
     create_pair_spans,
-    encode_documents,
-    mask_batch,
-    mask_rows,
-    mask_sequence,
     truncate_seq_pair,
     truncate_seq_pairs,
 )
+from bert.pretraining_documents import TokenizedDocument, encode_documents
+from bert.pretraining_masking import SpecialTokens, mask_batch, mask_rows, mask_sequence
 from bert.tokenizer import Tokenizer
 
 WIKI_FILES = [f"wiki_{i:02d}.gz" for i in range(10, 16)]
