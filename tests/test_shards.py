@@ -22,7 +22,8 @@ from bert.pretraining_masking import SpecialTokens
 from bert.shards import ShardsManifest, example_schema
 from bert.tokenizer import Tokenizer
 from pipelines.cli import main
-from pipelines.jobs.shards import build_shards, shard_of
+from pipelines.jobs.shard_tasks import shard_of
+from pipelines.jobs.shards import build_shards
 
 
 def read_manifest(path):
