@@ -164,8 +164,10 @@ def length_grouped_batches(
     padding against how random a batch's content is. The default, 4, keeps about three quarters of
     the padding a plain shuffle wastes off the batches (SST-2 and MRPC) while each batch still spans
     a quarter of the length distribution. A large factor (50, the Hugging Face Trainer's
-    `group_by_length`) leaves a few percent of padding but makes every batch nearly one length, and
-    that cost fine-tuning dev points against shuffled batches (see benchmarks/finetune_vs_hf.py).
+    `group_by_length`) leaves a few percent of padding but makes every batch nearly one length; with
+    it, fine-tuning scored 3.5 points below shuffled batches on a single-sentence GLUE task (issue
+    #15). With 4, MRPC (MiniLM, 3 epochs, 3 seeds) pads 13.6% of tokens against a shuffle's 33.5%
+    and its dev F1 is 0.8 above the shuffled peer's (benchmarks/finetune_vs_hf.py).
     """
     if batch_size < 1 or mega_batch_factor < 1:
         raise InputError(f"batch_size ({batch_size}) and mega_batch_factor ({mega_batch_factor}) must be >= 1")
