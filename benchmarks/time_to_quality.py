@@ -6,7 +6,10 @@ same model shape (`--config`, default mini), the same initial weights (one rando
 both layouts), the same global batch, the same schedule shape (warmup, then linear decay to zero
 at the end of each system's own wall-clock budget, so the slower system is not cut off mid-decay)
 and the same budget (`--minutes`, default 20). Both are evaluated every `--eval-seconds` on the
-same held-out examples with the same masks: MLM loss, MLM accuracy, NSP accuracy.
+same held-out examples with the same masks: MLM loss, MLM accuracy, NSP accuracy. Evaluation is
+measurement, not training: both time axes leave it out (the peer's fp32 evaluation is slower than
+bertflow's), and the peer's budget counts training time only; bertflow's time limit counts its
+evaluations too (against it).
 
 The peer is what a user writes without bertflow: `transformers.BertForPreTraining` (sdpa attention,
 fp32) in a plain PyTorch loop with torch's default AdamW (same betas, eps, weight-decay groups,
@@ -138,7 +141,11 @@ def run_peer(paths: dict, args, lr: float, minutes: float, eval_seconds: float, 
     accumulation = args.batch // args.micro_batch
     budget = minutes * 60
     total = args.peer_steps_hint or 10**9  # refined after the first steps from the measured speed
-    curve, step, tokens, last_eval, train_started = [], 0, 0, time.time(), time.time()
+    curve, step, tokens, last_eval, train_started, eval_total = [], 0, 0, time.time(), time.time(), 0.0
+
+    def training_time() -> float:  # from launch, evaluations left out (they are measurement, not training)
+        return time.time() - launched - eval_total
+
     while True:
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_multiplier(step, warmup_steps=max(1, int(args.warmup * total)), total_steps=total)
@@ -154,18 +161,21 @@ def run_peer(paths: dict, args, lr: float, minutes: float, eval_seconds: float, 
         step += 1
         now = time.time()
         if step == 10 and not args.peer_steps_hint:  # the schedule's length: what fits in the rest of the budget
-            total = int(10 + (budget - (now - launched)) * 10 / (now - train_started))
-        if now - last_eval >= eval_seconds or now - launched >= budget or step >= total:
-            point = peer_evaluate(model, val_rows, 0) | {"t": time.time() - launched, "step": step}
-            curve.append(point)
-            log(f"peer lr {lr:.1e} step {step}/{total} t {point['t']:.0f}s val_mlm_loss {point['val_mlm_loss']:.4f}")
+            total = int(10 + (budget - training_time()) * 10 / (now - train_started - eval_total))
+        over = training_time() >= budget or step >= total
+        if now - last_eval >= eval_seconds or over:
+            eval_started = time.time()
+            point = peer_evaluate(model, val_rows, 0)
+            eval_total += time.time() - eval_started
+            curve.append(point | {"t": training_time(), "step": step})
+            log(f"peer lr {lr:.1e} step {step}/{total} t {curve[-1]['t']:.0f}s val_mlm_loss {point['val_mlm_loss']:.4f}")
             last_eval = time.time()
-            if now - launched >= budget or step >= total:
+            if over:
                 break
     if save is not None:
         model.save_pretrained(save)
-    elapsed = time.time() - train_started
-    return {"learning_rate": lr, "steps": step, "scheduled_steps": total, "curve": curve,
+    elapsed = time.time() - train_started - eval_total
+    return {"learning_rate": lr, "eval_seconds_total": eval_total, "steps": step, "scheduled_steps": total, "curve": curve,
             "tokens_per_s": tokens / elapsed}
 
 
@@ -186,7 +196,7 @@ def run_bertflow(paths: dict, args, out: Path, max_steps: int, eval_every: int, 
            "--log-every", "10", "--seed", str(args.seed), "--time-limit-minutes", str(minutes),
            "--threads-per-worker", str(os.cpu_count() or 1), *args.bertflow_args]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"bertflow pretrain failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     record = json.loads((out / "mlflow_run.json").read_text())
@@ -195,9 +205,12 @@ def run_bertflow(paths: dict, args, out: Path, max_steps: int, eval_every: int, 
     def history(key: str) -> list:
         return sorted(client.get_metric_history(record["run_id"], key), key=lambda m: m.step)
 
-    curve = []
-    for loss, acc, nsp in zip(history("val_mlm_loss"), history("val_mlm_accuracy"), history("val_nsp_accuracy")):
-        curve.append({"t": loss.timestamp / 1000 - launched, "step": loss.step, "val_mlm_loss": loss.value,
+    curve, eval_total = [], 0.0
+    evals = history("eval_seconds")
+    for loss, acc, nsp, took in zip(history("val_mlm_loss"), history("val_mlm_accuracy"), history("val_nsp_accuracy"),
+                                    evals):
+        eval_total += took.value  # the time axis leaves evaluations out, as the peer's does
+        curve.append({"t": loss.timestamp / 1000 - launched - eval_total, "step": loss.step, "val_mlm_loss": loss.value,
                       "val_mlm_accuracy": acc.value, "val_nsp_accuracy": nsp.value})
     tps = [m.value for m in history("tokens_per_s")[1:]]
     mfu = [m.value for m in history("mfu")[1:]]
@@ -207,7 +220,8 @@ def run_bertflow(paths: dict, args, out: Path, max_steps: int, eval_every: int, 
             "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None, "mfu": sorted(mfu)[len(mfu) // 2] if mfu else None,
             "precision": params.get("precision"), "precision_reason": params.get("precision_reason"),
             "most_frequent_token_baseline": manifest.get("val_mlm_majority_baseline"),
-            "checkpoint": str(out / "checkpoint") if manifest else None, "wall_s": time.time() - launched}
+            "checkpoint": str(out / "checkpoint") if manifest else None, "wall_s": time.time() - launched,
+            "eval_seconds_total": eval_total}
 
 
 def bertflow_speed(paths: dict, args, work: Path) -> float:

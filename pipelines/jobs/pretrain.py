@@ -360,8 +360,10 @@ class _WorkerRun:
 
     def evaluate(self) -> None:
 
+        started = time.time()
         counts = all_reduce_sum(self.evaluator.counts(self.model, self.precision), self.worker.world)
-        self.logger.log_metrics(Evaluator.metrics(counts), self.state.step)
+        # eval_seconds: what this evaluation took, so that curves against time can leave it out
+        self.logger.log_metrics(Evaluator.metrics(counts) | {"eval_seconds": time.time() - started}, self.state.step)
 
     def save_checkpoint(self, final: bool) -> None:
         """Rank 0 writes the checkpoint in the output dir's staging area; Ray Train stores it as step-N."""
