@@ -214,13 +214,18 @@ def run_bertflow(paths: dict, args, out: Path, max_steps: int, eval_every: int, 
                       "val_mlm_accuracy": acc.value, "val_nsp_accuracy": nsp.value})
     tps = [m.value for m in history("tokens_per_s")[1:]]
     mfu = [m.value for m in history("mfu")[1:]]
-    manifest = json.loads((out / "_manifest.json").read_text()) if (out / "_manifest.json").is_file() else {}
+    # A run stopped by its time limit is resumable, not complete: no manifest, its newest training checkpoint
+    # is the model it reached (loadable as a Hugging Face-style dir), and the baseline is in MLflow either way.
+    from pipelines.jobs.pretrain import latest_checkpoint
+
+    done = out / "checkpoint" if (out / "_manifest.json").is_file() else latest_checkpoint(out)
+    baseline = history("val_mlm_majority_baseline")
     params = client.get_run(record["run_id"]).data.params
     return {"steps": curve[-1]["step"] if curve else 0, "scheduled_steps": max_steps, "curve": curve,
             "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None, "mfu": sorted(mfu)[len(mfu) // 2] if mfu else None,
             "precision": params.get("precision"), "precision_reason": params.get("precision_reason"),
-            "most_frequent_token_baseline": manifest.get("val_mlm_majority_baseline"),
-            "checkpoint": str(out / "checkpoint") if manifest else None, "wall_s": time.time() - launched,
+            "most_frequent_token_baseline": baseline[-1].value if baseline else None,
+            "checkpoint": str(done) if done else None, "wall_s": time.time() - launched,
             "eval_seconds_total": eval_total}
 
 

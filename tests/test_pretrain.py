@@ -81,6 +81,20 @@ def test_resume_is_exact_with_two_workers(small_shards, tmp_path, precision):
     assert run_pretraining(PretrainConfig(**common, out=str(tmp_path / "resumed"), stop_at_step=3))["step"] == 6
 
 
+def test_a_stopped_run_reports_the_baseline_and_its_checkpoint(small_shards, small_val_shards, tmp_path):
+    """A run stopped before max_steps (time limit, stop step) is resumable, and what it reached is usable:
+    the most-frequent-token baseline is in its result and in MLflow, its newest checkpoint loads as a model."""
+    out = tmp_path / "stopped"
+    config = PretrainConfig(**dict(TINY_RUN, num_workers=1), shards=str(small_shards), val_shards=str(small_val_shards),
+                            eval_examples=64, eval_every=2, max_steps=8, stop_at_step=2, out=str(out))
+    result = run_pretraining(config)
+    assert not result["complete"] and result["step"] == 2
+    assert 0 < result["val_mlm_majority_baseline"] < 1
+    run = json.loads((out / "mlflow_run.json").read_text())
+    logged = MlflowClient(run["tracking_uri"]).get_metric_history(run["run_id"], "val_mlm_majority_baseline")
+    assert [m.value for m in logged] == [result["val_mlm_majority_baseline"]]
+    assert isinstance(bert.from_pretrained(latest_checkpoint(out)), BertForPreTraining)
+
 def test_killed_worker_is_replaced_and_training_completes(small_shards, small_val_shards, tmp_path):
     out = tmp_path / "run"
     config = PretrainConfig(

@@ -194,9 +194,13 @@ def _finish(out: Path, config: PretrainConfig, model_config: BertConfig, handle,
     """After training: export the final checkpoint and write the manifest (or report where it stopped)."""
     last = latest_checkpoint(out)
     state = TrainState.read(last)
+    if handle is not None and baseline is not None:  # a property of the held-out data: logged however training ended
+        logger = MetricLogger(handle)
+        logger.log_metrics({"val_mlm_majority_baseline": baseline}, state.step)
+        logger.close()
     if not state.final:
         finish_run(handle, "KILLED")
-        return {"complete": False, "step": state.step, "checkpoint": str(last)}
+        return {"complete": False, "step": state.step, "checkpoint": str(last), "val_mlm_majority_baseline": baseline}
     copy_checkpoint_out(last, out / "checkpoint")
     manifest = {
         "complete": True, "config": config.to_dict(), "model": model_config.to_dict(), "step": state.step,
@@ -205,10 +209,6 @@ def _finish(out: Path, config: PretrainConfig, model_config: BertConfig, handle,
         "mlflow": dataclasses.asdict(handle) if handle else None,
         "final_metrics": final_metric_values(handle, ("val_mlm_accuracy", "val_nsp_accuracy", "val_mlm_loss", "loss")),
     }
-    if handle is not None and baseline is not None:
-        logger = MetricLogger(handle)
-        logger.log_metrics({"val_mlm_majority_baseline": baseline}, state.step)
-        logger.close()
     write_json_atomic(out / MANIFEST, manifest)
     finish_run(handle)
     return manifest
