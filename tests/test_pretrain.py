@@ -95,6 +95,7 @@ def test_a_stopped_run_reports_the_baseline_and_its_checkpoint(small_shards, sma
     assert [m.value for m in logged] == [result["val_mlm_majority_baseline"]]
     assert isinstance(bert.from_pretrained(latest_checkpoint(out)), BertForPreTraining)
 
+
 def test_killed_worker_is_replaced_and_training_completes(small_shards, small_val_shards, tmp_path):
     out = tmp_path / "run"
     config = PretrainConfig(
