@@ -4,7 +4,8 @@
 Same for every run: checkpoint, tokenization (our WordPiece features, i.e. the same token ids), the
 training examples, head initialisation seed, AdamW (eps 1e-6, weight decay 0.01 on weight matrices
 only), learning rate, warmup 10% then linear decay, gradient clipping at 1.0, epochs, max_seq_length,
-best epoch kept. bertflow runs as a Ray Train job (1 worker) with dynamic padding, in the precision
+best epoch kept. bertflow runs as one Ray Train job over all seeds (`--seeds 1,2,3`, 1 worker; each seed
+is charged the job's wall time / seeds; `--bertflow-jobs per-seed` runs one job per seed) with dynamic padding, in the precision
 `--bertflow-precision` asks for (default `auto`, the job's own: bf16 on a CPU with native bf16 when
 its probe step is faster; the report lists what each seed used); the references run in fp32. The reference
 peers (`--reference-padding`, comma list) are plain loops:
@@ -26,7 +27,7 @@ one SQLite store shared by its runs, created before the first run as a user's st
 experiments that change one thing at a time.
 
     python benchmarks/finetune_vs_hf.py [--tasks mrpc,stsb] [--epochs 3] [--seeds 1,2,3] [--max-train-examples N]
-        [--reference-padding max_length,dynamic,shuffled]
+        [--reference-padding max_length,dynamic,shuffled] [--bertflow-jobs one|per-seed]
 
 The SST-2 setting of the fine-tuning acceptance: `--tasks sst2 --epochs 1 --max-train-examples 8000`.
 """
@@ -238,19 +239,25 @@ def finetune_api():
     raise ImportError("no fine-tune job found (tried pipelines.jobs.finetune, pipelines.finetune)")
 
 
-def bertflow_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, out: Path,
-                 tracking_uri: str) -> tuple[float, dict, dict]:
-    """bertflow's fine-tune job; returns (seconds, best-epoch dev metrics, {"precision": what the run used})."""
+def bertflow_run(task: str, data_dir: Path, checkpoint: Path, seeds: list[int], args, out: Path,
+                 tracking_uri: str) -> list[tuple[float, dict, dict]]:
+    """bertflow's fine-tune job over `seeds` (one job: its seeds share one Ray Train start); per seed
+    (the job's wall time / len(seeds), best-epoch dev metrics, {"precision": what the seed used})."""
     FinetuneConfig, run_finetune = finetune_api()
 
     start = time.time()
-    result = run_finetune(FinetuneConfig(
-        task=task, data=str(data_dir), checkpoint=str(checkpoint), out=str(out), seed=seed, epochs=args.epochs,
-        learning_rate=args.learning_rate, batch_size=args.batch_size, max_train_examples=args.max_train_examples,
-        max_eval_examples=args.max_eval_examples, log_model=False, tracking_uri=tracking_uri,
-        precision=args.bertflow_precision,
+    run_finetune(FinetuneConfig(
+        task=task, data=str(data_dir), checkpoint=str(checkpoint), out=str(out), seeds=",".join(map(str, seeds)),
+        epochs=args.epochs, learning_rate=args.learning_rate, batch_size=args.batch_size,
+        max_train_examples=args.max_train_examples, max_eval_examples=args.max_eval_examples, log_model=False,
+        tracking_uri=tracking_uri, precision=args.bertflow_precision,
     ))
-    return time.time() - start, result["metrics"], {"precision": result.get("precision")}
+    seconds = (time.time() - start) / len(seeds)
+    results = []
+    for seed in seeds:
+        metrics = json.loads((out / (f"seed-{seed}" if len(seeds) > 1 else "") / "metrics.json").read_text())
+        results.append((seconds, metrics["metrics"], {"precision": metrics["precision"]}))
+    return results
 
 
 def progress(task: str, seed: int, name: str, result: tuple) -> None:
@@ -272,6 +279,9 @@ def main() -> None:
                         help=f"comma list of reference peers: {', '.join(PEERS)}")
     parser.add_argument("--bertflow-precision", default="auto",
                         help="bertflow's precision: auto (its default, bf16 where native and faster), fp32, bf16")
+    parser.add_argument("--bertflow-jobs", choices=("one", "per-seed"), default="one",
+                        help="one: a single `bertflow finetune --seeds 1,2,3` job (its seeds share one Ray Train "
+                             "start; each seed is charged the job's wall time / seeds); per-seed: one job per seed")
     args = parser.parse_args()
 
     import ray
@@ -309,9 +319,14 @@ def main() -> None:
                     runs[f"reference_{padding}"].append(reference_run(task, data_dir, checkpoint, seed, args,
                                                                       *PEERS[padding]))
                     progress(task, seed, f"reference_{padding}", runs[f"reference_{padding}"][-1])
-                runs["bertflow"].append(bertflow_run(task, data_dir, checkpoint, seed, args,
-                                                     Path(tmp) / f"{task}-{seed}", tracking_uri))
-                progress(task, seed, "bertflow", runs["bertflow"][-1])
+                if args.bertflow_jobs == "per-seed":
+                    runs["bertflow"] += bertflow_run(task, data_dir, checkpoint, [seed], args,
+                                                     Path(tmp) / f"{task}-{seed}", tracking_uri)
+                    progress(task, seed, "bertflow", runs["bertflow"][-1])
+            if args.bertflow_jobs == "one":
+                runs["bertflow"] = bertflow_run(task, data_dir, checkpoint, seeds, args, Path(tmp) / task, tracking_uri)
+                for seed, result in zip(seeds, runs["bertflow"]):
+                    progress(task, seed, "bertflow", result)
             entry: dict = {"primary_metric": spec.primary_metric}
             for name, results in runs.items():
                 metrics = {k: statistics.fmean(r[1][k] for r in results) for k in results[0][1]}

@@ -162,6 +162,25 @@ def test_several_seeds_report_mean_and_std_with_nested_runs(ray_local, datasets_
     for m in per_seed:
         run = client.get_run(m["mlflow"]["run_id"])
         assert run.data.tags["mlflow.parentRunId"] == result["mlflow"]["run_id"]
+        assert run.info.status == "FINISHED"
+    # the seeds share one Ray Train run: seed 2 takes the precision seed 1's probe measured, with no probe of its own
+    reasons = [client.get_run(m["mlflow"]["run_id"]).data.params["precision_reason"] for m in per_seed]
+    assert reasons[1] == f"{reasons[0]} (this job's first seed)" and per_seed[1]["precision"] == per_seed[0]["precision"]
+    assert not (out / "_ray").exists() and not any((out / f"seed-{s}" / "_best").exists() for s in (1, 2))
+
+
+def test_a_seed_trained_after_another_in_one_job_matches_it_trained_alone(ray_local, datasets_dir, minilm_dir,
+                                                                           tmp_path):
+    """Sharing a worker with an earlier seed changes nothing in a seed's numerics: same dev metrics, predictions."""
+    common = dict(task="mrpc", data=str(datasets_dir / "glue" / "MRPC"), checkpoint=str(minilm_dir),
+                  max_train_examples=48, max_eval_examples=48, epochs=1, batch_size=16, log_model=False,
+                  precision="fp32")
+    run_finetune(FinetuneConfig(out=str(tmp_path / "both"), seeds="1,2", **common))
+    alone = run_finetune(FinetuneConfig(out=str(tmp_path / "alone"), seeds="2", **common))
+    shared = json.loads((tmp_path / "both" / "seed-2" / "metrics.json").read_text())
+    assert shared["metrics"] == alone["metrics"] and shared["history"][0]["train_loss"] == alone["history"][0]["train_loss"]
+    assert ((tmp_path / "both" / "seed-2" / "predictions.jsonl").read_text()
+            == (tmp_path / "alone" / "predictions.jsonl").read_text())
 
 
 @pytest.mark.slow

@@ -166,7 +166,7 @@ def test_finetune_driver_killed_after_an_epoch_resumes_there(ray_local, datasets
     out = tmp_path / "out"
     args = mrpc_args(datasets_dir, minilm_dir, out, "--epochs", "3")
     first = driver(ray_local, *args, log=tmp_path / "first.log")
-    epochs = out / "_ray" / "seed-42"
+    epochs = out / "_ray" / "train" / "seed-42"
     try:
         wait_for(lambda: (epochs / "epoch-001" / "finetune_state.json").is_file(), 600, "the first epoch checkpoint")
     finally:
@@ -188,6 +188,41 @@ def test_finetune_driver_killed_after_an_epoch_resumes_there(ray_local, datasets
     assert not (out / "_ray").exists() and not (out / "_best").exists()
 
 
+def test_finetune_seeds_killed_in_the_second_seed_resume_it_and_keep_the_first(ray_local, datasets_dir, minilm_dir,
+                                                                              tmp_path):
+    """The seeds of one job share a Ray Train run; killed during seed 2, the re-run leaves seed 1's finished
+    outputs untouched, resumes seed 2 after its last epoch, into the same MLflow runs."""
+    out = tmp_path / "out"
+    args = mrpc_args(datasets_dir, minilm_dir, out, "--epochs", "2", "--seeds", "1,2")
+    first = driver(ray_local, *args, log=tmp_path / "first.log")
+    try:
+        wait_for(lambda: (out / "_ray" / "train" / "seed-2" / "epoch-001" / "finetune_state.json").is_file(), 600,
+                 "seed 2's first epoch checkpoint")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (out / "seed-1" / "metrics.json").is_file() and not (out / "seed-2" / "metrics.json").exists()
+    seed1 = tree_hash(out / "seed-1")
+    runs_before = {s: json.loads((out / f"seed-{s}" / "mlflow_run.json").read_text())["run_id"] for s in (1, 2)}
+    log = tmp_path / "second.log"
+    second = driver(ray_local, *args, log=log)
+    assert second.wait(timeout=900) == 0, log.read_text()[-4000:]
+    text = log.read_text()
+    assert f"{out / 'seed-1'} is complete (seed 1)" in text and "seed 2: resuming after epoch 1" in text, text[-3000:]
+    assert tree_hash(out / "seed-1") == seed1  # seed 1 was not trained again
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(metrics["per_seed"]) == ["1", "2"]
+    seed2 = json.loads((out / "seed-2" / "metrics.json").read_text())
+    assert [h["epoch"] for h in seed2["history"]] == [1, 2]
+    client = MlflowClient(seed2["mlflow"]["tracking_uri"])
+    for s in (1, 2):
+        record = json.loads((out / f"seed-{s}" / "mlflow_run.json").read_text())
+        assert record["run_id"] == runs_before[s] and client.get_run(record["run_id"]).info.status == "FINISHED"
+        steps = metric_steps(out / f"seed-{s}", "train/loss")
+        assert len(steps) == len(set(steps))  # no step logged twice
+    assert not (out / "_ray").exists()
+
+
 def test_finetune_worker_killed_mid_epoch_completes_in_one_run(ray_local, datasets_dir, minilm_dir, tmp_path):
     """A lost worker is replaced (max_failures) and restarts from the last finished epoch."""
     from pipelines.jobs.finetune import FinetuneConfig, run_finetune
@@ -199,7 +234,7 @@ def test_finetune_worker_killed_mid_epoch_completes_in_one_run(ray_local, datase
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(run_finetune(config)))
     thread.start()
-    wait_for(lambda: (out / "_ray" / "seed-42" / "epoch-001" / "finetune_state.json").is_file(), 600,
+    wait_for(lambda: (out / "_ray" / "train" / "seed-42" / "epoch-001" / "finetune_state.json").is_file(), 600,
              "the first epoch checkpoint")
     victim = json.loads((out / "_workers" / "rank0.json").read_text())["pid"]
     os.kill(victim, signal.SIGKILL)

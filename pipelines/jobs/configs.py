@@ -145,7 +145,7 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     adam_eps: float = 1e-6
     seed: int = 42
-    seeds: str | None = None  # "1,2,3": one training run per seed, mean +- std reported
+    seeds: str | None = None  # "1,2,3": one training run per seed (one Ray Train start for all), mean +- std
     freeze_encoder: bool = False  # feature extraction: train the head only
     freeze_layers: int = 0  # freeze the embeddings and the bottom K Transformer layers
     layer_lr_decay: float = 1.0  # head lr x d^0, top layer d^1, ..., embeddings d^(L+1)

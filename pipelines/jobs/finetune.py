@@ -2,7 +2,7 @@
 
 Driver: check everything before a worker starts (task, data files, checkpoint config and weights,
 tokenizer, sequence length), featurize once into the object store, claim and lock the output dir
-(`pipelines/outdir.py`), then one Ray Train run per seed. Each worker:
+(`pipelines/outdir.py`), then one Ray Train run that trains the seeds in turn. Each worker, per seed:
 
     restore  -> the newest complete epoch checkpoint of this seed (after a lost worker or a killed
                 job), else the starting checkpoint with the task's head initialised from the seed
@@ -85,8 +85,8 @@ from pipelines.jobs.launch import (
 from pipelines.outdir import own_dir
 from pipelines.ray_runtime import ensure_ray, worker_progress
 from pipelines.tracking import (
+    RUN_FILE,
     MetricLogger,
-    RunHandle,
     default_tracking_uri,
     finish_run,
     fluent_tracking_uri,
@@ -95,6 +95,7 @@ from pipelines.tracking import (
 )
 
 RAY_STORAGE = "_ray"
+RAY_RUN = "train"  # the Ray Train run's name: its dir under RAY_STORAGE holds every seed's epoch checkpoints
 BEST = "_best"
 STAGING = "_tmp"
 EVAL_FILE = "eval.json"
@@ -117,7 +118,10 @@ def preflight(config: FinetuneConfig) -> Prepared:
 def run_finetune(config: FinetuneConfig, ray_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Check, claim the output dir, train every seed with Ray Train, write the output dir. Returns metrics.json.
 
-    `ray_callbacks` go to every seed's Ray Train run (a sweep passes Ray Tune's report callback).
+    All the seeds still to train share one Ray Train run (one worker-group start): the workers train
+    them one after another, each into its own dir, MLflow run and checkpoints, and resume a killed
+    job at the seed and epoch where it stopped. `ray_callbacks` go to that Ray Train run (a sweep
+    passes Ray Tune's report callback).
     """
 
     if not config.data or not config.checkpoint or not config.out:
@@ -131,17 +135,25 @@ def run_finetune(config: FinetuneConfig, ray_callbacks: Sequence[Any] = ()) -> d
     prepared = preflight(config)
     with own_dir(out, "finetune", config.identity(), inputs=[config.data, config.checkpoint, config.tokenizer]):
         ensure_ray()
-        prepared_ref = ray.put(prepared)
         uri = config.tracking_uri or default_tracking_uri(out)
         seeds = config.seed_list
-        if len(seeds) == 1:
-            return run_seed(config, seeds[0], prepared_ref, prepared, out, uri, config.parent_run_id, ray_callbacks)
-        parent = open_job_run(out, uri, config.experiment, run_name=f"finetune-{config.task}",
-                              parent_run_id=config.parent_run_id,
-                              tags={"bertflow.stage": "finetune", "bertflow.task": config.task})
-        runs = [run_seed(config, seed, prepared_ref, prepared, out / f"seed-{seed}", uri,
-                         parent.run_id if parent else config.parent_run_id, ray_callbacks) for seed in seeds]
-        return _summarize(config, prepared, runs, parent)
+        parent = None
+        if len(seeds) > 1:
+            parent = open_job_run(out, uri, config.experiment, run_name=f"finetune-{config.task}",
+                                  parent_run_id=config.parent_run_id,
+                                  tags={"bertflow.stage": "finetune", "bertflow.task": config.task})
+        dirs = {seed: out if len(seeds) == 1 else out / f"seed-{seed}" for seed in seeds}
+        pending = []
+        for seed in seeds:
+            if _finished(dirs[seed] / METRICS, config.for_seed(seed)) is not None:
+                print(f"[finetune] {dirs[seed]} is complete (seed {seed}); nothing to do", flush=True)
+            else:
+                pending.append(seed)
+        if pending:
+            _train_seeds(config, [(seed, str(dirs[seed])) for seed in pending], ray.put(prepared), uri,
+                         parent.run_id if parent else config.parent_run_id, ray_callbacks)
+        runs = [json.loads((dirs[seed] / METRICS).read_text()) for seed in seeds]
+        return runs[0] if len(seeds) == 1 else _summarize(config, prepared, runs, parent)
 
 
 def _finished(metrics_file: Path, config: FinetuneConfig) -> dict[str, Any] | None:
@@ -152,45 +164,45 @@ def _finished(metrics_file: Path, config: FinetuneConfig) -> dict[str, Any] | No
     return done if done.get("identity") == config.identity() else None
 
 
-def run_seed(config: FinetuneConfig, seed: int, prepared_ref, prepared: Prepared, seed_dir: Path, tracking_uri: str,
-             parent_run_id: str | None, ray_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Train one seed with Ray Train (resuming its last finished epoch); write its metrics.json,
-    predictions.jsonl and checkpoint/ under `seed_dir`."""
-    seed_config = config.for_seed(seed)
-    done = _finished(seed_dir / METRICS, seed_config)
-    if done is not None:
-        print(f"[finetune] {seed_dir} is complete (seed {seed}); nothing to do", flush=True)
-        return done
-    seed_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(seed_dir / STAGING, ignore_errors=True)
-    handle = open_job_run(seed_dir, tracking_uri, config.experiment, run_name=f"{config.task}-seed{seed}",
-                          parent_run_id=parent_run_id, tags={"bertflow.stage": "finetune", "bertflow.task": config.task,
-                                                             "bertflow.seed": str(seed)})
-    storage, name = Path(config.out) / RAY_STORAGE, f"seed-{seed}"
-    resume = latest_epoch_checkpoint(storage / name)
-    if resume is not None:
-        print(f"[finetune] seed {seed}: resuming after epoch {FinetuneState.read(resume).epoch} from {resume}",
-              flush=True)
-    loop_config = {"config": config.to_dict(), "seed": seed, "prepared": prepared_ref, "best": str(seed_dir / BEST),
-                   "mlflow": dataclasses.asdict(handle) if handle else None,
-                   "logged_through": last_logged_step(handle, "train/loss") if resume else None}
-    start = time.time()
+def _train_seeds(config: FinetuneConfig, seeds: list[tuple[int, str]], prepared_ref, tracking_uri: str,
+                 parent_run_id: str | None, ray_callbacks: Sequence[Any]) -> None:
+    """One Ray Train run that trains `seeds` [(seed, its output dir)] in turn; the workers write each seed's outputs.
+
+    A run that fails for good marks the MLflow run of every seed it left unfinished FAILED.
+    """
+    storage = Path(config.out) / RAY_STORAGE
+    for seed, seed_dir in seeds:
+        Path(seed_dir).mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(Path(seed_dir) / STAGING, ignore_errors=True)
+        resume = latest_epoch_checkpoint(seed_storage(config, seed))
+        if resume is not None:
+            print(f"[finetune] seed {seed}: resuming after epoch {FinetuneState.read(resume).epoch} from {resume}",
+                  flush=True)
+    loop_config = {"config": config.to_dict(), "seeds": seeds, "prepared": prepared_ref,
+                   "tracking_uri": tracking_uri, "parent_run_id": parent_run_id}
     try:
-        train_on_ray(train_loop, loop_config, name=name, storage=storage, num_workers=config.num_workers,
+        train_on_ray(train_loop, loop_config, name=RAY_RUN, storage=storage, num_workers=config.num_workers,
                      use_gpu=config.use_gpu, cpus_per_worker=config.cpus_per_worker, max_failures=config.max_failures,
                      keep_checkpoints=1, callbacks=ray_callbacks)
     except Exception:
-        finish_run(handle, "FAILED")
+        for seed, seed_dir in seeds:
+            unfinished = _finished(Path(seed_dir) / METRICS, config.for_seed(seed)) is None
+            if unfinished and (Path(seed_dir) / RUN_FILE).is_file():
+                finish_run(_seed_run(config, seed, Path(seed_dir), tracking_uri, parent_run_id), "FAILED")
         raise
-    metrics = _write_seed_outputs(seed_config, prepared, seed_dir, latest_epoch_checkpoint(storage / name), handle,
-                                  time.time() - start)
-    shutil.rmtree(storage / name, ignore_errors=True)
-    shutil.rmtree(seed_dir / BEST, ignore_errors=True)
-    shutil.rmtree(seed_dir / STAGING, ignore_errors=True)
-    if storage.is_dir() and not any(storage.iterdir()):
-        storage.rmdir()
-    finish_run(handle)
-    return metrics
+    shutil.rmtree(storage, ignore_errors=True)
+
+
+def _seed_run(config: FinetuneConfig, seed: int, seed_dir: Path, tracking_uri: str, parent_run_id: str | None):
+    """The seed's MLflow run: created on its first start, re-opened (RUNNING again) by every later one."""
+    return open_job_run(seed_dir, tracking_uri, config.experiment, run_name=f"{config.task}-seed{seed}",
+                        parent_run_id=parent_run_id, tags={"bertflow.stage": "finetune", "bertflow.task": config.task,
+                                                           "bertflow.seed": str(seed)})
+
+
+def seed_storage(config: FinetuneConfig, seed: int) -> Path:
+    """Where a seed's epoch checkpoints live: inside the Ray Train run's dir, as Ray Train requires."""
+    return Path(config.out) / RAY_STORAGE / RAY_RUN / f"seed-{seed}"
 
 
 def latest_epoch_checkpoint(directory: Path) -> Path | None:
@@ -205,7 +217,7 @@ def _write_seed_outputs(config: FinetuneConfig, prepared: Prepared, seed_dir: Pa
     state = FinetuneState.read(last)
     best_dir = seed_dir / BEST / f"epoch-{state.best_epoch:03d}"
     best = json.loads((best_dir / EVAL_FILE).read_text())
-    copy_checkpoint_out(best_dir, seed_dir / "checkpoint", exclude=(EVAL_FILE, PREDICTIONS))
+    copy_checkpoint_out(best_dir, seed_dir / "checkpoint", exclude=(EVAL_FILE, PREDICTIONS), link=True)  # _best goes
     shutil.copy2(best_dir / PREDICTIONS, seed_dir / f".{PREDICTIONS}.tmp")
     (seed_dir / f".{PREDICTIONS}.tmp").replace(seed_dir / PREDICTIONS)
     model_uri = _log_model(handle, seed_dir / "checkpoint") if (handle is not None and config.log_model) else None
@@ -291,17 +303,39 @@ def describe(result: dict[str, Any]) -> str:
 
 
 def train_loop(loop_config: dict) -> None:
-    """Runs on every Ray Train worker: restore -> build -> step -> report, epoch by epoch."""
+    """Runs on every Ray Train worker: each seed in turn, restore -> build -> step -> report, epoch by epoch;
+    once a seed's last epoch is reported rank 0 writes its output dir and closes its MLflow run."""
 
     config = FinetuneConfig(**loop_config["config"])
     worker = Worker.current(config.threads_per_worker)
-    run = _SeedRun.build(config, loop_config, ray.get(loop_config["prepared"]), worker)
-    for epoch in range(run.state.epoch, math.ceil(config.epochs)):
-        run.train_epoch(epoch)
-        run.end_epoch(epoch)
-        if run.state.final:
-            break
-    run.logger.close()
+    record_worker(Path(config.out), worker.rank)
+    prepared = ray.get(loop_config["prepared"])
+    measured = None  # the first seed's precision probe serves the next ones: same model shape, same batches
+    for seed, seed_dir in loop_config["seeds"]:
+        seed_config, seed_dir = config.for_seed(seed), Path(seed_dir)
+        if _finished(seed_dir / METRICS, seed_config) is not None:  # done before a lost worker restarted the run
+            continue
+        handle = (_seed_run(config, seed, seed_dir, loop_config["tracking_uri"], loop_config["parent_run_id"])
+                  if worker.rank == 0 else None)
+        start = time.time()
+        try:
+            run = _SeedRun.build(config, seed, seed_dir, prepared, worker, handle, measured)
+            measured = run.precision
+            for epoch in range(run.state.epoch, math.ceil(config.epochs)):
+                if run.state.final:
+                    break
+                run.train_epoch(epoch)
+                run.end_epoch(epoch)
+            run.logger.close()
+            if worker.rank == 0:
+                last = latest_epoch_checkpoint(seed_storage(config, seed))
+                _write_seed_outputs(seed_config, prepared, seed_dir, last, handle, time.time() - start)
+                shutil.rmtree(seed_dir / BEST, ignore_errors=True)
+                shutil.rmtree(seed_dir / STAGING, ignore_errors=True)
+                finish_run(handle)
+        except BaseException:
+            finish_run(handle, "FAILED")  # re-opened (RUNNING) if Ray Train restarts the workers
+            raise
 
 
 @dataclass
@@ -325,12 +359,11 @@ class _SeedRun:
     epoch_seconds: float = 0.0
 
     @classmethod
-    def build(cls, config: FinetuneConfig, loop_config: dict, prepared: Prepared, worker) -> _SeedRun:
-
-        seed, spec = loop_config["seed"], get_task(prepared.task)
-        best_root = Path(loop_config["best"])
-        record_worker(Path(config.out), worker.rank)
-        resume = _restore_dir(Path(config.out) / RAY_STORAGE / f"seed-{seed}")  # ---- restore
+    def build(cls, config: FinetuneConfig, seed: int, seed_dir: Path, prepared: Prepared, worker, handle,
+              measured: Precision | None) -> _SeedRun:
+        """`handle`: the seed's MLflow run (rank 0); `measured`: the precision an earlier seed of the job probed."""
+        spec, best_root = get_task(prepared.task), seed_dir / BEST
+        resume = _restore_dir(seed_storage(config, seed))  # ---- restore
         state = FinetuneState.read(resume) if resume else FinetuneState()
         model = from_pretrained(resume) if resume else task_model(config.checkpoint, spec, prepared.labels, seed)
         if worker.rank == 0 and best_root.is_dir():  # best models of epochs the restored state has not seen
@@ -339,7 +372,10 @@ class _SeedRun:
                     shutil.rmtree(stale, ignore_errors=True)
         freeze(model, encoder=config.freeze_encoder, layers=config.freeze_layers)  # ---- build
         model = model.to(worker.device)
-        precision = _choose_precision(config, model, prepared, worker, state.precision)
+        if state.precision is None and measured is not None and config.precision == "auto":  # no second probe
+            precision = Precision(measured.name, measured.device_type, f"{measured.reason} (this job's first seed)")
+        else:
+            precision = _choose_precision(config, model, prepared, worker, state.precision)
         state.precision = precision.name
         groups = layerwise_groups(model, config.weight_decay, config.layer_lr_decay)
         model, raw = worker.prepare(model)
@@ -350,8 +386,7 @@ class _SeedRun:
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
         schedule = Schedule.of(len(prepared.train_features), config.batch_size, config.epochs, config.warmup_ratio,
                                worker.world)
-        handle = RunHandle(**loop_config["mlflow"]) if (worker.rank == 0 and loop_config.get("mlflow")) else None
-        logger = MetricLogger(handle, logged_through=loop_config.get("logged_through"))
+        logger = MetricLogger(handle, logged_through=last_logged_step(handle, "train/loss") if resume else None)
         if resume is None:
             logger.log_params({"finetune": config.for_seed(seed).to_dict(), "seed": seed, "world_size": worker.world,
                                "total_steps": schedule.total, "warmup_steps": schedule.warmup,
@@ -449,7 +484,7 @@ class _SeedRun:
             self.state.write(directory)
 
         report_checkpoint(report, self.worker.rank, self.best_root.with_name(STAGING),
-                          Path(self.config.out) / RAY_STORAGE / f"seed-{self.seed}", f"epoch-{self.state.epoch:03d}",
+                          seed_storage(self.config, self.seed), f"epoch-{self.state.epoch:03d}",
                           write)
 
     def progress(self, message: str) -> None:
@@ -461,8 +496,9 @@ class _SeedRun:
 def _restore_dir(storage: Path) -> Path | None:
     """The newest complete epoch checkpoint: on disk, or Ray's own (its record can lag the disk); the later wins."""
     candidates = [d for d in (latest_epoch_checkpoint(storage),) if d is not None]
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None and (Path(checkpoint.path) / FINETUNE_STATE).is_file():
+    checkpoint = ray.train.get_checkpoint()  # the run's newest: it may be another seed's
+    if (checkpoint is not None and Path(checkpoint.path).resolve().parent == storage.resolve()
+            and (Path(checkpoint.path) / FINETUNE_STATE).is_file()):
         candidates.append(Path(checkpoint.path))
     return max(candidates, key=lambda d: FinetuneState.read(d).epoch, default=None)
 

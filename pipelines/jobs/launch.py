@@ -171,11 +171,21 @@ def report_checkpoint(metrics: dict[str, Any], rank: int, staging: Path, storage
                          checkpoint_dir_name=name, checkpoint_upload_fn=move)
 
 
-def copy_checkpoint_out(src: Path, dst: Path, exclude: Iterable[str] = ()) -> Path:
-    """Copy the files of checkpoint dir `src` to `dst`, which appears only when complete (replacing an old one)."""
+def copy_checkpoint_out(src: Path, dst: Path, exclude: Iterable[str] = (), link: bool = False) -> Path:
+    """Copy the files of checkpoint dir `src` to `dst`, which appears only when complete (replacing an old one).
+
+    `link`: hard-link instead where the file system allows (no bytes copied; for a `src` that is
+    removed afterwards, so the two never share files for long).
+    """
     skip = set(exclude)
     with atomic_directory(dst) as tmp:
         for item in Path(src).iterdir():
             if item.is_file() and item.name not in skip:
+                if link:
+                    try:
+                        os.link(item, tmp / item.name)
+                        continue
+                    except OSError:  # another file system, or no hard links there: copy
+                        pass
                 shutil.copy2(item, tmp / item.name)
     return dst
