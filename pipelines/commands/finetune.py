@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_finetune_command(args: argparse.Namespace) -> int:
     from pipelines.config_args import dataclass_from_args
-    from pipelines.jobs.finetune import FinetuneConfig, describe, run_finetune
+    from pipelines.jobs.finetune import FinetuneConfig, run_finetune
+    from pipelines.jobs.finetune_outputs import describe
 
     result = run_finetune(dataclass_from_args(FinetuneConfig, args))
     print(f"[finetune] {describe(result)}; outputs in {result['config']['out']}")

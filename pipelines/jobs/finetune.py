@@ -28,12 +28,10 @@ checkpoint. MLflow: with several seeds a parent run and one nested run per seed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import shutil
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,30 +51,27 @@ from bert.finetune import (
     FinetuneState,
     Prepared,
     Schedule,
-    aggregate,
     dropout_seed,
     epoch_batches,
     eval_splits,
     freeze,
     json_number,
     layerwise_groups,
-    majority_baseline,
     probe_step,
     score,
     task_model,
     train_step,
 )
-from bert.fsutil import write_json_atomic
 from bert.inference import head_outputs, length_sorted_chunks, write_task_file
 from bert.optim import adamw
 from bert.precision import Precision, choose_precision
 from bert.pretrain import load_optimizer_state
 from bert.tasks import get_task
 from pipelines.jobs.configs import FinetuneConfig, finetune_paths
+from pipelines.jobs.finetune_outputs import BEST, EVAL_FILE, METRICS, summarize, write_seed_outputs
 from pipelines.jobs.launch import (
     Worker,
     all_min,
-    copy_checkpoint_out,
     gather_to_rank0,
     record_worker,
     report_checkpoint,
@@ -89,17 +84,13 @@ from pipelines.tracking import (
     MetricLogger,
     default_tracking_uri,
     finish_run,
-    fluent_tracking_uri,
     last_logged_step,
     open_job_run,
 )
 
 RAY_STORAGE = "_ray"
 RAY_RUN = "train"  # the Ray Train run's name: its dir under RAY_STORAGE holds every seed's epoch checkpoints
-BEST = "_best"
 STAGING = "_tmp"
-EVAL_FILE = "eval.json"
-METRICS = "metrics.json"
 
 
 def preflight(config: FinetuneConfig) -> Prepared:
@@ -153,7 +144,7 @@ def run_finetune(config: FinetuneConfig, ray_callbacks: Sequence[Any] = ()) -> d
             _train_seeds(config, [(seed, str(dirs[seed])) for seed in pending], ray.put(prepared), uri,
                          parent.run_id if parent else config.parent_run_id, ray_callbacks)
         runs = [json.loads((dirs[seed] / METRICS).read_text()) for seed in seeds]
-        return runs[0] if len(seeds) == 1 else _summarize(config, prepared, runs, parent)
+        return runs[0] if len(seeds) == 1 else summarize(config, prepared, runs, parent)
 
 
 def _finished(metrics_file: Path, config: FinetuneConfig) -> dict[str, Any] | None:
@@ -211,94 +202,6 @@ def latest_epoch_checkpoint(directory: Path) -> Path | None:
     return next((d for d in reversed(candidates) if FinetuneState.complete(d)), None)
 
 
-def _write_seed_outputs(config: FinetuneConfig, prepared: Prepared, seed_dir: Path, last: Path, handle,
-                        train_time: float) -> dict[str, Any]:
-    """The best epoch's model and predictions to their final names; metrics.json (every epoch) last."""
-    state = FinetuneState.read(last)
-    best_dir = seed_dir / BEST / f"epoch-{state.best_epoch:03d}"
-    best = json.loads((best_dir / EVAL_FILE).read_text())
-    copy_checkpoint_out(best_dir, seed_dir / "checkpoint", exclude=(EVAL_FILE, PREDICTIONS), link=True)  # _best goes
-    shutil.copy2(best_dir / PREDICTIONS, seed_dir / f".{PREDICTIONS}.tmp")
-    (seed_dir / f".{PREDICTIONS}.tmp").replace(seed_dir / PREDICTIONS)
-    model_uri = _log_model(handle, seed_dir / "checkpoint") if (handle is not None and config.log_model) else None
-    metrics = {
-        "task": config.task, "seed": config.seed, "primary_metric": get_task(config.task).primary_metric,
-        "metrics": best["metrics"], "best_epoch": best["epoch"], "best_step": best["step"], "history": state.history,
-        "precision": state.precision, "majority_baseline": majority_baseline(get_task(config.task), prepared),
-        "skipped": prepared.skipped, "num_train_examples": prepared.num_train_examples,
-        "num_eval_examples": {split: len(ex) for split, ex in prepared.eval_examples.items()},
-        "labels": list(prepared.labels), "max_seq_length": prepared.max_seq_length, "train_time_s": train_time,
-        "config": config.to_dict(), "identity": config.identity(),
-        "mlflow": dataclasses.asdict(handle) | {"model_uri": model_uri} if handle else None,
-    }
-    write_json_atomic(seed_dir / METRICS, metrics)
-    if handle is not None:
-        logger = MetricLogger(handle)
-        logger.log_metrics({f"best/{k}": v for k, v in best["metrics"].items() if v is not None}
-                           | {"best/epoch": best["epoch"]}, step=best["step"])
-        logger.log_artifact(seed_dir / METRICS)
-        logger.log_artifact(seed_dir / PREDICTIONS)
-        logger.close()
-    return metrics
-
-
-def _log_model(handle, checkpoint: Path) -> str | None:
-    """Log the checkpoint as an `mlflow.pyfunc` model into the seed's run; returns its URI (None on failure)."""
-    import mlflow
-
-    from pipelines.pyfunc_model import (
-        log_pyfunc_model,  # imports MLflow's model machinery: only when logging
-    )
-
-
-    try:
-        with fluent_tracking_uri(handle.tracking_uri), mlflow.start_run(run_id=handle.run_id):
-            return log_pyfunc_model(checkpoint)
-    except Exception as exc:  # noqa: BLE001 - tracking must never fail the job
-        warnings.warn(f"could not log the pyfunc model to MLflow run {handle.run_id}: {exc}", stacklevel=2)
-        return None
-
-
-def _summarize(config: FinetuneConfig, prepared: Prepared, runs: list[dict], parent) -> dict[str, Any]:
-    """Mean and std over seeds; the best seed's predictions and checkpoint at the top of the output dir."""
-    out, spec = Path(config.out), get_task(config.task)
-    summary = aggregate(runs, spec.primary_metric)
-    best_dir = out / f"seed-{summary['best_seed']}"
-    copy_checkpoint_out(best_dir / "checkpoint", out / "checkpoint")
-    shutil.copy2(best_dir / PREDICTIONS, out / f".{PREDICTIONS}.tmp")
-    (out / f".{PREDICTIONS}.tmp").replace(out / PREDICTIONS)
-    result = {
-        "task": config.task, "seeds": list(config.seed_list), "primary_metric": spec.primary_metric,
-        "metrics": summary["mean"], "std": summary["std"], "best_seed": summary["best_seed"],
-        "per_seed": {str(run["seed"]): run["metrics"] for run in runs}, "skipped": prepared.skipped,
-        "num_train_examples": prepared.num_train_examples,
-        "num_eval_examples": {split: len(ex) for split, ex in prepared.eval_examples.items()},
-        "train_time_s": sum(run["train_time_s"] for run in runs),
-        "outputs": "predictions.jsonl and checkpoint/ are the best seed's (highest primary metric)",
-        "config": config.to_dict(), "identity": config.identity(),
-        "mlflow": dataclasses.asdict(parent) if parent else None,
-    }
-    write_json_atomic(out / METRICS, result)
-    if parent is not None:
-        logger = MetricLogger(parent)
-        logger.log_metrics({f"mean/{k}": v for k, v in summary["mean"].items()}
-                           | {f"std/{k}": v for k, v in summary["std"].items()}, 0)
-        logger.log_artifact(out / METRICS)
-        logger.close()
-    finish_run(parent)
-    return result
-
-
-def describe(result: dict[str, Any]) -> str:
-    primary = result["primary_metric"]
-    value = result["metrics"].get(primary)
-    if "std" in result:
-        return (f"{result['task']}: {primary} {value:.4f} +- {result['std'].get(primary, 0.0):.4f} over seeds "
-                f"{result['seeds']} (best seed {result['best_seed']})")
-    shown = "n/a" if value is None else f"{value:.4f}"
-    return f"{result['task']}: {primary} {shown} (best epoch {result['best_epoch']}, seed {result['seed']})"
-
-
 # ----------------------------------------------------------------------------- worker
 
 
@@ -329,7 +232,7 @@ def train_loop(loop_config: dict) -> None:
             run.logger.close()
             if worker.rank == 0:
                 last = latest_epoch_checkpoint(seed_storage(config, seed))
-                _write_seed_outputs(seed_config, prepared, seed_dir, last, handle, time.time() - start)
+                write_seed_outputs(seed_config, prepared, seed_dir, last, handle, time.time() - start)
                 shutil.rmtree(seed_dir / BEST, ignore_errors=True)
                 shutil.rmtree(seed_dir / STAGING, ignore_errors=True)
                 finish_run(handle)

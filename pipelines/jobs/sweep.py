@@ -64,6 +64,7 @@ from pipelines.jobs.finetune import (
     latest_epoch_checkpoint,
     preflight,
     run_finetune,
+    seed_storage,
 )
 from pipelines.jobs.sweep_space import (
     SweepOptions,
@@ -242,7 +243,7 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
             tune.report(row)
         return
     finetune_config = trial_config(ctx, plan)
-    resume = latest_epoch_checkpoint(Path(finetune_config.out) / RAY_STORAGE / f"seed-{finetune_config.seed}")
+    resume = latest_epoch_checkpoint(seed_storage(finetune_config, finetune_config.seed))
     if resume is not None:  # the epochs a killed run finished: reported again, then trained on from there
         for row in history_rows(FinetuneState.read(resume).history):
             tune.report(row)
