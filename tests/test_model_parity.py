@@ -94,6 +94,28 @@ def test_import_matches_transformers(kind, tmp_path):
     compare(kind, ours, hf, mixed_batch(SMALL["vocab_size"]))
 
 
+def test_span_loss_matches_transformers_without_padding_and_ignores_padding(tmp_path):
+    """The span loss equals the reference's on unpadded features, and padding added after a feature does not
+    change its loss (the reference's softmax also covers padded positions, so its loss depends on batch-mates)."""
+    hf = hf_model("question_answering", seed=4)
+    ids, types, mask, _ = mixed_batch(SMALL["vocab_size"], seed=5)
+    starts, ends = torch.tensor([3, 2, 1, 0]), torch.tensor([5, 9, 4, 0])
+    hf.save_pretrained(tmp_path / "hf")
+    ours = bert.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        for i, n in enumerate(mask.sum(1).tolist()):  # each feature alone, unpadded: the reference's loss
+            alone = dict(input_ids=ids[i : i + 1, :n], token_type_ids=types[i : i + 1, :n],
+                         attention_mask=mask[i : i + 1, :n], start_positions=starts[i : i + 1],
+                         end_positions=ends[i : i + 1])
+            ref = hf(**alone).loss
+            torch.testing.assert_close(ours(**alone).loss, ref, atol=ATOL, rtol=0)
+            padded = {k: v for k, v in alone.items()}
+            for key in ("input_ids", "token_type_ids", "attention_mask"):
+                padded[key] = torch.nn.functional.pad(alone[key], (0, 11))
+            torch.testing.assert_close(ours(**padded).loss, ref, atol=ATOL, rtol=0)
+            assert not torch.allclose(hf(**padded).loss, ref, atol=ATOL, rtol=0)  # the reference's does change
+
+
 @pytest.mark.parametrize("kind", list(HF_HEADS))
 def test_export_loads_into_transformers_without_warnings(kind, tmp_path):
     hf = hf_model(kind, seed=1)
