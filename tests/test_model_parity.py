@@ -109,7 +109,7 @@ def test_span_loss_matches_transformers_without_padding_and_ignores_padding(tmp_
                          end_positions=ends[i : i + 1])
             ref = hf(**alone).loss
             torch.testing.assert_close(ours(**alone).loss, ref, atol=ATOL, rtol=0)
-            padded = {k: v for k, v in alone.items()}
+            padded = dict(alone)
             for key in ("input_ids", "token_type_ids", "attention_mask"):
                 padded[key] = torch.nn.functional.pad(alone[key], (0, 11))
             torch.testing.assert_close(ours(**padded).loss, ref, atol=ATOL, rtol=0)
