@@ -195,9 +195,10 @@ class Schedule:
         return peak * lr_multiplier(step, warmup_steps=self.warmup, total_steps=self.total)
 
 
-def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, world: int) -> list[list[int]]:
-    """The global batches of an epoch (feature indices), a pure function of (seed, epoch)."""
-    return [b for b in length_grouped_batches(lengths, batch_size, seed, epoch) if len(b) >= world]
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, world: int,
+                  length_grouping: int) -> list[list[int]]:
+    """The global batches of an epoch (feature indices), a pure function of (seed, epoch, length_grouping)."""
+    return [b for b in length_grouped_batches(lengths, batch_size, seed, epoch, length_grouping) if len(b) >= world]
 
 
 # ----------------------------------------------------------------------------- the step

@@ -7,6 +7,7 @@ session runtime (`ray_local`). Bad-input tests never reach Ray: the driver rejec
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from bert.errors import InputError
 from bert.finetune import layerwise_groups
+from bert.tasks import get_task
 from pipelines.jobs.finetune import FinetuneConfig, preflight, run_finetune
 from pipelines.tracking import fluent_tracking_uri
 
@@ -117,6 +119,8 @@ def test_rerun_of_a_finished_job_does_nothing(mrpc_run, datasets_dir, minilm_dir
                             out=str(out), max_train_examples=192, max_eval_examples=160, epochs=1,
                             learning_rate=5e-5, layer_lr_decay=0.9)
     assert run_finetune(config) == result
+    # the task kind's default spelled out is the same job
+    assert run_finetune(dataclasses.replace(config, length_grouping=get_task("mrpc").length_grouping)) == result
     assert (out / "metrics.json").stat().st_mtime_ns == stamp
 
 
@@ -148,7 +152,7 @@ def test_several_seeds_report_mean_and_std_with_nested_runs(ray_local, datasets_
     out = tmp_path / "seeds"
     config = FinetuneConfig(task="sst2", data=str(datasets_dir), checkpoint=str(minilm_dir), out=str(out),
                             max_train_examples=64, max_eval_examples=64, epochs=1, seeds="1,2", batch_size=16,
-                            log_model=False)
+                            log_model=False, length_grouping=1)
     result = run_finetune(config)
     per_seed = [json.loads((out / f"seed-{s}" / "metrics.json").read_text()) for s in (1, 2)]
     values = [m["metrics"]["dev/accuracy"] for m in per_seed]
@@ -163,6 +167,7 @@ def test_several_seeds_report_mean_and_std_with_nested_runs(ray_local, datasets_
         run = client.get_run(m["mlflow"]["run_id"])
         assert run.data.tags["mlflow.parentRunId"] == result["mlflow"]["run_id"]
         assert run.info.status == "FINISHED"
+        assert run.data.params["length_grouping"] == "1"  # the option, not sst2's default (4), reached the workers
     # the seeds share one Ray Train run: seed 2 takes the precision seed 1's probe measured, with no probe of its own
     reasons = [client.get_run(m["mlflow"]["run_id"]).data.params["precision_reason"] for m in per_seed]
     assert reasons[1] == f"{reasons[0]} (this job's first seed)" and per_seed[1]["precision"] == per_seed[0]["precision"]
@@ -433,7 +438,20 @@ def test_checkpoint_vocab_that_does_not_match_the_tokenizer(tmp_path, datasets_d
         preflight(_config(tmp_path, "mrpc", datasets_dir, checkpoint))
 
 
+def test_length_grouping_default_follows_the_task_kind_and_is_part_of_the_job(tmp_path, datasets_dir, minilm_dir):
+    assert get_task("mrpc").length_grouping == get_task("conll2003").length_grouping == 4
+    assert get_task("squad_v1_dev_split").length_grouping == 50
+    for task in ("mrpc", "squad_v1_dev_split"):
+        default = _config(tmp_path, task, datasets_dir, minilm_dir)
+        spelled = dataclasses.replace(default, length_grouping=get_task(task).length_grouping)
+        other = dataclasses.replace(default, length_grouping=1)
+        assert default.identity() == spelled.identity() and "length_grouping" not in default.identity()
+        assert other.identity() == default.identity() | {"length_grouping": 1}
+
+
 def test_bad_options_are_input_errors(tmp_path, datasets_dir, minilm_dir):
+    with pytest.raises(InputError, match="length_grouping must be positive, got 0"):
+        _config(tmp_path, "mrpc", datasets_dir, minilm_dir, length_grouping=0)
     with pytest.raises(InputError, match="--seeds"):
         _config(tmp_path, "mrpc", datasets_dir, minilm_dir, seeds="1,x")
     with pytest.raises(InputError, match="divisible"):

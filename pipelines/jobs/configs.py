@@ -149,6 +149,7 @@ class FinetuneConfig:
     freeze_encoder: bool = False  # feature extraction: train the head only
     freeze_layers: int = 0  # freeze the embeddings and the bottom K Transformer layers
     layer_lr_decay: float = 1.0  # head lr x d^0, top layer d^1, ..., embeddings d^(L+1)
+    length_grouping: int | None = None  # batches per length-sorted mega-batch (1: a plain shuffle); default: by task kind
     max_train_examples: int | None = None  # the first N (deterministic)
     max_eval_examples: int | None = None  # the first N of every eval split
     precision: str = "auto"  # auto (bf16 where native and faster) | bf16 | fp32
@@ -171,7 +172,7 @@ class FinetuneConfig:
         for name in ("batch_size", "eval_batch_size", "num_workers", "cpus_per_worker", "log_every"):
             if getattr(self, name) <= 0:
                 raise InputError(f"finetune: {name} must be positive, got {getattr(self, name)}")
-        for name in ("max_train_examples", "max_eval_examples", "max_seq_length", "threads_per_worker"):
+        for name in ("max_train_examples", "max_eval_examples", "max_seq_length", "threads_per_worker", "length_grouping"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise InputError(f"finetune: {name} must be positive, got {value}")
@@ -209,6 +210,10 @@ class FinetuneConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that define the output: a re-run must match them to resume into the same dir."""
         identity = {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES + ("seed", "seeds")}
+        from bert.tasks import get_task  # here, not at the top: it imports torch, and the CLI's options do not need it
+
+        if self.length_grouping in (None, get_task(self.task).length_grouping):
+            del identity["length_grouping"]  # the task kind's default, spelled out or not; older job dirs resume
         return identity | {"seeds": list(self.seed_list)}
 
     def for_seed(self, seed: int) -> FinetuneConfig:

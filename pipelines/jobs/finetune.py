@@ -261,6 +261,11 @@ class _SeedRun:
     epoch_loss: float = 0.0
     epoch_seconds: float = 0.0
 
+    @property
+    def length_grouping(self) -> int:
+        """Batches per length-sorted mega-batch: the job's setting, else the task kind's default."""
+        return self.config.length_grouping or self.spec.length_grouping
+
     @classmethod
     def build(cls, config: FinetuneConfig, seed: int, seed_dir: Path, prepared: Prepared, worker, handle,
               measured: Precision | None) -> _SeedRun:
@@ -294,6 +299,7 @@ class _SeedRun:
             logger.log_params({"finetune": config.for_seed(seed).to_dict(), "seed": seed, "world_size": worker.world,
                                "total_steps": schedule.total, "warmup_steps": schedule.warmup,
                                "train_examples": prepared.num_train_examples, "max_seq_length": prepared.max_seq_length,
+                               "length_grouping": config.length_grouping or spec.length_grouping,
                                "trainable_parameters": sum(p.numel() for p in trainable), "precision": precision.name,
                                "precision_reason": precision.reason})
         model.train()
@@ -305,7 +311,7 @@ class _SeedRun:
         config, prepared, state, (rank, world) = self.config, self.prepared, self.state, (self.worker.rank, self.worker.world)
         lengths = [len(f.input_ids) for f in prepared.train_features]
         started, window, losses = time.time(), [], []
-        for batch in epoch_batches(lengths, config.batch_size, self.seed, epoch, world):
+        for batch in epoch_batches(lengths, config.batch_size, self.seed, epoch, world, self.length_grouping):
             if state.step == self.schedule.total:
                 break
             lr = self.schedule.lr(config.learning_rate, state.step)

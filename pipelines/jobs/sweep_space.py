@@ -38,7 +38,7 @@ NOT_SWEEPABLE = ("task", "data", "checkpoint", "out", "tokenizer", "seeds", "tra
                  "experiment", "log_model", "eval_batch_size", "max_eval_examples", "precision", "num_workers",
                  "cpus_per_worker", "threads_per_worker", "use_gpu", "max_failures", "log_every")
 SHORT_NAMES = {"learning_rate": "lr", "batch_size": "batch", "epochs": "epochs", "warmup_ratio": "warmup",
-               "weight_decay": "wd", "layer_lr_decay": "lld"}
+               "weight_decay": "wd", "layer_lr_decay": "lld", "length_grouping": "group"}
 
 
 @dataclass(frozen=True)
