@@ -112,7 +112,8 @@ class TaskSpec:
         (a factor of 50 cost 3.5 points on a single-sentence GLUE task, issue #15). Span (QA) tasks:
         50. Their features are padded to 384 from very different lengths, so grouping removes far
         more padding (faster), and with the span loss over real tokens only, SQuAD scored higher with
-        50 than with 4 (the measurements are in the README's fine-tuning section).
+        50 than with 4 (SQuAD split, MiniLM, 1 epoch, seed 42: EM/F1 20.8/34.3 in 13.9 min against
+        18.9/30.8 in 18.1 min; README, fine-tuning section).
         """
         return SPAN_MEGA_BATCH_FACTOR if self.kind == "span" else MEGA_BATCH_FACTOR
 
