@@ -59,8 +59,7 @@ def minilm_dir() -> Path:
 class Recipe:
     """The reference loop's knobs. The defaults are the reference recipe, i.e. bertflow's settings.
 
-    batches    "bertflow": `length_grouped_batches(lengths, batch_size, seed, epoch, spec.length_grouping)`,
-               bertflow's own;
+    batches    "bertflow": `length_grouped_batches(lengths, batch_size, seed, epoch)`, bertflow's own;
                "shuffled": what a plain loop writes, `DataLoader(shuffle=True)` with a generator seeded
                by the seed (a fresh permutation every epoch, batches of batch_size in that order);
                "grouped:<F>": `length_grouped_batches` with mega-batches of F batches
@@ -164,7 +163,7 @@ def reference_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, 
                                              generator=torch.Generator().manual_seed(seed))
         epoch_batches = lambda epoch: [b.tolist() for b in loader]
     elif recipe.batches == "bertflow":
-        epoch_batches = lambda epoch: length_grouped_batches(lengths, args.batch_size, seed, epoch, spec.length_grouping)
+        epoch_batches = lambda epoch: length_grouped_batches(lengths, args.batch_size, seed, epoch)
     elif recipe.batches.startswith("grouped:"):
         factor = int(recipe.batches.split(":", 1)[1])
         epoch_batches = lambda epoch: length_grouped_batches(

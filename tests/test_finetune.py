@@ -18,7 +18,7 @@ import torch
 
 from bert.errors import InputError
 from bert.finetune import layerwise_groups
-from bert.tasks import get_task
+from bert.tasks.featurize import MEGA_BATCH_FACTOR
 from pipelines.jobs.finetune import FinetuneConfig, preflight, run_finetune
 from pipelines.tracking import fluent_tracking_uri
 
@@ -119,8 +119,7 @@ def test_rerun_of_a_finished_job_does_nothing(mrpc_run, datasets_dir, minilm_dir
                             out=str(out), max_train_examples=192, max_eval_examples=160, epochs=1,
                             learning_rate=5e-5, layer_lr_decay=0.9)
     assert run_finetune(config) == result
-    # the task kind's default spelled out is the same job
-    assert run_finetune(dataclasses.replace(config, length_grouping=get_task("mrpc").length_grouping)) == result
+    assert run_finetune(dataclasses.replace(config, length_grouping=MEGA_BATCH_FACTOR)) == result  # the default spelled out
     assert (out / "metrics.json").stat().st_mtime_ns == stamp
 
 
@@ -167,7 +166,7 @@ def test_several_seeds_report_mean_and_std_with_nested_runs(ray_local, datasets_
         run = client.get_run(m["mlflow"]["run_id"])
         assert run.data.tags["mlflow.parentRunId"] == result["mlflow"]["run_id"]
         assert run.info.status == "FINISHED"
-        assert run.data.params["length_grouping"] == "1"  # the option, not sst2's default (4), reached the workers
+        assert run.data.params["length_grouping"] == "1"  # the option, not the default (4), reached the workers
     # the seeds share one Ray Train run: seed 2 takes the precision seed 1's probe measured, with no probe of its own
     reasons = [client.get_run(m["mlflow"]["run_id"]).data.params["precision_reason"] for m in per_seed]
     assert reasons[1] == f"{reasons[0]} (this job's first seed)" and per_seed[1]["precision"] == per_seed[0]["precision"]
@@ -438,15 +437,13 @@ def test_checkpoint_vocab_that_does_not_match_the_tokenizer(tmp_path, datasets_d
         preflight(_config(tmp_path, "mrpc", datasets_dir, checkpoint))
 
 
-def test_length_grouping_default_follows_the_task_kind_and_is_part_of_the_job(tmp_path, datasets_dir, minilm_dir):
-    assert get_task("mrpc").length_grouping == get_task("conll2003").length_grouping == 4
-    assert get_task("squad_v1_dev_split").length_grouping == 50
+def test_length_grouping_default_spelled_out_is_the_same_job(tmp_path, datasets_dir, minilm_dir):
     for task in ("mrpc", "squad_v1_dev_split"):
         default = _config(tmp_path, task, datasets_dir, minilm_dir)
-        spelled = dataclasses.replace(default, length_grouping=get_task(task).length_grouping)
-        other = dataclasses.replace(default, length_grouping=1)
+        spelled = dataclasses.replace(default, length_grouping=MEGA_BATCH_FACTOR)
+        other = dataclasses.replace(default, length_grouping=50)
         assert default.identity() == spelled.identity() and "length_grouping" not in default.identity()
-        assert other.identity() == default.identity() | {"length_grouping": 1}
+        assert other.identity() == default.identity() | {"length_grouping": 50}
 
 
 def test_bad_options_are_input_errors(tmp_path, datasets_dir, minilm_dir):

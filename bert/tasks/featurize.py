@@ -148,7 +148,6 @@ def collate(features: Sequence[Feature], pad_id: int) -> dict[str, torch.Tensor]
 
 
 MEGA_BATCH_FACTOR = 4  # batches per mega-batch: see `length_grouped_batches`
-SPAN_MEGA_BATCH_FACTOR = 50  # for span (QA) tasks: see `bert.tasks.table.TaskSpec.length_grouping`
 
 
 def length_grouped_batches(

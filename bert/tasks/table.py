@@ -34,13 +34,7 @@ from typing import Any, Literal, get_args
 
 from bert.errors import InputError
 from bert.tasks import metrics
-from bert.tasks.featurize import (
-    MEGA_BATCH_FACTOR,
-    SPAN_MEGA_BATCH_FACTOR,
-    class_predictions,
-    featurize_pairs,
-    regression_predictions,
-)
+from bert.tasks.featurize import class_predictions, featurize_pairs, regression_predictions
 from bert.tasks.ner import featurize_ner, word_predictions
 from bert.tasks.readers import (
     SquadExample,
@@ -103,19 +97,6 @@ class TaskSpec:
             raise InputError(f"task {self.name}: kind {self.kind!r} is not one of {KINDS}")
         if "/" not in self.primary_metric:
             raise InputError(f"task {self.name}: primary_metric {self.primary_metric!r} must be '<split>/<metric>'")
-
-    @property
-    def length_grouping(self) -> int:
-        """Batches per length-sorted mega-batch when training (`length_grouped_batches`), by task kind.
-
-        Sentence, pair and token tasks: 4, which keeps each batch's content close to a shuffle's
-        (a factor of 50 cost 3.5 points on a single-sentence GLUE task, issue #15). Span (QA) tasks:
-        50. Their features are padded to 384 from very different lengths, so grouping removes far
-        more padding (faster), and with the span loss over real tokens only, SQuAD scored higher with
-        50 than with 4 (SQuAD split, MiniLM, 1 epoch, seed 42: EM/F1 20.8/34.3 in 13.9 min against
-        18.9/30.8 in 18.1 min; README, fine-tuning section).
-        """
-        return SPAN_MEGA_BATCH_FACTOR if self.kind == "span" else MEGA_BATCH_FACTOR
 
     @property
     def head(self) -> str:

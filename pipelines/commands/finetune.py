@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "freeze_layers": "freeze the embeddings and the bottom K layers",
             "layer_lr_decay": "layer-wise lr decay: head x1, top layer x d, ..., embeddings x d^(L+1)",
             "length_grouping": "batches per length-sorted mega-batch when training: 1 is a plain shuffle, larger pads "
-                               "less but makes each batch more nearly one length (default: 4; 50 for span/QA tasks)",
+                               "less but makes each batch more nearly one length (default: 4)",
             "max_train_examples": "train on the first N examples only",
             "max_eval_examples": "evaluate on the first N examples of each eval split only",
             "parent_run_id": "nest the MLflow run(s) under this run",

@@ -440,14 +440,14 @@ KINDS: dict[str, StageKind] = {
         StageKind("tokenizer", 1, tokenizer_stage, ("corpus",), (), {"num_cpus": 1}, configure_tokenizer),
         # the Ray tasks / Ray Train workers these stages drive hold the CPUs (versions: 2 since the
         # shards' bytes, the training numerics and the fine-tune batches changed; finetune 3: the span loss
-        # leaves padded positions out; 4: span tasks group lengths in mega-batches of 50)
+        # leaves padded positions out)
         StageKind("shards", 2, shards_stage, ("tokenizer", "corpus"), ("tokenizer",), {"num_cpus": 0},
                   configure_shards),
         StageKind("pretrain", 2, pretrain_stage, ("shards", "init", "val"), ("shards",), {"num_cpus": 0},
                   configure_pretrain),
         StageKind("random_init", 1, random_init_stage, ("tokenizer",), ("tokenizer",), {"num_cpus": 1},
                   configure_random_init),
-        StageKind("finetune", 4, finetune_stage, ("checkpoint", "data"), (), {"num_cpus": 0}, configure_finetune),
+        StageKind("finetune", 3, finetune_stage, ("checkpoint", "data"), (), {"num_cpus": 0}, configure_finetune),
         StageKind("sweep", 1, sweep_stage, ("checkpoint", "data"), (), {"num_cpus": 0}, configure_sweep),
         StageKind("report", 1, report_stage, (), (), {"num_cpus": 0}, configure_report),
     )

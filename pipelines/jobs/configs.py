@@ -149,7 +149,7 @@ class FinetuneConfig:
     freeze_encoder: bool = False  # feature extraction: train the head only
     freeze_layers: int = 0  # freeze the embeddings and the bottom K Transformer layers
     layer_lr_decay: float = 1.0  # head lr x d^0, top layer d^1, ..., embeddings d^(L+1)
-    length_grouping: int | None = None  # batches per length-sorted mega-batch (1: a plain shuffle); default: by task kind
+    length_grouping: int | None = None  # batches per length-sorted mega-batch (1: a plain shuffle); default 4
     max_train_examples: int | None = None  # the first N (deterministic)
     max_eval_examples: int | None = None  # the first N of every eval split
     precision: str = "auto"  # auto (bf16 where native and faster) | bf16 | fp32
@@ -210,10 +210,10 @@ class FinetuneConfig:
     def identity(self) -> dict[str, Any]:
         """The settings that define the output: a re-run must match them to resume into the same dir."""
         identity = {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES + ("seed", "seeds")}
-        from bert.tasks import get_task  # here, not at the top: it imports torch, and the CLI's options do not need it
+        from bert.tasks.featurize import MEGA_BATCH_FACTOR  # here: it imports torch, which the CLI's options do not need
 
-        if self.length_grouping in (None, get_task(self.task).length_grouping):
-            del identity["length_grouping"]  # the task kind's default, spelled out or not; older job dirs resume
+        if self.length_grouping in (None, MEGA_BATCH_FACTOR):
+            del identity["length_grouping"]  # the default, spelled out or not: job dirs from before the option resume
         return identity | {"seeds": list(self.seed_list)}
 
     def for_seed(self, seed: int) -> FinetuneConfig:

@@ -67,6 +67,7 @@ from bert.optim import adamw
 from bert.precision import Precision, choose_precision
 from bert.pretrain import load_optimizer_state
 from bert.tasks import get_task
+from bert.tasks.featurize import MEGA_BATCH_FACTOR
 from pipelines.jobs.configs import FinetuneConfig, finetune_paths
 from pipelines.jobs.finetune_outputs import BEST, EVAL_FILE, METRICS, summarize, write_seed_outputs
 from pipelines.jobs.launch import (
@@ -263,8 +264,8 @@ class _SeedRun:
 
     @property
     def length_grouping(self) -> int:
-        """Batches per length-sorted mega-batch: the job's setting, else the task kind's default."""
-        return self.config.length_grouping or self.spec.length_grouping
+        """Batches per length-sorted mega-batch: the job's setting, else the default (`length_grouped_batches`)."""
+        return self.config.length_grouping or MEGA_BATCH_FACTOR
 
     @classmethod
     def build(cls, config: FinetuneConfig, seed: int, seed_dir: Path, prepared: Prepared, worker, handle,
@@ -299,7 +300,7 @@ class _SeedRun:
             logger.log_params({"finetune": config.for_seed(seed).to_dict(), "seed": seed, "world_size": worker.world,
                                "total_steps": schedule.total, "warmup_steps": schedule.warmup,
                                "train_examples": prepared.num_train_examples, "max_seq_length": prepared.max_seq_length,
-                               "length_grouping": config.length_grouping or spec.length_grouping,
+                               "length_grouping": config.length_grouping or MEGA_BATCH_FACTOR,
                                "trainable_parameters": sum(p.numel() for p in trainable), "precision": precision.name,
                                "precision_reason": precision.reason})
         model.train()
