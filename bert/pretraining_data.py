@@ -51,11 +51,18 @@ Deviations from the original, each on purpose:
   are adjacent (a word never spans a [SEP]).
 * Dynamic masking (`config.dynamic_masking`) writes examples unmasked; the trainer masks them
   with `mask_batch` at training time, with a fresh draw each epoch.
+
+Without next-sentence prediction (`config.next_sentence_prediction=False`, for single-sentence
+task text, as RoBERTa and task-adaptive pretraining do): each example is one segment,
+`[CLS] A [SEP]` with token type 0, where A is the most whole sentences of one document that fit
+the target length (`max_seq_length - 2`, or a short target with `short_seq_prob`), and at least
+one: a sentence longer than the room alone is trimmed. Its `next_sentence_label` is `NO_NSP_LABEL` (-100, the ignore index
+of the losses): the trainer computes no NSP loss and no NSP accuracy from such examples.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -68,6 +75,8 @@ from bert.pretraining_masking import MaskedRows, SpecialTokens, mask_rows
 
 RANDOM_NEXT_PROB = 0.5  # the original's fixed share of random-next pairs
 BATCH_ROWS = 4096  # examples assembled and masked together
+NO_NSP_LABEL = -100  # next_sentence_label of a single-segment example (NSP off): the losses' ignore index
+
 
 @dataclass(frozen=True)
 class PretrainingDataConfig:
@@ -87,6 +96,7 @@ class PretrainingDataConfig:
     whole_word_masking: bool = False
     dynamic_masking: bool = False
     num_shards: int | None = None
+    next_sentence_prediction: bool = True  # False: single-segment examples, no NSP label
 
     def __post_init__(self) -> None:
         if self.max_seq_length < 5:
@@ -106,8 +116,8 @@ class PretrainingDataConfig:
 
     @property
     def max_num_tokens(self) -> int:
-        """Tokens left for A and B once [CLS], [SEP], [SEP] are in."""
-        return self.max_seq_length - 3
+        """Tokens left for A and B once [CLS], [SEP], [SEP] are in (for A once [CLS], [SEP] are in, without NSP)."""
+        return self.max_seq_length - (3 if self.next_sentence_prediction else 2)
 
 
 class PairSpan(NamedTuple):
@@ -138,7 +148,7 @@ class Example:
     token_type_ids: np.ndarray  # (T,) int8: 0 for [CLS] A [SEP], 1 for B [SEP]
     masked_lm_positions: np.ndarray  # (P,) int32, increasing
     masked_lm_ids: np.ndarray  # (P,) int32: the original ids at those positions
-    next_sentence_label: int  # 1 = B is a random next (from another document)
+    next_sentence_label: int  # 1 = B is a random next (from another document); NO_NSP_LABEL without NSP
     word_starts: np.ndarray | None  # (T,) bool, with whole-word masking
     a_doc_id: str
     b_doc_id: str
@@ -241,6 +251,30 @@ def _document_pairs(
     return pairs
 
 
+def _document_segments(
+    d: int, sentence_offsets: list[int], doc_sentences: list[int], max_num_tokens: int, short_seq_prob: float,
+    u: list[float],
+) -> list[tuple[int, int, int, int, int, int, int]]:
+    """Without NSP: document `d` cut into runs of whole sentences up to the target length (one segment each).
+
+    The target is drawn once per document from `u[0]`, `u[1]`, as in `_document_pairs`; a run
+    holds the most whole sentences that fit it, and at least one (a sentence longer than the
+    room alone is trimmed). Rows are in `_document_pairs`' layout with an empty B right after A.
+    """
+    first, last = doc_sentences[d], doc_sentences[d + 1]
+    target = max_num_tokens
+    if u[0] < short_seq_prob:
+        target = 2 + int(u[1] * (max_num_tokens - 1))
+    rows = []
+    start = first
+    while start < last:
+        # the most whole sentences that fit the target, at least one (trimmed later if it is too long alone)
+        end = max(start + 1, bisect_right(sentence_offsets, sentence_offsets[start] + target, start + 1, last + 1) - 1)
+        rows.append((d, start, end, d, end, end, 0))
+        start = end
+    return rows
+
+
 class _Pairs(NamedTuple):
     """Pairs as int32 columns: documents, sentence ranges (global sentence indices), trimmed token ranges (global)."""
 
@@ -271,8 +305,13 @@ def _draw_pairs(
         rows: list[tuple[int, ...]] = []
         for d in order:
             n = doc_sentences[d + 1] - doc_sentences[d]
-            rows += _document_pairs(d, len(docs), sentence_offsets, doc_sentences, config.max_num_tokens,
-                                    config.short_seq_prob, rng.random(2 + 4 * n).tolist())
+            u = rng.random(2 + 4 * n).tolist()
+            if config.next_sentence_prediction:
+                rows += _document_pairs(d, len(docs), sentence_offsets, doc_sentences, config.max_num_tokens,
+                                        config.short_seq_prob, u)
+            else:
+                rows += _document_segments(d, sentence_offsets, doc_sentences, config.max_num_tokens,
+                                           config.short_seq_prob, u)
         tables.append(np.array(rows, dtype=np.int32).reshape(-1, _PAIR_FIELDS))
     del rows
     table = np.concatenate(tables)
@@ -316,7 +355,7 @@ def _pair_span(docs: DocumentSet, pairs: _Pairs, r: int) -> PairSpan:
 
 @dataclass(frozen=True)
 class ExampleBatch:
-    """Examples in flat arrays: row `r` is `input_ids[row_offsets[r]:row_offsets[r + 1]]` ([CLS] A [SEP] B [SEP]).
+    """Examples in flat arrays: row `r` is `input_ids[row_offsets[r]:row_offsets[r + 1]]` ([CLS] A [SEP] B [SEP], or [CLS] A [SEP] without NSP).
 
     `masked_lm_*` are empty under dynamic masking; `word_starts` is there with whole-word masking.
     Document indices refer to the `DocumentSet` the batch was built from; sentence indices are
@@ -381,16 +420,19 @@ def _assemble(
     tokens, starts = source or _sources(docs, special)
     cls_at, sep_at = len(tokens) - 2, len(tokens) - 1
     rows = len(pairs.a_doc)
+    runs = 5 if config.next_sentence_prediction else 3  # [CLS] A [SEP] (B [SEP])
     a_len = (pairs.a_token_end - pairs.a_token_start).astype(np.int64)
     b_len = (pairs.b_token_end - pairs.b_token_start).astype(np.int64)
-    run_start = np.empty((rows, 5), dtype=np.int64)
+    run_start = np.empty((rows, runs), dtype=np.int64)
     run_start[:, 0], run_start[:, 1], run_start[:, 2] = cls_at, pairs.a_token_start, sep_at
-    run_start[:, 3], run_start[:, 4] = pairs.b_token_start, sep_at
-    run_len = np.ones((rows, 5), dtype=np.int64)
-    run_len[:, 1], run_len[:, 3] = a_len, b_len
-    run_start, run_len = run_start.ravel(), run_len.ravel()
+    run_len = np.ones((rows, runs), dtype=np.int64)
+    run_len[:, 1] = a_len
+    if runs == 5:
+        run_start[:, 3], run_start[:, 4] = pairs.b_token_start, sep_at
+        run_len[:, 3] = b_len
     row_offsets = np.zeros(rows + 1, dtype=np.int64)
-    np.cumsum(a_len + b_len + 3, out=row_offsets[1:])
+    np.cumsum(run_len.sum(axis=1), out=row_offsets[1:])
+    run_start, run_len = run_start.ravel(), run_len.ravel()
     # index = run start + position in the run: a running sum of ones, jumping at each run's start
     step = np.ones(int(row_offsets[-1]), dtype=np.int64)
     run_first = np.zeros(len(run_len), dtype=np.int64)
@@ -398,7 +440,7 @@ def _assemble(
     step[run_first] = run_start - np.concatenate(([0], run_start[:-1] + run_len[:-1] - 1))
     index = np.cumsum(step)
     ids = tokens[index]
-    token_types = np.repeat(np.tile(np.array([0, 0, 0, 1, 1], dtype=np.int8), rows), run_len)
+    token_types = np.repeat(np.tile(np.array([0, 0, 0, 1, 1][:runs], dtype=np.int8), rows), run_len)
     word_starts = None
     if config.whole_word_masking:
         assert starts is not None
@@ -413,7 +455,7 @@ def _assemble(
     return ExampleBatch(
         masked.input_ids, row_offsets, token_types, word_starts,
         masked.masked_lm_positions, masked.masked_lm_ids, masked.mask_offsets,
-        pairs.is_random_next.astype(np.int8),
+        pairs.is_random_next.astype(np.int8) if runs == 5 else np.full(rows, NO_NSP_LABEL, dtype=np.int8),
         pairs.a_doc.astype(np.int64), pairs.a_sentence_start - a_first, pairs.a_sentence_end - a_first,
         pairs.b_doc.astype(np.int64), pairs.b_sentence_start - b_first, pairs.b_sentence_end - b_first,
         pairs,

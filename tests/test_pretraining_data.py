@@ -328,3 +328,44 @@ def test_mask_rows_chooses_uniformly(special) -> None:
     expected = 4000 * 5 / 40
     assert np.abs(hits[np.r_[1:31, 32:42]] / expected - 1).max() < 0.2
     assert np.array_equal(masked.masked_lm_ids, rows[(offsets[:-1, None] + positions).ravel()])
+
+
+def test_without_nsp_examples_are_single_segments_of_whole_sentences(documents, special) -> None:
+    """NSP off: `[CLS] A [SEP]`, token type 0, label NO_NSP_LABEL; A is a run of its document's whole
+    sentences (one sentence longer than the room alone is trimmed), as many as fit the target."""
+    from bert.pretraining_data import NO_NSP_LABEL
+
+    config, exs = make_examples(documents, special, dynamic_masking=True, next_sentence_prediction=False)
+    assert config.max_num_tokens == config.max_seq_length - 2
+    by_id = {d.doc_id: d for d in documents}
+    full = 0
+    for e in exs:
+        n = len(e.input_ids)
+        assert e.next_sentence_label == NO_NSP_LABEL and e.a_doc_id == e.b_doc_id
+        assert e.input_ids[0] == special.cls_id and e.input_ids[-1] == special.sep_id
+        assert (e.input_ids == special.sep_id).sum() == 1 and e.token_type_ids.tolist() == [0] * n
+        doc, s = by_id[e.a_doc_id], e.span
+        run = doc.tokens[doc.sentence_offsets[s.a_sentence_start] : doc.sentence_offsets[s.a_sentence_end]]
+        if len(run) <= config.max_num_tokens:
+            assert np.array_equal(e.input_ids[1:-1], run)  # whole sentences, untrimmed
+        else:
+            assert s.a_sentence_end - s.a_sentence_start == 1  # only a lone sentence is ever trimmed
+            assert len(e.input_ids) == config.max_seq_length and contains(run, e.input_ids[1:-1])
+        full += n >= config.max_seq_length - 32
+    assert full / len(exs) > 0.5  # most examples fill the sequence (NSP's halves would not matter here)
+    # the same documents with NSP give about as many tokens in examples, in pairs
+    _, pairs = make_examples(documents, special, dynamic_masking=True)
+    ratio = sum(len(e.input_ids) for e in exs) / sum(len(e.input_ids) for e in pairs)
+    assert 0.7 < ratio < 1.3
+
+
+def test_without_nsp_masking_keeps_its_rates(documents, special) -> None:
+    config, exs = make_examples(documents, special, next_sentence_prediction=False, whole_word_masking=True)
+    masked = total = 0
+    for e in exs:
+        original = e.input_ids.copy()
+        original[e.masked_lm_positions] = e.masked_lm_ids
+        assert not special.is_special[e.masked_lm_ids].any()
+        masked += len(e.masked_lm_positions)
+        total += maskable(original, special)
+    assert abs(masked / total - 0.15) < 0.01

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from bert.pretraining_data import PretrainingDataConfig
@@ -26,10 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     b.add_argument("--corpus", nargs="+", required=True, metavar="PATH", help="corpus files or directories")
-    b.add_argument("--tokenizer", required=True, metavar="DIR_OR_VOCAB", help="a tokenizer dir or a BERT vocab.txt")
+    b.add_argument("--tokenizer", required=True, metavar="DIR_OR_VOCAB",
+                   help="a tokenizer dir, a checkpoint dir (ours or Hugging Face: its vocabulary and casing, for "
+                   "continued pretraining with `bertflow pretrain --model DIR`), or a BERT vocab.txt")
     b.add_argument("--out", required=True, metavar="DIR",
                    help="shards dir to create (must not exist, nor lie inside an input)")
-    b.add_argument("--cased", action="store_true", help="with a vocab.txt: keep case (default: lower-case)")
+    b.add_argument("--cased", action="store_true",
+                   help="with a vocab.txt: keep case (default: lower-case); a dir brings its own casing")
     b.add_argument("--text-column", default="text", help="text field of JSONL / parquet inputs (default: text)")
     b.add_argument(
         "--skip-unreadable",
@@ -47,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument(
         "--dynamic-masking", action="store_true", help="write unmasked examples; the trainer masks them each epoch"
     )
+    b.add_argument("--no-nsp", dest="next_sentence_prediction", action="store_false",
+                   help="no next-sentence prediction: single-segment examples [CLS] text [SEP] and no NSP loss "
+                   "(for single-sentence text such as a task's own training text)")
     b.add_argument("--num-shards", type=int, default=None, help="default: one per ~32 MiB of text")
     b.add_argument("--num-workers", type=int, default=None, help="concurrent Ray tasks (default: all CPUs)")
     b.set_defaults(handler=run_build)
@@ -71,7 +78,11 @@ def run_build(args: argparse.Namespace) -> int:
         whole_word_masking=args.whole_word_masking,
         dynamic_masking=args.dynamic_masking,
         num_shards=args.num_shards,
+        next_sentence_prediction=args.next_sentence_prediction,
     )
+    if args.cased and Path(args.tokenizer).is_dir():
+        raise SystemExit(f"bertflow shards build: --cased applies to a vocab.txt; {args.tokenizer} is a dir with "
+                         "its own casing (its tokenizer_config.json)")
     manifest = build_shards(
         args.corpus,
         args.tokenizer,
@@ -112,10 +123,12 @@ def run_inspect(args: argparse.Namespace) -> int:
     skipped = {k: v for k, v in manifest.skipped.items() if v}
     print(f"skipped: {skipped or 'nothing'}")
     split = stats["masked_split"]
+    random_next = stats["next_sentence_random_fraction"]
     print(
         f"masked {stats['masked_fraction']:.2%} of maskable tokens: [MASK] {split['mask']:.1%}, "
         f"random {split['random']:.1%}, unchanged {split['keep']:.1%}; "
-        f"random next {stats['next_sentence_random_fraction']:.1%}; mean length {stats['mean_length']:.1f}"
+        f"{'no NSP (single segments)' if random_next is None else f'random next {random_next:.1%}'}; "
+        f"mean length {stats['mean_length']:.1f}"
     )
     print("length histogram:")
     hist = stats["length_histogram"]

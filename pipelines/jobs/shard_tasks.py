@@ -297,7 +297,7 @@ class _ShardStats:
         lengths = batch.lengths
         c["examples"] += len(batch)
         c["example_tokens"] += int(lengths.sum())
-        c["random_next"] += int(batch.next_sentence_label.sum())
+        c["random_next"] += int((batch.next_sentence_label == 1).sum())  # NSP off: every label is NO_NSP_LABEL
         self.length_counts += np.bincount(lengths, minlength=len(self.length_counts))
         row = np.repeat(np.arange(len(batch)), np.diff(batch.mask_offsets))
         got = batch.input_ids[batch.row_offsets[:-1][row] + batch.masked_lm_positions]

@@ -111,7 +111,12 @@ def file_blocks(sizes: Sequence[int], blocks: int) -> list[range]:
 
 
 def load_tokenizer(path: str | os.PathLike[str], lowercase: bool = True) -> Any:
-    """A tokenizer dir (`Tokenizer.load`) or a BERT `vocab.txt` (WordPiece)."""
+    """A tokenizer dir (`Tokenizer.load`) or a BERT `vocab.txt` (WordPiece).
+
+    A checkpoint dir is a tokenizer dir: ours carries its tokenizer's files, a Hugging Face BERT
+    dir its `vocab.txt` and `tokenizer_config.json` (`do_lower_case`), so the shards take the
+    checkpoint's vocabulary and casing from it (`lowercase` applies to a bare `vocab.txt` only).
+    """
     from bert.tokenizer import Tokenizer
 
     path = Path(path)
@@ -326,7 +331,8 @@ def _manifest(
             "masked_split": {
                 k: total(shard_rows, f"masked_{k}") / max(1, masked) for k in ("mask", "random", "keep")
             },
-            "next_sentence_random_fraction": total(shard_rows, "random_next") / max(1, examples),
+            "next_sentence_random_fraction": (total(shard_rows, "random_next") / max(1, examples)
+                                              if config.next_sentence_prediction else None),  # None: NSP off
             "mean_length": total(shard_rows, "example_tokens") / max(1, examples),
             "length_histogram": {"edges": edges.tolist(), "counts": histogram},
         },
