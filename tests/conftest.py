@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from s3server import s3_server, s3_uri  # noqa: F401  (a real S3 API on loopback, tests/s3server.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("BERTFLOW_DATASETS", ROOT.parent / "shared" / "datasets"))
 

@@ -1,0 +1,133 @@
+"""The storage layer (bert/storage.py) against local disk and a real S3 API (moto server on loopback)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from bert import storage
+from bert.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_resolve_local_paths_file_uris_and_s3(tmp_path, s3_server):
+    fs, path = storage.resolve(tmp_path / "a")
+    assert fs is storage.LOCAL and path == str(tmp_path / "a")
+    fs, path = storage.resolve(f"file://{tmp_path}/b")
+    assert fs is storage.LOCAL and path == f"{tmp_path}/b"
+    fs, path = storage.resolve("s3://bertflow-test/runs/x/")
+    assert isinstance(fs, pafs.S3FileSystem) and path == "bertflow-test/runs/x"
+    assert storage.join("s3://b/x/", "y", "z.json") == "s3://b/x/y/z.json"
+    assert storage.join(tmp_path, "y") == tmp_path / "y"
+    assert not storage.is_remote(tmp_path) and not storage.is_remote(f"file://{tmp_path}") and storage.is_remote("gs://b/x")
+    with pytest.raises(InputError, match="names no bucket"):
+        storage.resolve("s3:///key")
+
+
+def test_s3_options_read_the_endpoint_and_credentials_as_boto3_does():
+    env = {"AWS_ENDPOINT_URL": "http://10.0.0.1:9000", "AWS_ENDPOINT_URL_S3": "https://s3.example.org",
+           "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "t", "AWS_DEFAULT_REGION": "eu-west-1"}
+    options = storage.s3_options(env)
+    assert (options["endpoint_override"], options["scheme"]) == ("s3.example.org", "https")  # the S3-specific one wins
+    assert (options["access_key"], options["secret_key"], options["session_token"], options["region"]) == ("k", "s", "t", "eu-west-1")
+    options = storage.s3_options({"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"})
+    assert (options["endpoint_override"], options["scheme"], options["region"]) == ("127.0.0.1:9000", "http", "us-east-1")
+    assert "access_key" not in options  # the SDK's default chain (profile, instance profile)
+    assert "endpoint_override" not in storage.s3_options({})
+    with pytest.raises(InputError, match="AWS_ENDPOINT_URL='minio:9000': expected http"):
+        storage.s3_options({"AWS_ENDPOINT_URL": "minio:9000"})
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_round_trips(where, tmp_path, s3_uri):
+    base = str(tmp_path / "out") if where == "local" else s3_uri
+    storage.write_json(storage.join(base, "a", "m.json"), {"b": 1, "a": [1, 2]})
+    storage.write_bytes(storage.join(base, "raw.bin"), bytes(range(256)))
+    with storage.open_write(storage.join(base, "text.txt.gz")) as f:
+        f.write(gzip.compress("héllo\nwörld\n".encode()))
+    assert storage.read_json(storage.join(base, "a", "m.json")) == {"a": [1, 2], "b": 1}
+    assert storage.read_bytes(storage.join(base, "raw.bin")) == bytes(range(256))
+    with storage.open_read(storage.join(base, "text.txt.gz"), "rt") as f:
+        assert f.read().splitlines() == ["héllo", "wörld"]
+    assert storage.list_dir(base) == ["a", "raw.bin", "text.txt.gz"]
+    assert storage.is_dir(storage.join(base, "a")) and storage.is_file(storage.join(base, "raw.bin"))
+    assert not storage.exists(storage.join(base, "nope")) and storage.size(storage.join(base, "raw.bin")) == 256
+    down = storage.download(base, tmp_path / "down")
+    assert sorted(str(p.relative_to(down)) for p in down.rglob("*") if p.is_file()) == ["a/m.json", "raw.bin", "text.txt.gz"]
+    storage.remove(storage.join(base, "a"))
+    assert storage.list_dir(base) == ["raw.bin", "text.txt.gz"]
+
+
+def test_upload_dir_then_walk(tmp_path, s3_uri):
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "src" / "x.txt").write_text("x")
+    (tmp_path / "src" / "sub" / "y.bin").write_bytes(b"yy")
+    storage.upload_dir(tmp_path / "src", s3_uri)
+    assert storage.walk_files(s3_uri) == [("sub/y.bin", 2), ("x.txt", 1)]
+    assert storage.sha256(storage.join(s3_uri, "x.txt")) == storage.sha256(tmp_path / "src" / "x.txt")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_failed_write_publishes_nothing(where, tmp_path, s3_uri):
+    base = str(tmp_path) if where == "local" else s3_uri
+    target = storage.join(base, "model.bin")
+    storage.write_bytes(target, b"old")
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        with storage.open_write(target) as f:
+            f.write(b"new, half written")
+            raise RuntimeError("killed mid-write")
+    assert storage.read_bytes(target) == b"old"
+    assert storage.list_dir(base) == ["model.bin"]  # no temporary left beside it
+
+
+def test_missing_object_and_missing_bucket_are_named(s3_server, s3_uri):
+    with pytest.raises(InputError, match=rf"^{s3_uri}/absent.json: does not exist$"):
+        storage.read_json(f"{s3_uri}/absent.json")
+    with pytest.raises(InputError, match=r"^s3://no-such-bucket-here/x.json: bucket no-such-bucket-here does not exist$"):
+        storage.read_json("s3://no-such-bucket-here/x.json")
+    with pytest.raises(InputError, match=r"^s3://no-such-bucket-here/x.json: cannot write: .*"):
+        storage.write_json("s3://no-such-bucket-here/x.json", {})
+
+
+def test_refused_credentials_are_one_line(s3_server, s3_uri):
+    storage.write_bytes(f"{s3_uri}/x", b"x")
+    with s3_server.checking_credentials():
+        started = time.monotonic()
+        with pytest.raises(InputError) as caught:
+            storage.read_bytes(f"{s3_uri}/x")
+        elapsed = time.monotonic() - started
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{s3_uri}/x: ") and "access denied" in message, message
+    assert elapsed < 30, elapsed  # a bound on retries, not a speed claim: minutes would mean they loop
+
+
+def test_unreachable_endpoint_is_one_line_within_seconds(tmp_path):
+    """In a fresh interpreter with an endpoint nobody listens on: the CLI-facing error, one line."""
+    from s3server import free_port
+
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "s", "AWS_EC2_METADATA_DISABLED": "true"}
+    probe = ("from bert import storage\nfrom bert.errors import InputError\n"
+             "try:\n    storage.read_json('s3://bucket/runs/x/_manifest.json')\n"
+             "except InputError as e:\n    print(e)\n")
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - started
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and len(lines) == 1, (out.stdout, out.stderr[-2000:])
+    assert lines[0].startswith("s3://bucket/runs/x/_manifest.json: cannot ") and "cannot reach the object store" in lines[0]
+    assert elapsed < 60, elapsed  # bounded retries: the default SDK settings take minutes here
+
+
+def test_write_json_is_stable_text(tmp_path):
+    storage.write_json(tmp_path / "m.json", {"b": 2, "a": 1})
+    assert (tmp_path / "m.json").read_text() == json.dumps({"a": 1, "b": 2}, indent=2) + "\n"
