@@ -149,8 +149,8 @@ def name(location: Location) -> str:
 # ----------------------------------------------------------------------------- errors
 
 
-def _cause(exc: BaseException, location: str) -> str:
-    """One line: what went wrong, in words, from a pyarrow / AWS SDK error."""
+def explain(exc: BaseException, location: str) -> str:
+    """One line: what went wrong, in words, from a pyarrow / AWS SDK / botocore error."""
     text = " ".join(str(exc).split())
     if re.search(r"NETWORK_CONNECTION|curlCode|connect to|Couldn't resolve|timed? ?out|Connection refused", text, re.I):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
@@ -159,6 +159,9 @@ def _cause(exc: BaseException, location: str) -> str:
                  r"InvalidToken|HTTP status 403|Forbidden", text):
         return ("access denied: check the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
                 "AWS_SESSION_TOKEN, or the instance profile) and the bucket policy")
+    if re.search(r"Unable to locate credentials|NoCredentials", text):
+        return ("no credentials found: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, "
+                "or run on a node with an instance profile")
     if re.search(r"NoSuchBucket|NO_SUCH_BUCKET|bucket does not exist", text, re.I):
         return f"bucket {_bucket(location)} does not exist"
     return text[:300]
@@ -190,7 +193,7 @@ def _errors(location: Location, doing: str) -> Iterator[None]:
     except FileNotFoundError:
         raise _missing(text) from None
     except (OSError, pa.ArrowException) as exc:
-        raise InputError(f"{text}: cannot {doing}: {_cause(exc, text)}") from None
+        raise InputError(f"{text}: cannot {doing}: {explain(exc, text)}") from None
 
 
 # ----------------------------------------------------------------------------- asking

@@ -131,3 +131,78 @@ def test_unreachable_endpoint_is_one_line_within_seconds(tmp_path):
 def test_write_json_is_stable_text(tmp_path):
     storage.write_json(tmp_path / "m.json", {"b": 2, "a": 1})
     assert (tmp_path / "m.json").read_text() == json.dumps({"a": 1, "b": 2}, indent=2) + "\n"
+
+
+# ----------------------------------------------------------------------------- the one-writer lease
+
+
+def test_a_second_writer_is_refused_and_changes_nothing(s3_server, s3_uri):
+    from pipelines import lease
+
+    prefix = s3_uri.split("/", 3)[3]
+    with lease.acquire(s3_uri, job="pretrain") as first:
+        first.commit(f"{s3_uri}/_manifest.json", {"step": 1})
+        before = s3_server.keys(prefix)
+        with pytest.raises(InputError, match=rf"^{s3_uri} is in use by another writer: pretrain \(pid {os.getpid()} .*generation 1"):
+            with lease.acquire(s3_uri, job="pretrain"):
+                storage.write_json(f"{s3_uri}/_manifest.json", {"step": 666})  # never runs
+        assert s3_server.keys(prefix) == before
+        first.check()  # still the holder
+    assert storage.read_json(f"{s3_uri}/_manifest.json") == {"step": 1}
+    with lease.acquire(s3_uri, job="pretrain") as second:  # released: taken over at once, generation 2
+        assert second.generation == 2 and second.previous["released"] and second.previous["owner"] == first.owner
+    with pytest.raises(lease.LeaseLost, match="no longer the holder"):
+        first.check()
+
+
+def test_an_expired_lease_is_taken_over_and_fences_its_old_holder(s3_uri):
+    from pipelines import lease
+
+    stale = lease.S3Lease(s3_uri, "finetune", ttl_s=2)
+    stale.acquire()  # never renewed: a writer frozen or killed
+    with pytest.raises(InputError, match="in use by another writer"):
+        lease.S3Lease(s3_uri, "finetune", ttl_s=2).acquire()
+    time.sleep(4.5)  # ttl + the store's one-second clock + slack
+    with lease.acquire(s3_uri, job="finetune", ttl_s=2) as fresh:
+        assert fresh.generation == 2 and fresh.previous["owner"] == stale.owner
+        with pytest.raises(lease.LeaseLost):
+            stale.renew()  # its ETag no longer matches
+        with pytest.raises(lease.LeaseLost):
+            stale.commit(f"{s3_uri}/_manifest.json", {"late": True})
+        assert not storage.exists(f"{s3_uri}/_manifest.json")
+        fresh.check()
+
+
+def test_renewal_keeps_a_running_writer_live(s3_uri):
+    from pipelines import lease
+
+    with lease.acquire(s3_uri, job="shards build", ttl_s=3) as held:
+        time.sleep(5)  # longer than the ttl: only the renewal thread keeps it
+        with pytest.raises(InputError, match="in use by another writer"):
+            lease.S3Lease(s3_uri, "shards build", ttl_s=3).acquire()
+        held.check()
+
+
+def test_clear_unfinished_keeps_the_lease(s3_uri):
+    from pipelines import lease
+
+    storage.write_bytes(f"{s3_uri}/part-00000.parquet", b"half")  # what a killed writer left
+    storage.write_bytes(f"{s3_uri}/ckpt/model.bin", b"half")
+    with lease.acquire(s3_uri, job="shards build") as held:
+        assert lease.clear_unfinished(held) == ["ckpt", "part-00000.parquet"]
+        assert storage.list_dir(s3_uri) == ["_lease.json"]
+
+
+def test_local_outputs_keep_the_flock(tmp_path):
+    from pipelines import lease
+
+    with lease.acquire(tmp_path / "out", job="convert") as held:
+        assert isinstance(held, lease.LocalLease)
+        with pytest.raises(InputError, match="in use"):
+            with lease.acquire(tmp_path / "out", job="convert"):
+                pass
+    with lease.acquire(tmp_path / "out", job="convert"):
+        pass
+    with pytest.raises(InputError, match="s3:// only"):
+        with lease.acquire("gs://bucket/out"):
+            pass
