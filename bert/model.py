@@ -25,6 +25,8 @@ Deviations from the paper / the original TensorFlow code, all deliberate:
     (Hugging Face assumes all ones).
   * The masked-LM loss is the mean over real predictions (label != -100); the original divides
     the weighted sum by (sum of weights + 1e-5), which differs only by that epsilon.
+  * The NSP loss is the mean over labelled examples: a `next_sentence_label` of -100 (an example
+    of shards built without NSP, one segment) adds no loss; with none labelled it is 0.
   * Fine-tuning heads (sequence/token classification, span extraction, regression) follow the
     paper's Section 4 and the Hugging Face head names (`classifier`, `qa_outputs`).
 """
@@ -329,8 +331,10 @@ class BertForPreTraining(nn.Module):
                 mlm_logits.flatten(0, 1).float(), masked_lm_ids.flatten().long(), ignore_index=IGNORE_INDEX
             )
             out.loss = out.mlm_loss
-        if next_sentence_label is not None:
-            out.nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.long())
+        if next_sentence_label is not None:  # IGNORE_INDEX: a single-segment example (shards without NSP), no loss
+            labelled = (next_sentence_label != IGNORE_INDEX).sum().clamp(min=1)
+            out.nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.long(), ignore_index=IGNORE_INDEX,
+                                           reduction="sum") / labelled
             out.loss = out.nsp_loss if out.loss is None else out.loss + out.nsp_loss
         return out
 
