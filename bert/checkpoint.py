@@ -284,6 +284,7 @@ def from_pretrained(
     num_labels: int | None = None,
     labels: list[str] | tuple[str, ...] | None = None,
     config_overrides: dict[str, Any] | None = None,
+    init_seed: int | None = None,
 ) -> nn.Module:
     """Load our checkpoint dir or a Hugging Face BERT dir into a model with the requested head.
 
@@ -291,6 +292,14 @@ def from_pretrained(
     and the requested head's weights are taken from the checkpoint if it has them, else
     initialised. A classifier saved with a different number of labels than requested is
     initialised afresh. `model.load_report` says what was loaded and what was initialised.
+
+    A head the checkpoint lacks is initialised as BERT initialises it (`bert.model.init_weights`):
+    for the pretraining head of an encoder-only checkpoint (a sentence-embedding model such as
+    MiniLM) the MLM transform's dense weight is normal(0, initializer_range) with a zero bias, its
+    LayerNorm ones and zeros, the output bias zeros, the decoder is the word-embedding matrix
+    (tied), and the NSP classifier is normal(0, initializer_range) with a zero bias. With
+    `init_seed` those draws come from that seed (and the global torch RNG is left as it was), so
+    continued pretraining from such a checkpoint starts from the same weights every time.
     """
     info = read_checkpoint_info(path)
     if head == "auto":
@@ -309,7 +318,12 @@ def from_pretrained(
                 f"{info.path}: the checkpoint has no '{head}' labels; pass num_labels or labels"
             )
     config = info.config.replace(**config_overrides) if config_overrides else info.config
-    model = build_model(config, head, num_labels)
+    if init_seed is None:
+        model = build_model(config, head, num_labels)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            model = build_model(config, head, num_labels)
     state = canonical_state_dict(read_weights(info.weights_file), info.weights_file)
     model.load_report = load_state(model, state, info.weights_file, reinit_mismatched=requested_labels)
     if head in ("sequence_classification", "token_classification"):
@@ -319,6 +333,26 @@ def from_pretrained(
     for group in model.load_report.initialised:
         log.info("%s: '%s' not in checkpoint (or reshaped): initialised", info.path, group)
     return model
+
+
+def tokenizer_mismatch(checkpoint: str | Path, tokenizer_dir: str | Path) -> str | None:
+    """How the tokenizer in `tokenizer_dir` (e.g. a shards dir's) differs from the checkpoint's, or None.
+
+    Compared: the vocabulary (id -> token, special ids) and the casing. A checkpoint without
+    tokenizer files can only be compared by vocabulary size, which the caller checks.
+    """
+    from bert.tokenizer import Tokenizer
+
+    if not Tokenizer.is_tokenizer_dir(checkpoint):
+        return None
+    ours, theirs = Tokenizer.load(checkpoint), Tokenizer.load(tokenizer_dir)
+    if ours.fingerprint() != theirs.fingerprint():
+        return (f"another vocabulary ({theirs.vocab_size} tokens, sha256 {theirs.fingerprint()[:12]} against the "
+                f"checkpoint's {ours.vocab_size} tokens, {ours.fingerprint()[:12]})")
+    if ours.lowercase != theirs.lowercase:
+        return (f"the same vocabulary but {'lower-cased' if theirs.lowercase else 'cased'} text, where the "
+                f"checkpoint's tokenizer is {'lower-cased' if ours.lowercase else 'cased'}")
+    return None
 
 
 # ----------------------------------------------------------------------------- saving

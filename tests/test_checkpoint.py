@@ -214,3 +214,48 @@ def test_save_is_atomic(tmp_path):
         bert.save_pretrained(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_pretraining_head_is_initialised_as_bert_does(minilm_dir):
+    """MiniLM (a sentence-embedding checkpoint) has no MLM or NSP head: both are initialised as BERT
+    initialises them, from `init_seed`, the decoder tied to the word embeddings, the encoder loaded."""
+    before = torch.random.get_rng_state()
+    model = bert.from_pretrained(minilm_dir, head="pretraining", init_seed=7)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is left alone
+    assert model.load_report.initialised == ["cls.predictions.", "cls.seq_relationship."]
+    assert "bert." in model.load_report.loaded
+    std = model.config.initializer_range
+    head = model.cls.predictions
+    assert abs(head.transform.dense.weight.std().item() - std) < 0.1 * std
+    assert abs(model.cls.seq_relationship.weight.std().item() - std) < 0.2 * std
+    for zero in (head.transform.dense.bias, head.transform.LayerNorm.bias, head.bias, model.cls.seq_relationship.bias):
+        assert torch.count_nonzero(zero) == 0
+    assert torch.equal(head.transform.LayerNorm.weight, torch.ones_like(head.transform.LayerNorm.weight))
+    again = bert.from_pretrained(minilm_dir, head="pretraining", init_seed=7)
+    other = bert.from_pretrained(minilm_dir, head="pretraining", init_seed=8)
+    assert torch.equal(again.cls.predictions.transform.dense.weight, head.transform.dense.weight)
+    assert not torch.equal(other.cls.predictions.transform.dense.weight, head.transform.dense.weight)
+    # the encoder is the checkpoint's (against transformers), and the decoder is the word-embedding matrix
+    ids = torch.tensor([[101, 7592, 103, 2088, 102]])
+    ref = transformers.BertModel.from_pretrained(minilm_dir).eval()
+    model.eval()
+    with torch.no_grad():
+        out = model(ids, masked_lm_positions=torch.tensor([[2]]))
+        hidden = ref(ids).last_hidden_state
+        torch.testing.assert_close(out.sequence_output, hidden, atol=1e-4, rtol=1e-4)
+        expected = head.transform(hidden[:, [2]]) @ ref.embeddings.word_embeddings.weight.T + head.bias
+        torch.testing.assert_close(out.mlm_logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_tokenizer_mismatch_names_vocabulary_and_casing(minilm_dir, vocab_txt, tmp_path):
+    from bert.checkpoint import tokenizer_mismatch
+    from bert.tokenizer import Tokenizer
+
+    Tokenizer.load(minilm_dir).save(tmp_path / "same")
+    assert tokenizer_mismatch(minilm_dir, tmp_path / "same") is None
+    Tokenizer.from_vocab_file(minilm_dir / "vocab.txt", lowercase=False).save(tmp_path / "cased")
+    assert "cased" in tokenizer_mismatch(minilm_dir, tmp_path / "cased")
+    lines = (minilm_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "vocab.txt").write_text("\n".join(lines[:-1] + ["zzzz"]) + "\n", encoding="utf-8")
+    Tokenizer.from_vocab_file(tmp_path / "vocab.txt").save(tmp_path / "other")
+    assert "another vocabulary" in tokenizer_mismatch(minilm_dir, tmp_path / "other")
