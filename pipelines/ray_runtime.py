@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bert.errors import InputError
 
 _progress = logging.getLogger("bertflow.progress")
 
@@ -21,14 +25,56 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, configur
     sets it), else start a private local runtime with `num_cpus` logical CPUs (default: at least 4)."""
     import ray
 
+    from pipelines import signals
+
     if ray.is_initialized():
         return
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, configure_logging=configure_logging)
-        return
-    # workers import this project by path too, so an uninstalled checkout works
-    paths = [str(PROJECT_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    start_local_ray(num_cpus, {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}, configure_logging=configure_logging)
+    try:
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address, configure_logging=configure_logging)
+        else:
+            check_room_for_ray()
+            # workers import this project by path too, so an uninstalled checkout works
+            paths = [str(PROJECT_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            start_local_ray(num_cpus, {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))},
+                            configure_logging=configure_logging)
+    except InputError:
+        raise
+    except Exception as exc:
+        cause = ray_start_cause()
+        if cause is None:
+            raise
+        raise InputError(f"Ray could not start: {cause}") from exc
+    finally:
+        signals.reinstall()  # ray.init replaces the SIGTERM handler (and Ray's C++ core dumps and aborts on it)
+
+
+MIN_FREE_BYTES = 512 * 2**20  # Ray's session dir (logs, sockets) and object spilling need room in its temp root
+MIN_FILE_SIZE_LIMIT = 2**30  # Ray's processes write logs and spill objects: a smaller `ulimit -f` kills them
+
+
+def ray_start_cause() -> str | None:
+    """Why a local Ray runtime cannot start here (a full disk, a small file-size limit), or None."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < MIN_FILE_SIZE_LIMIT:
+        return (f"the file-size limit (ulimit -f) is {limit:,} bytes; Ray's processes write logs and spill objects "
+                f"into {RAY_TEMP_ROOT} and need at least {MIN_FILE_SIZE_LIMIT:,}: raise the limit (ulimit -f unlimited)")
+    root = RAY_TEMP_ROOT if RAY_TEMP_ROOT.is_dir() else Path(tempfile.gettempdir())
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return None
+    if free < MIN_FREE_BYTES:
+        return (f"no space left on {root} ({free / 2**20:.0f} MiB free; Ray needs at least "
+                f"{MIN_FREE_BYTES // 2**20} MiB for its session logs and sockets): free some space")
+    return None
+
+
+def check_room_for_ray() -> None:
+    """Refuse to start a local Ray runtime that would die at once (full disk, small file-size limit), naming why."""
+    cause = ray_start_cause()
+    if cause is not None:
+        raise InputError(f"Ray cannot start: {cause}")
 
 
 def start_local_ray(num_cpus: int | None = None, env_vars: dict[str, str] | None = None, **init_kwargs: Any) -> None:

@@ -174,8 +174,8 @@ def test_convert_output_appears_only_when_complete(minilm_dir, tmp_path, capsys,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(bert.checkpoint, "write_checkpoint", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        main(["convert", "--from-hf", str(minilm_dir), "--out", str(tmp_path / "ours")])
+    assert_refused(cli(capsys, "convert", "--from-hf", minilm_dir, "--out", tmp_path / "ours"), "convert",
+                   f"no space left on {tmp_path / 'ours'}", "nothing half-written")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no half-written dir, no lock, no temporary
 
     monkeypatch.setattr(bert.checkpoint, "write_checkpoint", real)

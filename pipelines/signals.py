@@ -1,0 +1,86 @@
+"""One signal policy for every `bertflow` command: SIGINT and SIGTERM stop the work, Ray is released, one line.
+
+The process entry point (`pipelines.cli.main()` without arguments) installs it before any work:
+
+* the first SIGINT (Ctrl-C) or SIGTERM (`kill`, a scheduler) raises `Interrupted` in the main thread,
+  wherever the command is (start-up, reading, waiting on Ray Train or Ray Data, writing). It is a
+  `KeyboardInterrupt`, so the code that already cleans up on Ctrl-C (temporaries removed, locks
+  released, Ray tasks cancelled) does so for SIGTERM too;
+* every later signal, and any signal while the command shuts down, is only noted: cleaning up is
+  never interrupted, and no traceback is printed during it;
+* the command then prints one line, disconnects from Ray (stopping a private local runtime), and the
+  process exits 130 (SIGINT) or 143 (SIGTERM) at once, without the interpreter's teardown (where
+  Ray's and torch's threads could crash it: exit 139).
+
+`ray.init` installs a SIGTERM handler of its own (and Ray's C++ core a failure-signal handler that
+dumps a stack and aborts, exit 134), so `pipelines.ray_runtime.ensure_ray` calls `reinstall()`
+after it. Called as a function (`main([...])`, tests, notebooks), bertflow leaves the process's
+signals to its caller.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main thread by the first SIGINT or SIGTERM."""
+
+    def __init__(self, signum: int):
+        super().__init__(NAMES.get(signum, str(signum)))
+        self.signum = signum
+
+
+class SignalPolicy:
+    """The installed policy: which signal arrived first (None: none yet), and whether one may still raise."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._raising = True
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.received, 128 + int(self.received or 0))
+
+    @property
+    def name(self) -> str:
+        return NAMES.get(self.received, str(self.received))
+
+    def handle(self, signum: int, frame) -> None:
+        first = self.received is None
+        if first:
+            self.received = signum
+        if first and self._raising:
+            self._raising = False  # later signals are noted, never raised: cleanup runs to its end
+            raise Interrupted(signum)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in EXIT_CODES:
+            signal.signal(signum, self.handle)
+
+    def hold(self) -> None:
+        """From now on a signal is only noted (the command is shutting down; nothing may interrupt that)."""
+        self._raising = False
+
+
+_policy: SignalPolicy | None = None
+
+
+def install() -> SignalPolicy:
+    """Install the policy for this process (the CLI's entry point does, once)."""
+    global _policy
+    _policy = SignalPolicy()
+    _policy.install()
+    return _policy
+
+
+def reinstall() -> None:
+    """Put the policy's handlers back after a library replaced them (`ray.init`); nothing if none is installed."""
+    if _policy is not None:
+        _policy.install()
