@@ -1,20 +1,21 @@
 """The MLflow pyfunc wrapper of a fine-tuned checkpoint (kept apart so that only logging or loading
-a model imports MLflow).
+a model imports MLflow; logging and registering are `pipelines/models.py`).
 
 `mlflow.pyfunc.load_model(uri).predict(pandas.DataFrame)` takes the columns that
-`bert.inference.Predictor` reads (`text` / `text_pair`, `question` / `context`, `tokens`)
-and returns one prediction per row: labels, floats, answer texts or entity lists.
+`bert.inference.Predictor` reads (`text` / `text_pair`, `question` / `context`, `tokens` or `text`)
+and returns a DataFrame, one row per input row, with the columns of `bert.inference.OUTPUT_FIELDS`
+for the task's kind: label and probabilities, score, answer / start / end / score, or entities.
+`mlflow models serve` answers `{"predictions": [one object per row with those fields]}`.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 
 import mlflow.pyfunc
 
-from bert.inference import Predictor
+from bert.inference import OUTPUT_FIELDS, Predictor
 
 with warnings.catch_warnings():  # mlflow asks for type hints; inputs are DataFrames, dicts or lists of dicts
     warnings.simplefilter("ignore", UserWarning)
@@ -34,21 +35,5 @@ with warnings.catch_warnings():  # mlflow asks for type hints; inputs are DataFr
                 records = pd.DataFrame(model_input).to_dict(orient="records")
             else:
                 records = list(model_input)
-            return self.predictor.predict(records)
-
-
-def log_pyfunc_model(checkpoint: str | Path, name: str = "model") -> str:
-    """Log `checkpoint` as an MLflow pyfunc model into the active run; returns the model URI.
-
-    The `bert` and `pipelines` source trees travel with the model (`code_paths`), so it loads
-    where bertflow is not installed.
-    """
-    root = Path(__file__).resolve().parents[1]
-    info = mlflow.pyfunc.log_model(
-        name=name,
-        python_model=BertflowPyfunc(),
-        artifacts={"checkpoint": str(checkpoint)},
-        code_paths=[str(root / "bert"), str(root / "pipelines")],
-        pip_requirements=["torch", "tokenizers", "safetensors", "sentencepiece", "numpy", "pandas", "mlflow"],
-    )
-    return info.model_uri
+            rows = self.predictor.predict_records(records)
+            return pd.DataFrame(rows, columns=list(OUTPUT_FIELDS[self.predictor.spec.kind]))

@@ -107,7 +107,7 @@ def test_mrpc_checkpoint_loads_in_transformers_and_pyfunc(mrpc_run, datasets_dir
                 break
             rows.append(row)
     frame = pd.DataFrame({"text": [r["#1 String"] for r in rows], "text_pair": [r["#2 String"] for r in rows]})
-    predicted = list(model.predict(frame))
+    predicted = list(model.predict(frame)["label"])  # with "probabilities" (tests/test_serving.py)
     expected = [r["prediction"] for r in read_jsonl(out / "predictions.jsonl")[:12]]
     assert predicted == expected
 

@@ -51,11 +51,17 @@ def test_predict_tsv_through_ray_data_matches_in_process(ray_local, mrpc_checkpo
     lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [line["row"] for line in lines] == list(range(150))
     assert [line["id"] for line in lines] == [r[header.index("#1 ID")] for r in rows]
-    expected = Predictor(mrpc_checkpoint).predict(
-        [{"text": r[header.index("#1 String")], "text_pair": r[header.index("#2 String")]} for r in rows]
-    )
-    assert [line["prediction"] for line in lines] == expected
-    assert set(expected) <= {"0", "1"}
+    records = [{"text": r[header.index("#1 String")], "text_pair": r[header.index("#2 String")]} for r in rows]
+    expected = Predictor(mrpc_checkpoint).predict_records(records)
+    assert [set(line) - {"row", "id"} for line in lines] == [{"label", "probabilities"}] * 150
+    assert [line["label"] for line in lines] == [e["label"] for e in expected]
+    for line, e in zip(lines, expected):  # other batch-mates, other padding: equal up to float rounding
+        assert line["probabilities"] == pytest.approx(e["probabilities"], abs=1e-5)
+    assert [e["label"] for e in expected] == Predictor(mrpc_checkpoint).predict(records)
+    assert {e["label"] for e in expected} <= {"0", "1"}
+    for e in expected:  # the label is the most probable class; probabilities over every label sum to 1
+        assert set(e["probabilities"]) == {"0", "1"} and sum(e["probabilities"].values()) == pytest.approx(1.0)
+        assert e["label"] == max(e["probabilities"], key=e["probabilities"].get)
 
 
 def test_predict_missing_column_and_ragged_row_name_file_and_line(mrpc_checkpoint, datasets_dir, tmp_path):
@@ -81,7 +87,12 @@ def test_ner_predictions_are_entities_with_offsets(minilm_dir, datasets_dir, tmp
     checkpoint = make_checkpoint(minilm_dir, tmp_path / "ner", "conll2003", "token_classification", labels=labels)
     predictor = Predictor(checkpoint)
     text = "EU rejects German call to boycott British lamb. Peter Blackburn reports from Brussels."
-    by_text, by_tokens = predictor.predict([{"text": text}, {"tokens": text.replace(".", " .").split()}])
+    records = [{"text": text}, {"tokens": text.replace(".", " .").split()}]
+    by_text, by_tokens = predictor.predict(records)
+    detailed = predictor.predict_records(records)
+    assert [[{k: e[k] for k in ("type", "start", "end", "text")} for e in d["entities"]] for d in detailed] == \
+        [by_text, by_tokens]
+    assert all(0 < e["score"] <= 1 for d in detailed for e in d["entities"])
     for entity in by_text:
         assert set(entity) == {"type", "start", "end", "text"} and entity["type"] in {"PER", "ORG", "LOC", "MISC"}
         assert text[entity["start"] : entity["end"]] == entity["text"]
@@ -94,8 +105,14 @@ def test_qa_predictions_are_spans_of_the_context(minilm_dir, tmp_path):
     checkpoint = make_checkpoint(minilm_dir, tmp_path / "qa", "squad_v1_dev_split", "question_answering",
                                  max_seq_length=384)
     context = "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy."
-    (answer,) = Predictor(checkpoint).predict([{"question": "Who gave their name to Normandy?", "context": context}])
-    assert isinstance(answer, str) and answer in context
+    predictor = Predictor(checkpoint)
+    records = [{"question": "Who gave their name to Normandy?", "context": context},
+               {"question": "When?", "context": " ".join([context] * 60)}]  # several windows
+    answers = predictor.predict(records)
+    detailed = predictor.predict_records(records)
+    for record, answer, d in zip(records, answers, detailed):
+        assert isinstance(answer, str) and answer in record["context"] and d["answer"] == answer
+        assert record["context"][d["start"] : d["end"]] == answer and 0 < d["score"] <= 1
 
 
 def test_not_a_finetuned_checkpoint(minilm_dir, tmp_path):

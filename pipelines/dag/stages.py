@@ -307,7 +307,7 @@ def random_init_stage(ctx: StageContext) -> dict[str, Any]:
 FINETUNE_SET_BY_PIPELINE = ("task", "data", "checkpoint", "out", "tokenizer", "seed", "seeds", "tracking_uri",
                             "parent_run_id", "experiment")
 FINETUNE_NOT_IN_KEY = ("log_every", "eval_batch_size", "threads_per_worker", "log_model", "max_failures",
-                       "cpus_per_worker")
+                       "cpus_per_worker", "register_as")
 
 
 @dataclass(frozen=True)

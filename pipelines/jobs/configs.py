@@ -163,10 +163,11 @@ class FinetuneConfig:
     tracking_uri: str | None = None
     parent_run_id: str | None = None
     log_model: bool = True  # log the checkpoint as an mlflow.pyfunc model
+    register_as: str | None = None  # register the (best seed's) logged model as a version of this registered model
 
     # settings that may differ between a run and its resumption (they do not change the result)
     RESUMABLE_CHANGES = ("out", "eval_batch_size", "threads_per_worker", "cpus_per_worker", "max_failures",
-                         "log_every", "experiment", "tracking_uri", "parent_run_id", "log_model")
+                         "log_every", "experiment", "tracking_uri", "parent_run_id", "log_model", "register_as")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size", "num_workers", "cpus_per_worker", "log_every"):
@@ -195,6 +196,8 @@ class FinetuneConfig:
             raise InputError("finetune: --freeze-encoder already freezes every layer; drop --freeze-layers")
         if self.precision not in PRECISIONS:
             raise InputError(f"finetune: unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
+        if self.register_as is not None and (not self.register_as.strip() or not self.log_model):
+            raise InputError("finetune: --register-as needs a model name and the model logged (no --no-log-model)")
         try:
             self.seed_list  # a bad --seeds list is an input error before anything starts
         except InputError as exc:

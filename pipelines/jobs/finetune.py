@@ -78,6 +78,7 @@ from pipelines.jobs.launch import (
     report_checkpoint,
     train_on_ray,
 )
+from pipelines.models import maybe_register  # --register-as: the (best seed's) model as a registry version
 from pipelines.outdir import own_dir
 from pipelines.ray_runtime import ensure_ray, worker_progress
 from pipelines.tracking import (
@@ -123,7 +124,7 @@ def run_finetune(config: FinetuneConfig, ray_callbacks: Sequence[Any] = ()) -> d
     done = _finished(out / METRICS, config)
     if done is not None:
         print(f"[finetune] {out} is complete; nothing to do", flush=True)
-        return done
+        return maybe_register(config, done)
     prepared = preflight(config)
     with own_dir(out, "finetune", config.identity(), inputs=[config.data, config.checkpoint, config.tokenizer]):
         ensure_ray()
@@ -145,7 +146,7 @@ def run_finetune(config: FinetuneConfig, ray_callbacks: Sequence[Any] = ()) -> d
             _train_seeds(config, [(seed, str(dirs[seed])) for seed in pending], ray.put(prepared), uri,
                          parent.run_id if parent else config.parent_run_id, ray_callbacks)
         runs = [json.loads((dirs[seed] / METRICS).read_text()) for seed in seeds]
-        return runs[0] if len(seeds) == 1 else summarize(config, prepared, runs, parent)
+        return maybe_register(config, runs[0] if len(seeds) == 1 else summarize(config, prepared, runs, parent))
 
 
 def _finished(metrics_file: Path, config: FinetuneConfig) -> dict[str, Any] | None:

@@ -54,14 +54,15 @@ def write_seed_outputs(config: FinetuneConfig, prepared: Prepared, seed_dir: Pat
 
 
 def _log_model(handle, checkpoint: Path) -> str | None:
-    """Log the checkpoint as an `mlflow.pyfunc` model into the seed's run; returns its URI (None on failure)."""
+    """Log the checkpoint as an `mlflow.pyfunc` model (signature, input example, pinned requirements:
+    `pipelines/models.py`) into the seed's run; returns its URI (None on failure)."""
     import mlflow
 
-    from pipelines.pyfunc_model import log_pyfunc_model  # MLflow's model machinery: only when logging
+    from pipelines.models import log_finetuned_model  # MLflow's model machinery: only when logging
 
     try:
         with fluent_tracking_uri(handle.tracking_uri), mlflow.start_run(run_id=handle.run_id):
-            return log_pyfunc_model(checkpoint)
+            return log_finetuned_model(checkpoint)
     except Exception as exc:  # noqa: BLE001 - tracking must never fail the job
         warnings.warn(f"could not log the pyfunc model to MLflow run {handle.run_id}: {exc}", stacklevel=2)
         return None

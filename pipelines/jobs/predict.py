@@ -5,7 +5,10 @@ columns the task needs (naming file and line otherwise), and checks the checkpoi
 anything runs on Ray. Rows then go through `ray.data.from_items(...).map_batches(...)` with a
 callable class that holds one `Predictor` (the model) per actor; `concurrency` actors, `batch_size`
 rows per call. The output is JSONL, one line per input row, in input order:
-    {"row": 0-based row index, "id": the input's id column if it has one, "prediction": ...}
+    {"row": 0-based row index, "id": the input's id column if it has one, ...the prediction's fields}
+where the fields are those the MLflow model answers (`bert.inference.Predictor.predict_records`):
+label and probabilities (classification), score (regression), answer, start, end and score (QA),
+entities with spans and scores (NER).
 The output is a new file (pipelines/outdir.py, `atomic_output(..., directory=False)`): an
 existing output, or one that is the input or lies inside the input or the checkpoint, is
 refused before anything is read; it is written under a temporary name, locked, and renamed
@@ -134,7 +137,7 @@ class PredictBatch:
         n = len(batch["row"])
         fields = [k for k in ("text", "text_pair", "question", "context", "tokens") if k in batch]
         records = [{k: _plain(batch[k][i]) for k in fields} for i in range(n)]
-        predictions = self.predictor.predict(records)
+        predictions = self.predictor.predict_records(records)
         return {"row": batch["row"], "prediction": [json.dumps(p) for p in predictions],
                 **({"id": batch["id"]} if "id" in batch else {})}
 
@@ -170,7 +173,7 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
         with open(tmp, "w", encoding="utf-8") as f:
             for r in results:
                 line = {"row": int(r["row"]), **({"id": str(r["id"])} if "id" in r else {}),
-                        "prediction": json.loads(r["prediction"])}
+                        **json.loads(r["prediction"])}
                 f.write(json.dumps(line) + "\n")
     return {"rows": len(results), "output": str(output), "task": spec.name}
 

@@ -1,0 +1,180 @@
+"""MLflow models of fine-tuned checkpoints: logging (signature, input example, pinned requirements) and registration.
+
+Every fine-tuned model a job logs is an `mlflow.pyfunc` model (`pipelines/pyfunc_model.py`) with
+- a signature per task kind: the input columns `Predictor` reads (required, so a frame without them is
+  refused by MLflow's schema enforcement before the model runs) and the output columns it answers
+  (`bert.inference.OUTPUT_FIELDS`: label + probabilities, score, answer + start + end + score, entities);
+- an input example per task kind (MLflow stores it as `serving_input_example.json`, the body of a
+  request to `mlflow models serve`);
+- pip requirements pinned to the versions installed where it was trained (a local version label
+  such as torch's "+cpu" is dropped: pip accepts the plain version for it, and it is what PyPI has);
+- the `bert` and `pipelines` source trees (`code_paths`), so it loads where bertflow is not installed.
+
+`register_finetuned` registers the model a finished `bertflow finetune --register-as NAME` job logged as
+a new version of NAME, tagged with its dev metrics; with `--seeds`, the best seed's model (the job's
+primary metric), and its tags say so. Registering again after a re-run finds the version it made and
+makes no new one. A registry needs a database-backed store (SQLite, the default; or a tracking server).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+from typing import Any
+
+from bert.errors import InputError
+from bert.inference import TASK_FILE
+
+MODEL_NAME = "model"  # the model's name inside its run
+RUN_TAG = "bertflow.run_id"  # a registered version's tag: the MLflow run (the seed's) whose model it is
+# Distributions the logged model imports when it loads and predicts (the pyfunc wrapper and `bert.inference`).
+REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "safetensors", "sentencepiece", "tokenizers")
+
+# One input row per task kind (the pair variant adds text_pair).
+INPUT_EXAMPLES: dict[str, dict[str, Any]] = {
+    "classification": {"text": "The film was a delight from start to finish."},
+    "regression": {"text": "A man is playing a guitar."},
+    "span": {"question": "Who gave their name to Normandy?",
+             "context": "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy."},
+    "token_classification": {"text": "Peter Blackburn reports from Brussels for the European Commission."},
+}
+PAIR_EXAMPLE = "The movie delighted its audience from the first scene to the last."
+
+
+def pinned_requirements() -> list[str]:
+    """`name==version` of every distribution in REQUIREMENTS, as installed in this process."""
+    pins = []
+    for dist in REQUIREMENTS:
+        version = importlib.metadata.version(dist).split("+", 1)[0]  # torch 2.x.y+cpu -> 2.x.y
+        pins.append(f"{dist}=={version}")
+    return pins
+
+
+def task_of(checkpoint: str | Path) -> tuple[Any, tuple[str, ...]]:
+    """The task row and the labels of a fine-tuned checkpoint dir."""
+    from bert.checkpoint import read_checkpoint_info
+    from bert.tasks import get_task
+
+    task_file = Path(checkpoint) / TASK_FILE
+    if not task_file.is_file():
+        raise InputError(f"{checkpoint}: not a fine-tuned bertflow checkpoint ({TASK_FILE} is missing)")
+    spec = get_task(json.loads(task_file.read_text())["task"])
+    return spec, tuple(read_checkpoint_info(checkpoint).labels or ())
+
+
+def model_signature(spec, labels: tuple[str, ...]):
+    """The `ModelSignature` of a task row's model: input columns and output columns (module docstring)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Object, Property, Schema
+
+    kind = spec.kind
+    if kind == "span":
+        inputs = [ColSpec("string", "question"), ColSpec("string", "context")]
+        outputs = [ColSpec("string", "answer"), ColSpec("long", "start"), ColSpec("long", "end"),
+                   ColSpec("double", "score")]
+    elif kind == "token_classification":  # words, or a text split into words: either one
+        inputs = [ColSpec("string", "text", required=False), ColSpec(Array("string"), "tokens", required=False)]
+        entity = Object([Property("type", "string"), Property("start", "long"), Property("end", "long"),
+                         Property("text", "string"), Property("score", "double")])
+        outputs = [ColSpec(Array(entity), "entities")]
+    else:
+        inputs = [ColSpec("string", "text")] + ([ColSpec("string", "text_pair")] if len(spec.text_fields) == 2 else [])
+        if kind == "regression":
+            outputs = [ColSpec("double", "score")]
+        else:
+            outputs = [ColSpec("string", "label"),
+                       ColSpec(Object([Property(label, "double") for label in labels]), "probabilities")]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
+
+
+def input_example(spec):
+    """One input row of the task row's kind, as a DataFrame."""
+    import pandas as pd
+
+    row = dict(INPUT_EXAMPLES[spec.kind])
+    if spec.kind in ("classification", "regression") and len(spec.text_fields) == 2:
+        row["text_pair"] = PAIR_EXAMPLE
+    return pd.DataFrame([row])
+
+
+def log_finetuned_model(checkpoint: str | Path, name: str = MODEL_NAME) -> str:
+    """Log `checkpoint` as an MLflow pyfunc model into the active run; returns the model URI."""
+    import mlflow.pyfunc
+
+    from pipelines.pyfunc_model import BertflowPyfunc
+
+    spec, labels = task_of(checkpoint)
+    root = Path(__file__).resolve().parents[1]
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=BertflowPyfunc(),
+        artifacts={"checkpoint": str(checkpoint)},
+        code_paths=[str(root / "bert"), str(root / "pipelines")],
+        signature=model_signature(spec, labels),
+        input_example=input_example(spec),
+        pip_requirements=pinned_requirements(),
+        metadata={"bertflow_task": spec.name, "bertflow_task_kind": spec.kind},
+    )
+    return info.model_uri
+
+
+def registered_seed_result(config, result: dict[str, Any]) -> dict[str, Any]:
+    """The metrics.json of the seed whose model is registered: the job's only seed, or its best."""
+    if "best_seed" not in result:
+        return result
+    return json.loads((Path(config.out) / f"seed-{result['best_seed']}" / "metrics.json").read_text())
+
+
+def version_tags(config, result: dict[str, Any], seed_result: dict[str, Any]) -> dict[str, str]:
+    """Tags of a registered version: its dev metrics, task, seed, and how the seed was chosen."""
+    seeds = list(config.seed_list)
+    primary = result["primary_metric"]
+    tags = {key: f"{value:.6g}" for key, value in seed_result["metrics"].items() if isinstance(value, (int, float))}
+    tags |= {"bertflow.task": config.task, "bertflow.seed": str(seed_result["seed"]),
+             "bertflow.primary_metric": primary, "bertflow.out": str(config.out)}
+    if len(seeds) > 1:
+        tags["bertflow.best_seed"] = "true"
+        tags["bertflow.selected"] = (f"best of seeds {','.join(map(str, seeds))} by {primary} "
+                                     f"(mean {result['metrics'][primary]:.4f} +- {result['std'][primary]:.4f})")
+        tags |= {f"mean.{k}": f"{v:.6g}" for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+    else:
+        tags["bertflow.selected"] = "the job's only seed"
+    return tags
+
+
+def register_finetuned(config, result: dict[str, Any]):
+    """Register the model of a finished fine-tune job (`result`: its metrics.json) as a version of
+    `config.register_as`; returns the `ModelVersion` (an existing one if this run was registered before)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import fluent_tracking_uri
+
+    name = config.register_as
+    seed_result = registered_seed_result(config, result)
+    run = seed_result.get("mlflow") or {}
+    if not run.get("model_uri"):
+        raise InputError(f"finetune --register-as {name}: seed {seed_result['seed']} logged no MLflow model "
+                         f"({Path(config.out) / 'metrics.json'}: mlflow.model_uri is empty); run with model "
+                         "logging on and a reachable tracking store")
+    client = MlflowClient(run["tracking_uri"], registry_uri=run["tracking_uri"])
+    existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(RUN_TAG) == run["run_id"]]
+    if existing:
+        return existing[0]
+    tags = version_tags(config, result, seed_result) | {RUN_TAG: run["run_id"]}
+    with fluent_tracking_uri(run["tracking_uri"]):  # the registry is the tracking store unless told otherwise
+        version = mlflow.register_model(run["model_uri"], name, tags=tags)
+    client.update_model_version(name, version.version, description=(
+        f"bertflow finetune {config.task}, seed {seed_result['seed']} ({tags['bertflow.selected']}); "
+        f"{result['primary_metric']} {seed_result['metrics'].get(result['primary_metric'])}"))
+    return version
+
+
+def maybe_register(config, result: dict[str, Any]) -> dict[str, Any]:
+    """`register_finetuned` when the job has `register_as`; returns `result` unchanged."""
+    if getattr(config, "register_as", None):
+        version = register_finetuned(config, result)
+        print(f"[finetune] registered model {version.name} version {version.version} "
+              f"(models:/{version.name}/{version.version})", flush=True)
+    return result
