@@ -141,7 +141,8 @@ class StepConfig:
 
 
 # Sums over a step's micro-batches (one float64 vector, so a job can all-reduce it in one call).
-STATS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "examples", "tokens")
+STATS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count", "examples",
+         "tokens")  # nsp_count: examples with an NSP label (none from shards built without NSP)
 
 
 def batch_stats(out, batch: PretrainBatch) -> Tensor:
@@ -150,6 +151,7 @@ def batch_stats(out, batch: PretrainBatch) -> Tensor:
         float(out.loss), float(out.mlm_loss), float(out.nsp_loss),
         float((out.mlm_logits.argmax(-1) == batch.masked_lm_ids)[real].sum()), float(real.sum()),
         float((out.nsp_logits.argmax(-1) == batch.next_sentence_label).sum()),
+        float((batch.next_sentence_label != IGNORE_INDEX).sum()),
         float(len(batch.next_sentence_label)), float(batch.attention_mask.sum()),
     ], dtype=torch.float64)
 
@@ -188,13 +190,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, rows: Iterato
 def window_metrics(sums: Tensor, micro_batches: float) -> dict[str, float]:
     """Training metrics from STATS sums over a logging window (all ranks)."""
     s = dict(zip(STATS, sums.tolist()))
-    return {
+    metrics = {
         "loss": s["loss"] / max(micro_batches, 1.0),
         "mlm_loss": s["mlm_loss"] / max(micro_batches, 1.0),
-        "nsp_loss": s["nsp_loss"] / max(micro_batches, 1.0),
         "mlm_accuracy": s["mlm_correct"] / max(s["mlm_count"], 1.0),
-        "nsp_accuracy": s["nsp_correct"] / max(s["examples"], 1.0),
     }
+    if s["nsp_count"]:  # no NSP metrics from shards without NSP
+        metrics |= {"nsp_loss": s["nsp_loss"] / max(micro_batches, 1.0), "nsp_accuracy": s["nsp_correct"] / s["nsp_count"]}
+    return metrics
 
 
 def probe_step(model: nn.Module, rows: list[dict[str, Any]], config: StepConfig, masker: Masker | None):
@@ -236,7 +239,7 @@ class Evaluator:
 
     @torch.no_grad()
     def counts(self, model: nn.Module, precision: Precision) -> Tensor:
-        """(MLM correct, MLM count, NSP correct, examples, MLM loss sum) over this rank's share; sum over ranks."""
+        """(MLM correct, MLM count, NSP correct, NSP-labelled examples, MLM loss sum) over this rank's share; sum over ranks."""
         raw = getattr(model, "module", model)
         was_training = raw.training
         raw.eval()
@@ -247,7 +250,8 @@ class Evaluator:
             real = batch.masked_lm_ids != IGNORE_INDEX
             counts += torch.tensor([
                 float((out.mlm_logits.argmax(-1) == batch.masked_lm_ids)[real].sum()), float(real.sum()),
-                float((out.nsp_logits.argmax(-1) == batch.next_sentence_label).sum()), float(len(batch.input_ids)),
+                float((out.nsp_logits.argmax(-1) == batch.next_sentence_label).sum()),
+                float((batch.next_sentence_label != IGNORE_INDEX).sum()),
                 float(out.mlm_loss) * float(real.sum()),
             ], dtype=torch.float64)
         raw.train(was_training)
@@ -255,9 +259,9 @@ class Evaluator:
 
     @staticmethod
     def metrics(counts: Tensor) -> dict[str, float]:
-        mlm_correct, mlm_count, nsp_correct, examples, mlm_loss_sum = counts.tolist()
-        return {"val_mlm_accuracy": mlm_correct / max(mlm_count, 1.0),
-                "val_nsp_accuracy": nsp_correct / max(examples, 1.0),
+        mlm_correct, mlm_count, nsp_correct, nsp_count, mlm_loss_sum = counts.tolist()
+        nsp = {"val_nsp_accuracy": nsp_correct / nsp_count} if nsp_count else {}  # none without NSP
+        return {"val_mlm_accuracy": mlm_correct / max(mlm_count, 1.0), **nsp,
                 "val_mlm_loss": mlm_loss_sum / max(mlm_count, 1.0)}
 
 

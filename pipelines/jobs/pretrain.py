@@ -36,7 +36,7 @@ import ray
 import ray.train
 import torch
 
-from bert.checkpoint import from_pretrained, read_checkpoint_info
+from bert.checkpoint import from_pretrained, read_checkpoint_info, tokenizer_mismatch
 from bert.config import PRESETS, BertConfig, preset
 from bert.errors import InputError
 from bert.fsutil import write_json_atomic
@@ -59,7 +59,6 @@ from bert.pretrain import (
     window_metrics,
 )
 from bert.shards import ShardSet, WorkerStream, read_rows
-from bert.tokenizer import Tokenizer
 from pipelines.jobs.configs import PretrainConfig, pretrain_paths
 from pipelines.jobs.launch import (
     Worker,
@@ -103,8 +102,10 @@ def resolve_model_config(config: PretrainConfig, shards: ShardSet) -> tuple[Bert
             raise InputError(f"shards {shards.path} were built with a {vocab}-token vocabulary but checkpoint "
                              f"{init} has vocab_size {model_config.vocab_size}: build the shards with the "
                              "checkpoint's tokenizer")
-        if Tokenizer.is_tokenizer_dir(init) and Tokenizer.load(init).fingerprint() != shards.tokenizer.fingerprint:
-            raise InputError(f"shards {shards.path} were built with a different tokenizer than checkpoint {init}")
+        mismatch = tokenizer_mismatch(init, shards.tokenizer.dir)  # vocabulary and casing
+        if mismatch:
+            raise InputError(f"shards {shards.path} were built with a different tokenizer than checkpoint {init}: "
+                             f"{mismatch}; build them with --tokenizer {init}")
     model_config.check_sequence_length(shards.data.max_seq_length, f"shards {shards.path} hold sequences")
     return model_config, init
 
@@ -294,7 +295,7 @@ class _WorkerRun:
                 warnings.warn(f"resuming a run trained with {state.world_size} workers on {worker.world}: "
                               "data order differs from an uninterrupted run", stacklevel=2)
         elif loop_config.get("init_checkpoint"):
-            model = from_pretrained(loop_config["init_checkpoint"], head="pretraining")
+            model = from_pretrained(loop_config["init_checkpoint"], head="pretraining", init_seed=config.seed)
         else:
             torch.manual_seed(config.seed)
             model = BertForPreTraining(model_config)
@@ -346,7 +347,7 @@ class _WorkerRun:
         self.logger.log_metrics(metrics, self.state.step)
         eta = (now - started) / max(self.state.step - start_step, 1) * (self.config.max_steps - self.state.step)
         self.progress(f"step {self.state.step}/{self.config.max_steps} loss {metrics['loss']:.4f} "
-                      f"mlm_acc {metrics['mlm_accuracy']:.3f} nsp_acc {metrics['nsp_accuracy']:.3f} "
+                      f"mlm_acc {metrics['mlm_accuracy']:.3f} nsp_acc {metrics.get('nsp_accuracy', math.nan):.3f} "
                       f"lr {metrics['learning_rate']:.2e} {tokens_per_s:,.0f} tok/s mfu {metrics['mfu']:.1%} "
                       f"{self.precision.name} eta {eta / 60:.1f} min")
         return now, tokens
