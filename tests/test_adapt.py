@@ -1,0 +1,74 @@
+"""Continued pretraining of a public BERT on your own text (pipelines/adapt.yaml's path), piece by piece.
+
+MiniLM-L6-H384 is a sentence-embedding checkpoint without MLM or NSP head: shards are built with its
+own tokenizer (its dir as --tokenizer), without NSP, with whole-word masking; pretraining starts
+from it with both heads initialised as BERT initialises them, and its MLM loss falls.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from bert.errors import InputError
+from bert.pretraining_data import PretrainingDataConfig
+from bert.tokenizer import Tokenizer
+from pipelines.jobs.pretrain import PretrainConfig, run_pretraining
+from pipelines.jobs.shards import build_shards
+
+pytestmark = pytest.mark.integration
+
+ADAPT_DATA = PretrainingDataConfig(max_seq_length=64, max_predictions_per_seq=10, dupe_factor=1, num_shards=1,
+                                   whole_word_masking=True, dynamic_masking=True, next_sentence_prediction=False)
+
+
+def write_sst2_text(datasets_dir: Path, out: Path, limit: int = 3000, per_document: int = 25) -> Path:
+    """SST-2 training sentences without their labels: one per line, a blank line every `per_document`."""
+    rows = (datasets_dir / "glue" / "SST-2" / "train.tsv").read_text(encoding="utf-8").splitlines()[1 : limit + 1]
+    lines = []
+    for i, row in enumerate(rows):
+        lines += ([""] if i and i % per_document == 0 else []) + [row.split("\t")[0]]
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
+
+
+@pytest.fixture(scope="module")
+def task_text(datasets_dir, tmp_path_factory) -> Path:
+    return write_sst2_text(datasets_dir, tmp_path_factory.mktemp("text") / "sst2.txt")
+
+
+def history(manifest: dict, key: str) -> list[float]:
+    run = manifest["mlflow"]
+    return [m.value for m in sorted(MlflowClient(run["tracking_uri"]).get_metric_history(run["run_id"], key),
+                                    key=lambda m: m.step)]
+
+
+def test_a_checkpoint_without_mlm_head_continues_pretraining(ray_local, minilm_dir, task_text, tmp_path):
+    manifest = build_shards([task_text], minilm_dir, tmp_path / "shards", ADAPT_DATA)  # the checkpoint dir's tokenizer
+    assert manifest["tokenizer"]["vocab_sha256"] == Tokenizer.load(minilm_dir).fingerprint()
+    assert manifest["statistics"]["next_sentence_random_fraction"] is None
+    result = run_pretraining(PretrainConfig(
+        shards=str(tmp_path / "shards"), out=str(tmp_path / "adapted"), model=str(minilm_dir), max_steps=12,
+        global_batch_size=16, micro_batch_size=16, warmup_steps=1, learning_rate=5e-4, log_every=1,
+        checkpoint_every=100, precision="fp32"))
+    assert result["complete"] and result["step"] == 12
+    loss, mlm_loss = history(result, "loss"), history(result, "mlm_loss")
+    assert len(loss) == 12 and loss == mlm_loss  # no NSP loss without NSP
+    assert history(result, "nsp_accuracy") == []
+    assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3 - 1.0, loss  # the initialised MLM head learns at once
+    state = json.loads((tmp_path / "adapted" / "checkpoint" / "train_state.json").read_text())
+    assert state["final"] and state["step"] == 12
+    assert Tokenizer.load(tmp_path / "adapted" / "checkpoint").fingerprint() == Tokenizer.load(minilm_dir).fingerprint()
+
+
+def test_shards_from_another_tokenizer_are_refused_before_work(ray_local, minilm_dir, task_text, tmp_path):
+    """The same vocabulary, but cased: refused before the output dir is created or Ray Train starts."""
+    Tokenizer.from_vocab_file(minilm_dir / "vocab.txt", lowercase=False).save(tmp_path / "cased")
+    build_shards([task_text], tmp_path / "cased", tmp_path / "shards", ADAPT_DATA)
+    with pytest.raises(InputError, match="different tokenizer than checkpoint.*cased"):
+        run_pretraining(PretrainConfig(shards=str(tmp_path / "shards"), out=str(tmp_path / "o"), model=str(minilm_dir),
+                                       max_steps=2, global_batch_size=16, micro_batch_size=16, warmup_steps=0))
+    assert not (tmp_path / "o").exists()
