@@ -19,10 +19,9 @@ a run resumed from the checkpoint of a finished epoch reproduces an uninterrupte
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +33,11 @@ from bert.errors import InputError
 from bert.optim import clip_grad_norm, lr_multiplier, param_groups
 from bert.precision import Precision
 from bert.pretrain import step_seed
+from bert.run_state import OPTIMIZER_STATE, RunState  # noqa: F401 - OPTIMIZER_STATE re-exported
 from bert.tasks import TaskSpec, collate, length_grouped_batches
 from bert.tokenizer import Tokenizer
 
 FINETUNE_STATE = "finetune_state.json"
-OPTIMIZER_STATE = "optimizer.pt"
 PREDICTIONS = "predictions.jsonl"
 
 
@@ -227,19 +226,10 @@ def dropout_seed(seed: int, rank: int, step: int) -> int:
     return step_seed(seed, rank, step, 1)
 
 
-def probe_step(model: nn.Module, features: Sequence[Any], pad_id: int):
-    """A forward + backward at the real shape that changes nothing (weights, RNG): for timing precisions."""
-    raw = getattr(model, "module", model)
-    inputs = {k: v.to(next(raw.parameters()).device) for k, v in collate(features, pad_id).items()}
-
-    def probe(precision: Precision) -> None:
-        with torch.random.fork_rng(devices=[]):
-            with precision.autocast():
-                loss = raw(**inputs).loss
-            loss.backward()
-        raw.zero_grad(set_to_none=True)
-
-    return probe
+def probe_loss(features: Sequence[Any], pad_id: int, device: torch.device):
+    """`loss(model)` of one batch of `features` at the real shape: what a precision probe times."""
+    inputs = {k: v.to(device) for k, v in collate(features, pad_id).items()}
+    return lambda model: model(**inputs).loss
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -313,8 +303,11 @@ def majority_baseline(spec: TaskSpec, prepared: Prepared) -> dict[str, float] | 
 
 
 @dataclass
-class FinetuneState:
+class FinetuneState(RunState):
     """Where a seed's run is: written with every epoch's checkpoint (`finetune_state.json`)."""
+
+    STATE_FILE = FINETUNE_STATE
+    NULL_FLOATS = {"best_score": -math.inf}
 
     epoch: int = 0  # epochs finished
     step: int = 0
@@ -324,26 +317,6 @@ class FinetuneState:
     precision: str | None = None
     final: bool = False
     files: dict[str, int] = field(default_factory=dict)
-
-    @classmethod
-    def read(cls, directory: Path) -> FinetuneState:
-        data = json.loads((directory / FINETUNE_STATE).read_text())
-        data["best_score"] = -math.inf if data.get("best_score") is None else data["best_score"]
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
-    def write(self, directory: Path) -> None:
-        self.files = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file() and p.name != FINETUNE_STATE}
-        data = asdict(self) | {"best_score": json_number(self.best_score)}
-        (directory / FINETUNE_STATE).write_text(json.dumps(data, indent=2, allow_nan=False))
-
-    @classmethod
-    def complete(cls, directory: Path) -> bool:
-        try:
-            files = cls.read(directory).files
-        except (OSError, ValueError, TypeError):
-            return False
-        return bool(files) and all((directory / n).is_file() and (directory / n).stat().st_size == size
-                                   for n, size in files.items())
 
 
 def aggregate(runs: Sequence[dict[str, Any]], primary: str) -> dict[str, Any]:

@@ -121,3 +121,20 @@ def _time_step(probe: Callable[[Precision], None], precision: Precision, repeats
         probe(precision)
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def probe_step(model: torch.nn.Module, loss: Callable[[torch.nn.Module], torch.Tensor]) -> Callable[[Precision], None]:
+    """A forward + backward of `loss(model)` that changes nothing (weights, gradients, RNG streams): the step
+    `choose_precision` times. `model` may be DDP-wrapped: the probe runs on the raw module (no collective)."""
+    raw = getattr(model, "module", model)
+
+    def probe(precision: Precision) -> None:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            with precision.autocast():
+                value = loss(raw)
+            value.backward()
+        raw.zero_grad(set_to_none=True)
+
+    return probe

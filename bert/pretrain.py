@@ -25,10 +25,9 @@ half-written checkpoint is never taken for a complete one).
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -41,10 +40,10 @@ from bert.optim import clip_grad_norm, lr_multiplier
 from bert.precision import Precision
 from bert.pretraining_data import PretrainingDataConfig
 from bert.pretraining_masking import MaskedBatch, SpecialTokens, mask_batch
+from bert.run_state import RunState, save_optimizer_state
 from bert.shards import ShardSet, read_rows
 
 TRAIN_STATE = "train_state.json"
-OPTIMIZER_STATE = "optimizer.pt"
 IGNORE_INDEX = -100
 
 
@@ -200,20 +199,10 @@ def window_metrics(sums: Tensor, micro_batches: float) -> dict[str, float]:
     return metrics
 
 
-def probe_step(model: nn.Module, rows: list[dict[str, Any]], config: StepConfig, masker: Masker | None):
-    """A forward + backward at the real shape that changes nothing (weights, RNG streams): for timing precisions."""
-    raw = getattr(model, "module", model)
-    device = next(raw.parameters()).device
+def probe_loss(rows: list[dict[str, Any]], config: StepConfig, masker: Masker | None, device: torch.device):
+    """`loss(model)` of one micro-batch of `rows` at the real shape (fixed masks): what a precision probe times."""
     batch = collate(rows, config.pad_id, config.max_predictions, masker, np.random.default_rng(0)).to(device)
-
-    def probe(precision: Precision) -> None:
-        with torch.random.fork_rng(devices=[]):
-            with precision.autocast():
-                loss = raw(*batch).loss
-            loss.backward()
-        raw.zero_grad(set_to_none=True)
-
-    return probe
+    return lambda model: model(*batch).loss
 
 
 # ----------------------------------------------------------------------------- held-out evaluation
@@ -305,8 +294,10 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, seconds: float 
 
 
 @dataclass
-class TrainState:
+class TrainState(RunState):
     """Where a run is: what `train_state.json` records next to the weights and optimizer state."""
+
+    STATE_FILE = TRAIN_STATE
 
     step: int = 0
     tokens_seen: int = 0
@@ -317,33 +308,12 @@ class TrainState:
     files: dict[str, int] = field(default_factory=dict)  # name -> size: a complete checkpoint has them all
     rng: dict[str, Any] = field(default_factory=lambda: {"scheme": "seeded per (seed, rank, step, micro)"})
 
-    @classmethod
-    def read(cls, directory: Path) -> TrainState:
-        data = json.loads((directory / TRAIN_STATE).read_text())
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
-
-def checkpoint_complete(directory: Path) -> bool:
-    """A training checkpoint is usable when train_state.json lists files that all exist at their sizes."""
-    try:
-        files = TrainState.read(directory).files
-    except (OSError, json.JSONDecodeError, TypeError):
-        return False
-    return bool(files) and all((directory / name).is_file() and (directory / name).stat().st_size == size
-                               for name, size in files.items())
-
 
 def save_training_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                              state: TrainState, tokenizer_dir: Path | None) -> Path:
     """Model, tokenizer, optimizer and train_state.json in `directory` (new, or empty); train_state.json last."""
     directory.mkdir(parents=True, exist_ok=True)
     write_checkpoint(getattr(model, "module", model), directory, tokenizer_dir=tokenizer_dir)
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER_STATE)
-    state.files = {p.name: p.stat().st_size for p in directory.iterdir() if p.is_file()}
-    (directory / TRAIN_STATE).write_text(json.dumps(asdict(state), indent=2))
+    save_optimizer_state(optimizer, directory)
+    state.write(directory)
     return directory
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, directory: Path, device: torch.device) -> None:
-    optimizer.load_state_dict(torch.load(directory / OPTIMIZER_STATE, map_location=device, weights_only=True))

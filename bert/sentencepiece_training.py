@@ -28,7 +28,7 @@ import sentencepiece as spm
 
 from bert.corpus import CorpusConfig, ReadStats, expand_inputs, read_documents
 from bert.errors import InputError
-from bert.tokenizer import SPECIAL_TOKENS, SentencePieceModelType
+from bert.tokenizer_backends import SPECIAL_TOKENS, SentencePieceModelType
 
 MAX_TRAINING_RUN_CHARS = 1000
 TRAINING_HEARTBEAT_SECONDS = 30.0  # a progress line this often while SentencePiece trains

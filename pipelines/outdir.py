@@ -19,6 +19,16 @@ file records who holds it, for the refusal message. Under the lock, temporaries 
 left behind (`.<name>.tmp-*`) are removed. `bertflow run` locks its workdir the same way
 (`lock`).
 
+No writer outlives its lock. The driver holds `.lock`, but the Ray workers that write a job
+dir are other processes, which may go on for a moment after the driver dies (a Ray runtime
+notices a dead driver and kills its workers about a second later). So every process that writes
+into a job dir holds a shared `flock` on `<out>/.writers` for as long as it lives
+(`hold_writer`, called by each worker first thing), and a claim (`own_dir`) takes that file
+exclusively once before it goes on: it waits until every writer of an earlier run has exited
+(up to `WRITERS_WAIT_S`, then refuses, naming them). A late write therefore lands before the
+next run starts, never during it. (POSIX file locks on one machine, or NFS with lockd; on
+object storage the equivalent is a lease with a fencing generation, `pipelines/lease.py`.)
+
 Inputs and outputs may not coincide: `check_disjoint` refuses an output that is an input, or
 lies inside one, or contains one.
 """
@@ -44,6 +54,10 @@ from bert.fsutil import write_json_atomic
 
 JOB_FILE = "_job.json"
 LOCK_FILE = ".lock"
+WRITERS_FILE = ".writers"
+WRITERS_WAIT_S = 120.0  # how long a claim waits for the processes of an earlier run to exit
+
+_writer_files: dict[str, Any] = {}  # out dir -> the open `.writers` file this process holds (until it exits)
 
 
 # ----------------------------------------------------------------------------- locks
@@ -139,7 +153,7 @@ def describe(path: Path) -> str:
 
 
 def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(p.name not in (LOCK_FILE,) for p in path.iterdir())
+    return path.is_dir() and not any(p.name not in (LOCK_FILE, WRITERS_FILE) for p in path.iterdir())
 
 
 # ----------------------------------------------------------------------------- inputs vs outputs
@@ -217,8 +231,49 @@ def own_dir(out: str | os.PathLike[str], job: str, identity: Mapping[str, Any],
             write_json_atomic(out / JOB_FILE, {"job": job, "identity": dict(identity),
                                                "identity_sha256": identity_digest(identity),
                                                "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        wait_for_earlier_writers(out)
         remove_temporaries(out)
         yield resuming
+
+
+def hold_writer(out: str | os.PathLike[str]) -> None:
+    """Mark this process as a writer of job dir `out` until it exits (a shared lock the kernel drops then)."""
+    key = str(Path(out).resolve())
+    if key in _writer_files:
+        return
+    Path(key).mkdir(parents=True, exist_ok=True)
+    f = open(Path(key) / WRITERS_FILE, "a+")
+    fcntl.flock(f, fcntl.LOCK_SH)  # waits only while a new claim checks for an earlier run's writers
+    _writer_files[key] = f
+
+
+def wait_for_earlier_writers(out: Path, timeout: float = WRITERS_WAIT_S) -> None:
+    """Return once no process of an earlier run holds `<out>/.writers` (call under the dir's lock)."""
+    deadline = time.monotonic() + timeout
+    with open(out / WRITERS_FILE, "a+") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() > deadline:
+                    raise InputError(f"{out}: processes of an earlier run still write into it after {timeout:.0f} s "
+                                     f"({_writer_processes(out)}); stop them (or the Ray cluster they run on) and "
+                                     "run again") from None
+                time.sleep(0.2)
+                continue
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return
+
+
+def _writer_processes(out: Path) -> str:
+    """The worker processes recorded under `<out>/_workers/` (pipelines.jobs.launch.record_worker)."""
+    found = []
+    for record in sorted((out / "_workers").glob("rank*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            found.append(f"{record.stem} pid {json.loads(record.read_text()).get('pid')}")
+    return ", ".join(found) or "see `fuser` on " + str(out / WRITERS_FILE)
 
 
 def remove_temporaries(directory: Path) -> list[Path]:

@@ -3,8 +3,15 @@
 The driver resolves the tracking URI, creates (or re-opens) the run and hands its id to the
 workers; only rank 0 logs. Metrics go through `MetricLogger`, which batches them and sends
 them from a background thread, so a slow or unreachable tracking server never stalls a
-training step. If the server cannot be reached, the job goes on with a warning that logging
-is off.
+training step.
+
+One rule for every job (`pretrain`, `finetune`, `sweep`, `run`): the tracking store is checked
+before Ray starts and before anything is written (`check_tracking_store`). A store that cannot
+be used — an unreachable server, a SQLite file that cannot be created or written, a SQLite store
+left half-created or half-migrated — refuses the job with one line saying what to do; a job
+never runs without tracking. A new SQLite store is created whole or not at all (built under a
+temporary name, then linked into place), so a Ctrl-C during its creation leaves nothing behind.
+A server that fails in the middle of a job turns logging off with one warning (the job goes on).
 
 Default tracking store: SQLite under the job's output (or pipeline work) dir, since MLflow 3
 deprecates the plain `./mlruns` file store. `MLFLOW_TRACKING_URI` overrides it.
@@ -18,16 +25,19 @@ import logging
 import math
 import os
 import queue
+import sqlite3
 import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bert.errors import BertflowError
 from bert.fsutil import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -63,6 +73,122 @@ def check_reachable(uri: str, timeout: float = 5.0) -> str | None:
         except (urllib.error.URLError, OSError, ValueError) as exc:
             return f"cannot reach MLflow tracking server {uri}: {getattr(exc, 'reason', exc)}"
     return None
+
+
+class TrackingStoreError(BertflowError):
+    """The tracking store cannot be used; the message says why and what to do."""
+
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for other stores and in-memory databases)."""
+    if not uri.startswith(SQLITE_PREFIX):
+        return None
+    path = uri.removeprefix(SQLITE_PREFIX).split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def check_tracking_store(uri: str, timeout: float = 5.0) -> None:
+    """Refuse, naming why and what to do, a tracking store a job could not log into. Creates nothing.
+
+    A server must answer its health check; a SQLite store must exist whole at MLflow's schema
+    version and be writable, or be creatable (its nearest existing folder is a writable folder).
+    Other stores (`postgresql://`, `databricks`, ...) are left to MLflow.
+    """
+    if uri.startswith(("http://", "https://")):
+        reason = check_reachable(uri, timeout)
+        if reason:
+            raise TrackingStoreError(f"{reason}; start the server, or choose another --tracking-uri "
+                                     "(nothing was created)")
+        return
+    path = sqlite_path(uri)
+    if path is None:
+        return
+    if path.exists():
+        _check_sqlite_store(path, uri)
+        return
+    folder = next(p for p in [path.parent, *path.parent.parents] if p.exists() or p == Path(p.anchor or "."))
+    if not folder.is_dir():
+        raise TrackingStoreError(f"cannot create the MLflow store {path}: {folder} is not a folder; choose another "
+                                 "--tracking-uri (nothing was created)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TrackingStoreError(f"cannot create the MLflow store {path}: {folder} is not writable; choose another "
+                                 "--tracking-uri (nothing was created)")
+
+
+def _check_sqlite_store(path: Path, uri: str) -> None:
+    """An existing SQLite store: a file, writable, an SQLite database at this MLflow's schema version."""
+    if not path.is_file():
+        raise TrackingStoreError(f"the MLflow store {path} is not a file; choose another --tracking-uri")
+    if not (os.access(path, os.R_OK | os.W_OK) and os.access(path.parent, os.W_OK | os.X_OK)):
+        raise TrackingStoreError(f"the MLflow store {path} (or its folder, for SQLite's journal) is not writable")
+    if path.stat().st_size == 0:
+        return  # an empty file: MLflow creates its tables in it
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            version = (db.execute("SELECT version_num FROM alembic_version").fetchone() or [None])[0] \
+                if "alembic_version" in tables else None
+            runs = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] if "runs" in tables else 0
+    except sqlite3.DatabaseError as exc:
+        raise TrackingStoreError(f"the MLflow store {path} is not a readable SQLite database ({exc}); "
+                                 "choose another --tracking-uri") from None
+    head = mlflow_schema_head()
+    if version == head or head is None:
+        return
+    if runs == 0:
+        raise TrackingStoreError(
+            f"the MLflow store {path} was left half-created (schema version {version or 'none'}, this MLflow "
+            f"needs {head}; a run was stopped while creating it) and holds no runs: remove it (rm {path}) and "
+            "re-run, and a complete store is created")
+    raise TrackingStoreError(
+        f"the MLflow store {path} holds {runs} run(s) at schema version {version or 'none'}, but this MLflow needs "
+        f"{head} (a migration was stopped half-way, or another MLflow version wrote it): back it up, then run "
+        f"`mlflow db upgrade {uri}`, or choose another --tracking-uri")
+
+
+def mlflow_schema_head() -> str | None:
+    """The newest schema revision of the installed MLflow, read from its migration scripts (no import)."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("mlflow")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    versions = Path(next(iter(spec.submodule_search_locations))) / "store" / "db_migrations" / "versions"
+    revisions, parents = set(), set()
+    for script in versions.glob("*.py"):
+        text = script.read_text(encoding="utf-8", errors="replace")
+        revision = re.search(r'^revision\s*=\s*["\']([0-9a-f]+)["\']', text, re.M)
+        parent = re.search(r'^down_revision\s*=\s*["\']([0-9a-f]+)["\']', text, re.M)
+        if revision:
+            revisions.add(revision.group(1))
+        if parent:
+            parents.add(parent.group(1))
+    heads = revisions - parents
+    return heads.pop() if len(heads) == 1 else None
+
+
+def ensure_sqlite_store(uri: str) -> None:
+    """Create the SQLite store of `uri` whole, if it does not exist: built under a temporary name, then linked
+    into place (never over a store another run created meanwhile). A Ctrl-C while MLflow creates its tables
+    (several seconds) leaves only the temporary, which the next run of the job removes."""
+    path = sqlite_path(uri)
+    if path is None or path.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        store = SqlAlchemyStore(f"{SQLITE_PREFIX}{tmp}", (path.parent / "mlartifacts").as_uri())
+        store.engine.dispose()
+        with contextlib.suppress(FileExistsError):  # another run created it meanwhile: keep theirs
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -124,11 +250,10 @@ def open_run(
     parent_run_id: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> RunHandle | None:
-    """Create a run (or re-open `run_id`, e.g. after a restart). None, with a warning, if MLflow is unreachable."""
-    reason = check_reachable(tracking_uri)
-    if reason:
-        warnings.warn(f"{reason}; MLflow logging is off for this run", stacklevel=2)
-        return None
+    """Create a run (or re-open `run_id`, e.g. after a restart); a store that cannot be used is refused
+    (`check_tracking_store`), never a run without tracking. A new SQLite store is created whole."""
+    check_tracking_store(tracking_uri)
+    ensure_sqlite_store(tracking_uri)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -212,6 +337,26 @@ def finish_run(handle: RunHandle | None, status: str = "FINISHED") -> None:
         MlflowClient(handle.tracking_uri).set_terminated(handle.run_id, status=status)
     except Exception as exc:  # noqa: BLE001 - tracking must never fail the job
         warnings.warn(f"could not close MLflow run {handle.run_id}: {exc}", stacklevel=2)
+
+
+def close_if_running(directory: Path, status: str = "FINISHED") -> bool:
+    """End the MLflow run recorded in `<directory>/mlflow_run.json` if it is still RUNNING (a job killed
+    after its output was complete, before it closed its run). True if it was ended."""
+    run_file = Path(directory) / RUN_FILE
+    if not run_file.is_file():
+        return False
+    try:
+        from mlflow.tracking import MlflowClient
+
+        run = json.loads(run_file.read_text())
+        client = MlflowClient(run["tracking_uri"])
+        if client.get_run(run["run_id"]).info.status != "RUNNING":
+            return False
+        client.set_terminated(run["run_id"], status=status)
+        return True
+    except Exception as exc:  # noqa: BLE001 - tracking must never fail the job
+        warnings.warn(f"could not check the MLflow run recorded in {run_file}: {exc}", stacklevel=2)
+        return False
 
 
 class MetricLogger:
@@ -389,30 +534,6 @@ class PipelineTracker:
         if report_dir is not None and report_dir.is_dir():
             self.client.log_artifacts(self.parent, str(report_dir), "report")
         self.client.set_terminated(self.parent, status="FINISHED" if ok else "FAILED")
-
-
-class PipelineObserver:
-    """The runner's observer for a tracked pipeline run: progress lines, plus the MLflow stage runs."""
-
-    def __init__(self, tracker: PipelineTracker):
-        from pipelines.dag.runner import Observer
-
-        self.printer = Observer()
-        self.tracker = tracker
-
-    def stage_tracking(self, node) -> dict[str, str]:
-        return {"tracking_uri": self.tracker.uri, "run_id": self.tracker.stage_run(node),
-                "experiment": self.tracker.spec.experiment}
-
-    def on_event(self, node, event) -> None:
-        self.printer.on_event(node, event)
-        if event.event == "cached" and node.name not in self.tracker.stage_runs:
-            self.tracker.stage_run(node, cached=True)
-            self.tracker.finish_stage(node, "FINISHED", 0.0, event.manifest)
-        elif event.event == "done":
-            self.tracker.finish_stage(node, "FINISHED", event.seconds, dict(event.manifest or {}))
-        elif event.event == "failed":
-            self.tracker.finish_stage(node, "FAILED", event.seconds, None, event.error)
 
 
 def _jsonable(value: Any) -> Any:

@@ -160,7 +160,8 @@ def run_command(args: argparse.Namespace) -> int:
     from pipelines.dag.graph import workdir_lock
     from pipelines.dag.runner import run_graph
     from pipelines.ray_runtime import ensure_ray
-    from pipelines.tracking import PipelineObserver, PipelineTracker, default_tracking_uri
+    from pipelines.dag.runner import PipelineObserver
+    from pipelines.tracking import PipelineTracker, default_tracking_uri
 
     started = time.time()
     p = plan(args)

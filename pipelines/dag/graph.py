@@ -70,6 +70,48 @@ class StageContext:
     def log(self, message: str) -> None:
         print(f"[{self.name}] {message}", flush=True)
 
+    def job_tracking(self) -> dict[str, Any]:
+        """The tracking settings of the job a stage runs: the stage's MLflow run as the job run's parent."""
+        if not self.tracking:
+            return {"tracking_uri": None, "parent_run_id": None}
+        return {"tracking_uri": self.tracking["tracking_uri"], "parent_run_id": self.tracking["run_id"],
+                "experiment": self.tracking["experiment"]}
+
+
+# ----------------------------------------------------------------------------- what stage functions share
+
+
+def path_fingerprint(paths: tuple[str, ...] | list[str]) -> list[list[Any]]:
+    """[(path, size, mtime_ns)] of every file under the paths: changes when an input file does."""
+    out: list[list[Any]] = []
+    for p in paths:
+        root = Path(p)
+        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
+        for f in files:
+            st = f.stat()
+            out.append([str(f), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def require_paths(paths: tuple[str, ...] | list[str], where: str) -> None:
+    for p in paths:
+        if not Path(p).exists():
+            raise InputError(f"{where}: path {p} does not exist")
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Copy a file or dir by hard links (no extra space, instant); plain copies across file systems."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=link)
+    else:
+        link(str(src), str(dst))
+
 
 StageFunction = Callable[[StageContext], Mapping[str, Any] | None]
 

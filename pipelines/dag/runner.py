@@ -4,7 +4,7 @@ The runner submits each pending stage whose upstream stages are done (so indepen
 the fine-tune fan-out run concurrently, as far as Ray's resources and `max_concurrent` allow),
 retries a failing stage up to its `max_retries`, and on a final failure skips the stage's
 descendants while the other branches finish. An `Observer` hears every event (progress lines;
-the pipeline's MLflow runs, `pipelines.tracking.PipelineObserver`).
+the pipeline's MLflow runs, `PipelineObserver` below).
 """
 
 from __future__ import annotations
@@ -52,6 +52,28 @@ class Observer:
             "skipped": f"skipped: {event.error}",
         }[event.event]
         print(f"[{time.strftime('%H:%M:%S')}] {node.name:<28} {detail}", flush=True)
+
+
+class PipelineObserver:
+    """The runner's observer for a tracked pipeline run: progress lines, plus the MLflow stage runs."""
+
+    def __init__(self, tracker):  # pipelines.tracking.PipelineTracker
+        self.printer = Observer()
+        self.tracker = tracker
+
+    def stage_tracking(self, node) -> dict[str, str]:
+        return {"tracking_uri": self.tracker.uri, "run_id": self.tracker.stage_run(node),
+                "experiment": self.tracker.spec.experiment}
+
+    def on_event(self, node, event) -> None:
+        self.printer.on_event(node, event)
+        if event.event == "cached" and node.name not in self.tracker.stage_runs:
+            self.tracker.stage_run(node, cached=True)
+            self.tracker.finish_stage(node, "FINISHED", 0.0, event.manifest)
+        elif event.event == "done":
+            self.tracker.finish_stage(node, "FINISHED", event.seconds, dict(event.manifest or {}))
+        elif event.event == "failed":
+            self.tracker.finish_stage(node, "FAILED", event.seconds, None, event.error)
 
 
 @dataclass

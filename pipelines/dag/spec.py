@@ -27,11 +27,7 @@ Dotted paths go into nested mappings (`finetune.tasks.sst2.learning_rate=3e-5`).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import os
-import re
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,96 +204,6 @@ def _set_path(target: Any, parts: list[str], value: Any, item: str) -> None:
     if not isinstance(target, dict):
         raise InputError(f"--set {item!r}: cannot set {parts[-1]!r} inside a non-mapping value")
     target[parts[-1]] = value
-
-
-# ----------------------------------------------------------------------------- typed config sections
-
-
-def type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def check_value(value: Any, annotation: Any, where: str) -> Any:
-    """Check (and lightly coerce: int -> float, list -> tuple) `value` against a type annotation."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if annotation is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return check_value(value, option, where)
-            except InputError as exc:
-                errors.append(str(exc))
-        raise InputError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
-    if origin in (tuple, list, Sequence, typing.Sequence) or annotation in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise InputError(f"{where}: expected a list ({_type_name(annotation)}), got {value!r}")
-        item = args[0] if args else Any
-        return tuple(check_value(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (dict, Mapping, typing.Mapping) or annotation is dict:
-        if not isinstance(value, dict):
-            raise InputError(f"{where}: expected a mapping, got {value!r}")
-        value_type = args[1] if len(args) == 2 else Any
-        return {str(k): check_value(v, value_type, f"{where}.{k}") for k, v in value.items()}
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise InputError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise InputError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
-            return float(value)  # YAML 1.1 reads 3e-5 (no dot) as a string
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InputError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise InputError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise InputError(f"{where}: unsupported setting type {annotation!r}")
-
-
-def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, type):
-        return annotation.__name__
-    return str(annotation).replace("typing.", "")
-
-
-def split_section(section: Mapping[str, Any], parts: Sequence[type], where: str,
-                  allowed_extra: Mapping[str, Any] | None = None, excluded: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Route a flat config mapping to several dataclasses by field name, checking types.
-
-    Returns one dict of checked values per dataclass (in `parts` order); a field two of them
-    have goes to the first. `excluded` fields of the wrapped dataclasses (all but the first of
-    several parts, or the only one) are ones the stage sets itself (upstream dirs, tracking);
-    naming them is an error unless the first part owns them.
-    """
-    owners: dict[str, int] = {}
-    hints = []
-    for i, cls in enumerate(parts):
-        h = type_hints(cls)
-        hints.append(h)
-        wrapped = i > 0 or len(parts) == 1
-        for f in dataclasses.fields(cls):
-            if not (wrapped and f.name in excluded):
-                owners.setdefault(f.name, i)
-    values: list[dict[str, Any]] = [{} for _ in parts]
-    for key, value in section.items():
-        if key in excluded and key not in owners:
-            raise InputError(f"{where}: {key!r} is set by the pipeline (from the stage's inputs), not in the spec")
-        if key not in owners:
-            known = sorted(owners)
-            raise InputError(f"{where}: unknown setting {key!r}; known settings: {', '.join(known)}")
-        i = owners[key]
-        values[i][key] = check_value(value, hints[i][key], f"{where}.{key}")
-    return values
 
 
 def expand_path(text: str) -> str:

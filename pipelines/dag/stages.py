@@ -28,71 +28,21 @@ Bump a kind's version when its output format changes: every key of that kind cha
 from __future__ import annotations
 
 import dataclasses
-import os
 import platform
 import re
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from bert.errors import InputError
 from bert.pretraining_data import PretrainingDataConfig
-from pipelines.dag.graph import Stage, StageContext
+from pipelines.dag.graph import Stage, StageContext, link_tree, path_fingerprint, require_paths
 from pipelines.dag.pydoc_corpus import PydocCorpusConfig, pydoc_corpus
-from pipelines.dag.spec import Spec, StageSpec, check_value, expand_path, split_section
+from pipelines.config_args import check_value, construct, split_section
+from pipelines.dag.spec import Spec, StageSpec, expand_path
 from pipelines.dag.sweep_stage import configure_sweep, sweep_stage
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def path_fingerprint(paths: tuple[str, ...] | list[str]) -> list[list[Any]]:
-    """[(path, size, mtime_ns)] of every file under the paths: changes when an input file does."""
-    out: list[list[Any]] = []
-    for p in paths:
-        root = Path(p)
-        files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
-        for f in files:
-            st = f.stat()
-            out.append([str(f), st.st_size, st.st_mtime_ns])
-    return out
-
-
-def require_paths(paths: tuple[str, ...] | list[str], where: str) -> None:
-    for p in paths:
-        if not Path(p).exists():
-            raise InputError(f"{where}: path {p} does not exist")
-
-
-def link_tree(src: Path, dst: Path) -> None:
-    """Copy a file or dir by hard links (no extra space, instant); plain copies across file systems."""
-    def link(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    if src.is_dir():
-        shutil.copytree(src, dst, copy_function=link)
-    else:
-        link(str(src), str(dst))
-
-
-def _tracking(ctx: StageContext) -> dict[str, Any]:
-    """The job's tracking settings inside a pipeline: its stage run as the parent."""
-    if not ctx.tracking:
-        return {"tracking_uri": None, "parent_run_id": None}
-    return {"tracking_uri": ctx.tracking["tracking_uri"], "parent_run_id": ctx.tracking["run_id"],
-            "experiment": ctx.tracking["experiment"]}
-
-
-def _construct(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    """`cls(**values)`, its own checks' errors prefixed with where the values came from."""
-    try:
-        return cls(**values)
-    except InputError as exc:
-        raise InputError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -115,7 +65,7 @@ class Where:
 
 def configure_pydoc_corpus(w: Where) -> list[Stage]:
     (values,) = split_section(w.spec.config, [PydocCorpusConfig], w.text)
-    config = _construct(PydocCorpusConfig, values, w.text)
+    config = construct(PydocCorpusConfig, values, w.text)
     return [w.stage(config, dataclasses.asdict(config) | {"python": platform.python_version()})]
 
 
@@ -185,7 +135,7 @@ def configure_shards(w: Where) -> list[Stage]:
     require_paths(source.corpus, w.text)
     if not source.corpus and "corpus" not in w.inputs:
         raise InputError(f"{w.text}: needs a corpus: an input `corpus` stage or `corpus` paths")
-    data = _construct(PretrainingDataConfig, data_values, w.text)
+    data = construct(PretrainingDataConfig, data_values, w.text)
     fields = {k: v for k, v in dataclasses.asdict(source).items() if k != "num_workers"}
     fields |= {"data": dataclasses.asdict(data), "files": path_fingerprint(source.corpus)}
     return [w.stage((source, data), fields)]
@@ -225,20 +175,17 @@ def report_stage(ctx: StageContext) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- pretrain
 
 PRETRAIN_SET_BY_PIPELINE = ("shards", "out", "val_shards", "tracking_uri", "parent_run_id", "experiment")
-PRETRAIN_NOT_IN_KEY = ("log_every", "time_limit_minutes", "stop_at_step", "max_failures", "keep_checkpoints",
-                       "checkpoint_every", "compile", "threads_per_worker")
 
 
 def configure_pretrain(w: Where) -> list[Stage]:
     from bert.config import PRESETS
-    from pipelines.jobs.configs import PretrainConfig
+    from pipelines.jobs.configs import PretrainConfig, result_settings
 
     (values,) = split_section(w.spec.config, [PretrainConfig], w.text, excluded=PRETRAIN_SET_BY_PIPELINE)
     if "init" in w.inputs and "model" in values:
         raise InputError(f"{w.text}: the model comes from input `init`; drop the `model` setting")
-    config = _construct(PretrainConfig, values, w.text)  # paths are set when it runs
-    fields = {k: v for k, v in dataclasses.asdict(config).items()
-              if k not in PRETRAIN_SET_BY_PIPELINE + PRETRAIN_NOT_IN_KEY}
+    config = construct(PretrainConfig, values, w.text)  # paths are set when it runs
+    fields = {k: v for k, v in result_settings(config).items() if k not in PRETRAIN_SET_BY_PIPELINE}
     if "init" in w.inputs:
         fields.pop("model")
     elif config.model not in PRESETS:
@@ -255,7 +202,7 @@ def pretrain_stage(ctx: StageContext) -> dict[str, Any]:
     config = dataclasses.replace(ctx.config, shards=str(ctx.inputs["shards"] / "shards"), out=str(run_dir),
                                  **({"model": str(ctx.inputs["init"] / "checkpoint")} if "init" in ctx.inputs else {}),
                                  **({"val_shards": str(ctx.inputs["val"] / "shards")} if "val" in ctx.inputs else {}),
-                                 **_tracking(ctx))
+                                 **ctx.job_tracking())
     manifest = run_pretraining(config)
     if not manifest.get("complete"):
         raise RuntimeError(f"pretraining stopped at step {manifest['step']} before max_steps "
@@ -363,7 +310,7 @@ def node_names(name: str, s: StageSpec, where: str) -> list[str]:
 
 def configure_finetune(w: Where) -> list[Stage]:
     from bert.tasks import get_task
-    from pipelines.jobs.configs import FinetuneConfig
+    from pipelines.jobs.configs import FinetuneConfig, result_settings
 
     section, shared = finetune_section(w.spec, w.text)
     checkpoint = expand_path(section.checkpoint) if section.checkpoint else None
@@ -391,9 +338,9 @@ def configure_finetune(w: Where) -> list[Stage]:
             data = expand_path(data)
             require_paths([data], where)
         for seed in section.seeds:
-            config = _construct(FinetuneConfig, {"task": task, "seed": seed, **shared, **overrides}, where)
-            fields = {k: v for k, v in dataclasses.asdict(config).items()
-                      if k not in FINETUNE_NOT_IN_KEY + FINETUNE_SET_BY_PIPELINE + ("seed",)}
+            config = construct(FinetuneConfig, {"task": task, "seed": seed, **shared, **overrides}, where)
+            fields = {k: v for k, v in result_settings(config).items()
+                      if k not in FINETUNE_SET_BY_PIPELINE + ("seed",)}
             fields |= {"task": task, "seed": seed, "seeds": None}
             fields |= {"data": {"input": data}} if data_is_input else {"data": data, "files": path_fingerprint([data])}
             if checkpoint:
@@ -411,7 +358,7 @@ def finetune_stage(ctx: StageContext) -> dict[str, Any]:
     checkpoint = str(ctx.inputs["checkpoint"] / "checkpoint") if "checkpoint" in ctx.inputs else node.checkpoint
     data = str(ctx.inputs["data"] / (node.data or "")) if node.data_is_input else node.data
     run_dir = ctx.work / "run"
-    config = dataclasses.replace(node.config, data=data, checkpoint=checkpoint, out=str(run_dir), **_tracking(ctx))
+    config = dataclasses.replace(node.config, data=data, checkpoint=checkpoint, out=str(run_dir), **ctx.job_tracking())
     metrics = run_finetune(config)
     for name in ("metrics.json", "predictions.jsonl", "checkpoint"):
         link_tree(run_dir / name, ctx.out / name)
@@ -440,10 +387,11 @@ KINDS: dict[str, StageKind] = {
         StageKind("tokenizer", 1, tokenizer_stage, ("corpus",), (), {"num_cpus": 1}, configure_tokenizer),
         # the Ray tasks / Ray Train workers these stages drive hold the CPUs (versions: 2 since the
         # shards' bytes, the training numerics and the fine-tune batches changed; finetune 3: the span loss
-        # leaves padded positions out)
+        # leaves padded positions out; pretrain 3: its key leaves out cpus_per_worker and placement_strategy,
+        # read with every other run-only setting from the config's `run_only` marks)
         StageKind("shards", 2, shards_stage, ("tokenizer", "corpus"), ("tokenizer",), {"num_cpus": 0},
                   configure_shards),
-        StageKind("pretrain", 2, pretrain_stage, ("shards", "init", "val"), ("shards",), {"num_cpus": 0},
+        StageKind("pretrain", 3, pretrain_stage, ("shards", "init", "val"), ("shards",), {"num_cpus": 0},
                   configure_pretrain),
         StageKind("random_init", 1, random_init_stage, ("tokenizer",), ("tokenizer",), {"num_cpus": 1},
                   configure_random_init),

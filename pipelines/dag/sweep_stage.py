@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from bert.errors import InputError
+from pipelines.dag.graph import link_tree, path_fingerprint, require_paths
 
 SET_BY_PIPELINE = ("out", "tokenizer", "tracking_uri", "parent_run_id", "experiment")
-NOT_IN_KEY = ("log_every", "eval_batch_size", "threads_per_worker", "log_model", "max_failures", "cpus_per_worker")
 OUTPUTS = ("sweep.json", "trials.csv", "sweep.png", "best")
 
 
@@ -59,8 +59,8 @@ class SweepNode:
 
 def configure_sweep(w) -> list:
     """Parse and check the section once (space included) into one node; its key fields."""
-    from pipelines.dag import stages
-    from pipelines.dag.spec import expand_path, split_section
+    from pipelines.config_args import construct, split_section
+    from pipelines.dag.spec import expand_path
     from pipelines.jobs.configs import FinetuneConfig
     from pipelines.jobs.sweep_space import (
         GRIDS,
@@ -77,11 +77,11 @@ def configure_sweep(w) -> list:
     if not section.task:
         raise InputError(f"{w.text}: task is missing: name the task to sweep, e.g. task: mrpc")
     checkpoint, data, data_is_input = _model_and_data(w, section)
-    base = stages._construct(FinetuneConfig, {"task": section.task, **finetune_values}, w.text)
+    base = construct(FinetuneConfig, {"task": section.task, **finetune_values}, w.text)
     _check_task(section.task, w.text)
     seeds = section.seeds if isinstance(section.seeds, str) or section.seeds is None else ",".join(map(str, section.seeds))
     where = f"{w.text}.space"
-    options = stages._construct(SweepOptions, {**option_values, "grid": section.grid, "seeds": seeds,
+    options = construct(SweepOptions, {**option_values, "grid": section.grid, "seeds": seeds,
                                                "space": None if section.space is None else where}, w.text)
     if section.grid is not None:
         space = GRIDS[section.grid]
@@ -90,20 +90,19 @@ def configure_sweep(w) -> list:
     else:
         space = parse_space(section.space, where, base)
     for plan in expand(space, options.num_samples, options.search_seed):
-        stages._construct(FinetuneConfig, {**dataclasses.asdict(base), **plan["settings"]}, f"{where} ({plan['name']})")
+        construct(FinetuneConfig, {**dataclasses.asdict(base), **plan["settings"]}, f"{where} ({plan['name']})")
     identity = sweep_identity(base, options, space)
     fields = {k: v for k, v in identity.items() if k != "finetune"}
     fields |= {"finetune": {k: v for k, v in identity["finetune"].items()
-                            if k not in NOT_IN_KEY + SET_BY_PIPELINE + ("data", "checkpoint")}}
-    fields |= {"data": {"input": data}} if data_is_input else {"data": data, "files": stages.path_fingerprint([data])}
+                            if k not in SET_BY_PIPELINE + ("data", "checkpoint")}}  # run-only ones: not in identity
+    fields |= {"data": {"input": data}} if data_is_input else {"data": data, "files": path_fingerprint([data])}
     if checkpoint:
-        fields |= {"checkpoint": checkpoint, "checkpoint_files": stages.path_fingerprint([checkpoint])}
+        fields |= {"checkpoint": checkpoint, "checkpoint_files": path_fingerprint([checkpoint])}
     return [w.stage(SweepNode(base, options, space, data, data_is_input, checkpoint), fields)]
 
 
 def _model_and_data(w, section: SweepStageConfig) -> tuple[str | None, str | None, bool]:
     """The checkpoint path (None: the `checkpoint` input) and the data path (inside the `data` input or not)."""
-    from pipelines.dag import stages
     from pipelines.dag.spec import expand_path
 
     checkpoint = expand_path(section.checkpoint) if section.checkpoint else None
@@ -115,7 +114,7 @@ def _model_and_data(w, section: SweepStageConfig) -> tuple[str | None, str | Non
         raise InputError(f"{w.text}: no data: set `data` (a task dir or datasets root) or give the stage a "
                          "`data` input")
     data = section.data if data_is_input else expand_path(section.data)
-    stages.require_paths([p for p in (checkpoint, None if data_is_input else data) if p], w.text)
+    require_paths([p for p in (checkpoint, None if data_is_input else data) if p], w.text)
     return checkpoint, data, data_is_input
 
 
@@ -130,18 +129,17 @@ def _check_task(task: str, where: str) -> None:
 
 def sweep_stage(ctx) -> dict[str, Any]:
     """Run the sweep in `<key>.work/run` (resumable), publish its summary and best/ by hard links."""
-    from pipelines.dag import stages
     from pipelines.jobs.sweep import run_sweep
 
     node: SweepNode = ctx.config
     checkpoint = str(ctx.inputs["checkpoint"] / "checkpoint") if "checkpoint" in ctx.inputs else node.checkpoint
     data = str(ctx.inputs["data"] / (node.data or "")) if node.data_is_input else node.data
     run_dir = ctx.work / "run"
-    base = dataclasses.replace(node.base, data=data, checkpoint=checkpoint, out=str(run_dir), **stages._tracking(ctx))
+    base = dataclasses.replace(node.base, data=data, checkpoint=checkpoint, out=str(run_dir), **ctx.job_tracking())
     result = run_sweep(base, node.options, node.space)
     for name in OUTPUTS:
         if (run_dir / name).exists():
-            stages.link_tree(run_dir / name, Path(ctx.out) / name)
+            link_tree(run_dir / name, Path(ctx.out) / name)
     metric, best = result["primary_metric"], result["best"]
     metrics = {f"best/{metric}": best["metric"]}
     if result["rerun"]:

@@ -2,10 +2,12 @@
 
 `PretrainConfig` and `FinetuneConfig` are what `bertflow pretrain` / `bertflow finetune` take
 (one `--field-name` option per field), what a pipeline stage's config section holds (its paths
-are set when it runs), and what the Ray workers receive. `identity()` is the part that defines
-a job's output: a re-run with the same identity resumes into the same output dir; the fields
-in `RESUMABLE_CHANGES` (logging, resources, stop points) may differ between a run and its
-resumption.
+are set when it runs), and what the Ray workers receive (the object itself: typed and checked
+once, on the driver). `identity()` is the part that defines a job's output: a re-run with the
+same identity resumes into the same output dir. A field declared with `run_only(default)` says
+how a job runs (logging, resources, stop points, tracking), not what it computes: it may differ
+between a run and its resumption, and pipeline stage keys leave it out (`result_settings`),
+both read from that one mark.
 """
 
 from __future__ import annotations
@@ -21,6 +23,23 @@ from bert.errors import InputError
 from bert.precision import PRECISIONS
 from pipelines.config_args import resolve_paths
 
+RUN_ONLY = "bertflow.run_only"
+
+
+def run_only(default: Any) -> Any:
+    """A field that says how a job runs, not what it computes (see the module docstring)."""
+    return dataclasses.field(default=default, metadata={RUN_ONLY: True})
+
+
+def run_only_fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(RUN_ONLY))
+
+
+def result_settings(config: Any) -> dict[str, Any]:
+    """The settings of `config` that change what its job computes (every field not marked `run_only`)."""
+    skip = set(run_only_fields(type(config)))
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+
 # ----------------------------------------------------------------------------- pretraining
 
 
@@ -29,14 +48,14 @@ class PretrainConfig:
     """One pretraining phase. Defaults follow the BERT paper where it gives them."""
 
     shards: str | None = None  # required to run (a pipeline stage sets it from its input)
-    out: str | None = None  # required to run
+    out: str | None = run_only(None)  # required to run
     model: str = "tiny"  # preset name, or a checkpoint dir to start from (phase 2)
     val_shards: str | None = None
     num_workers: int = 1
-    cpus_per_worker: int = 1
-    threads_per_worker: int | None = None  # torch threads; default: this node's cores / its workers
+    cpus_per_worker: int = run_only(1)
+    threads_per_worker: int | None = run_only(None)  # torch threads; default: this node's cores / its workers
     use_gpu: bool = False
-    placement_strategy: str = "PACK"  # SPREAD / STRICT_SPREAD: one worker per node
+    placement_strategy: str = run_only("PACK")  # SPREAD / STRICT_SPREAD: one worker per node
     global_batch_size: int = 256
     micro_batch_size: int = 32
     max_steps: int = 1000
@@ -51,24 +70,19 @@ class PretrainConfig:
     poly_power: float = 1.0
     max_grad_norm: float = 1.0
     precision: str = "auto"  # auto (bf16 where native and faster) | bf16 | fp32
-    compile: bool = False
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
+    compile: bool = run_only(False)
+    checkpoint_every: int = run_only(200)
+    keep_checkpoints: int = run_only(3)
     eval_every: int = 200
     eval_examples: int = 2048
-    log_every: int = 10
+    log_every: int = run_only(10)
     seed: int = 12345
-    stop_at_step: int | None = None  # stop early with a checkpoint (resume by re-running)
-    time_limit_minutes: float | None = None  # same, after this much training time
-    max_failures: int = 3
-    experiment: str = "bertflow-pretrain"
-    tracking_uri: str | None = None
-    parent_run_id: str | None = None
-
-    # settings that may differ between a run and its resumption (they do not change the result)
-    RESUMABLE_CHANGES = ("stop_at_step", "time_limit_minutes", "log_every", "max_failures", "keep_checkpoints",
-                         "checkpoint_every", "tracking_uri", "parent_run_id", "experiment", "threads_per_worker",
-                         "cpus_per_worker", "placement_strategy", "compile", "out")
+    stop_at_step: int | None = run_only(None)  # stop early with a checkpoint (resume by re-running)
+    time_limit_minutes: float | None = run_only(None)  # same, after this much training time
+    max_failures: int = run_only(3)
+    experiment: str = run_only("bertflow-pretrain")
+    tracking_uri: str | None = run_only(None)
+    parent_run_id: str | None = run_only(None)
 
     def __post_init__(self) -> None:
         for name in ("num_workers", "cpus_per_worker", "global_batch_size", "micro_batch_size", "max_steps",
@@ -102,7 +116,7 @@ class PretrainConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that define the output: a re-run must match them to resume into the same dir."""
-        return {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES}
+        return result_settings(self)
 
 
 def pretrain_paths(config: PretrainConfig) -> PretrainConfig:
@@ -133,11 +147,11 @@ class FinetuneConfig:
     task: str
     data: str | None = None  # the task's dir (e.g. glue/MRPC), or a datasets root holding it; required to run
     checkpoint: str | None = None  # our checkpoint dir or a Hugging Face BERT dir; required to run
-    out: str | None = None  # required to run
+    out: str | None = run_only(None)  # required to run
     tokenizer: str | None = None  # tokenizer dir; default: the checkpoint dir
     learning_rate: float = 2e-5
     batch_size: int = 32  # global: split across workers
-    eval_batch_size: int = 64
+    eval_batch_size: int = run_only(64)
     epochs: float = 3.0
     max_seq_length: int | None = None  # default: the task row's
     weight_decay: float = 0.01
@@ -154,20 +168,16 @@ class FinetuneConfig:
     max_eval_examples: int | None = None  # the first N of every eval split
     precision: str = "auto"  # auto (bf16 where native and faster) | bf16 | fp32
     num_workers: int = 1
-    cpus_per_worker: int = 1
-    threads_per_worker: int | None = None  # torch threads; default: this node's cores / its workers
+    cpus_per_worker: int = run_only(1)
+    threads_per_worker: int | None = run_only(None)  # torch threads; default: this node's cores / its workers
     use_gpu: bool = False
-    max_failures: int = 2  # lost workers replaced (from the last finished epoch) before the job fails
-    log_every: int = 20
-    experiment: str = "bertflow-finetune"
-    tracking_uri: str | None = None
-    parent_run_id: str | None = None
-    log_model: bool = True  # log the checkpoint as an mlflow.pyfunc model
-    register_as: str | None = None  # register the (best seed's) logged model as a version of this registered model
-
-    # settings that may differ between a run and its resumption (they do not change the result)
-    RESUMABLE_CHANGES = ("out", "eval_batch_size", "threads_per_worker", "cpus_per_worker", "max_failures",
-                         "log_every", "experiment", "tracking_uri", "parent_run_id", "log_model", "register_as")
+    max_failures: int = run_only(2)  # lost workers replaced (from the last finished epoch) before the job fails
+    log_every: int = run_only(20)
+    experiment: str = run_only("bertflow-finetune")
+    tracking_uri: str | None = run_only(None)
+    parent_run_id: str | None = run_only(None)
+    log_model: bool = run_only(True)  # log the checkpoint as an mlflow.pyfunc model
+    register_as: str | None = run_only(None)  # register the (best seed's) logged model as a version of this registered model
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size", "num_workers", "cpus_per_worker", "log_every"):
@@ -212,7 +222,7 @@ class FinetuneConfig:
 
     def identity(self) -> dict[str, Any]:
         """The settings that define the output: a re-run must match them to resume into the same dir."""
-        identity = {k: v for k, v in self.to_dict().items() if k not in self.RESUMABLE_CHANGES + ("seed", "seeds")}
+        identity = {k: v for k, v in result_settings(self).items() if k not in ("seed", "seeds")}
         from bert.tasks.featurize import MEGA_BATCH_FACTOR  # here: it imports torch, which the CLI's options do not need
 
         if self.length_grouping in (None, MEGA_BATCH_FACTOR):

@@ -38,15 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import ray.train
-import torch
 
 from bert import finetune
 from bert.checkpoint import from_pretrained, save_pretrained, write_checkpoint
-from bert.errors import InputError
 from bert.finetune import (
-    FINETUNE_STATE,
-    OPTIMIZER_STATE,
     PREDICTIONS,
     FinetuneState,
     Prepared,
@@ -57,38 +52,32 @@ from bert.finetune import (
     freeze,
     json_number,
     layerwise_groups,
-    probe_step,
+    probe_loss,
     score,
     task_model,
     train_step,
 )
 from bert.inference import head_outputs, length_sorted_chunks, write_task_file
 from bert.optim import adamw
-from bert.precision import Precision, choose_precision
-from bert.pretrain import load_optimizer_state
+from bert.precision import Precision, probe_step
+from bert.run_state import load_optimizer_state, save_optimizer_state
 from bert.tasks import get_task
 from bert.tasks.featurize import MEGA_BATCH_FACTOR
-from pipelines.jobs.configs import FinetuneConfig, finetune_paths
+from pipelines.jobs.configs import FinetuneConfig
 from pipelines.jobs.finetune_outputs import BEST, EVAL_FILE, METRICS, summarize, write_seed_outputs
 from pipelines.jobs.launch import (
     Worker,
-    all_min,
+    agree_precision,
     gather_to_rank0,
     record_worker,
     report_checkpoint,
+    restore_dir,
     train_on_ray,
 )
-from pipelines.models import maybe_register  # --register-as: the (best seed's) model as a registry version
-from pipelines.outdir import own_dir
-from pipelines.ray_runtime import ensure_ray, worker_progress
-from pipelines.tracking import (
-    RUN_FILE,
-    MetricLogger,
-    default_tracking_uri,
-    finish_run,
-    last_logged_step,
-    open_job_run,
-)
+from pipelines.jobs.launch import latest_checkpoint as latest_in
+from pipelines.jobs.skeleton import Claimed, Job, run_job
+from pipelines.ray_runtime import worker_progress
+from pipelines.tracking import RUN_FILE, MetricLogger, close_if_running, finish_run, last_logged_step, open_job_run
 
 RAY_STORAGE = "_ray"
 RAY_RUN = "train"  # the Ray Train run's name: its dir under RAY_STORAGE holds every seed's epoch checkpoints
@@ -108,45 +97,64 @@ def preflight(config: FinetuneConfig) -> Prepared:
 # ----------------------------------------------------------------------------- driver
 
 
-def run_finetune(config: FinetuneConfig, ray_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
-    """Check, claim the output dir, train every seed with Ray Train, write the output dir. Returns metrics.json.
+class FinetuneJob(Job[FinetuneConfig]):
+    """`run_job(FinetuneJob(), config)`: the skeleton's steps for fine-tuning (`pipelines/jobs/skeleton.py`).
 
-    All the seeds still to train share one Ray Train run (one worker-group start): the workers train
-    them one after another, each into its own dir, MLflow run and checkpoints, and resume a killed
-    job at the seed and epoch where it stopped. `ray_callbacks` go to that Ray Train run (a sweep
-    passes Ray Tune's report callback).
+    Its own MLflow run is the parent of the seeds' runs, opened only with several seeds (one seed logs
+    into its own run). `ray_callbacks` go to the Ray Train run (a sweep passes Ray Tune's report callback).
     """
 
-    if not config.data or not config.checkpoint or not config.out:
-        raise InputError("finetune: --data, --checkpoint and --out are required")
-    config = finetune_paths(config)
-    out = Path(config.out)
-    done = _finished(out / METRICS, config)
-    if done is not None:
-        print(f"[finetune] {out} is complete; nothing to do", flush=True)
-        return maybe_register(config, done)
-    prepared = preflight(config)
-    with own_dir(out, "finetune", config.identity(), inputs=[config.data, config.checkpoint, config.tokenizer]):
-        ensure_ray()
-        uri = config.tracking_uri or default_tracking_uri(out)
+    name = "finetune"
+    required = ("data", "checkpoint", "out")
+    paths = ("data", "checkpoint", "out", "tokenizer")
+
+    def __init__(self, ray_callbacks: Sequence[Any] = ()):
+        self.ray_callbacks = ray_callbacks
+
+    def finished(self, config: FinetuneConfig) -> dict[str, Any] | None:
+        return _finished(Path(config.out) / METRICS, config)
+
+    def preflight(self, config: FinetuneConfig) -> Prepared:
+        return preflight(config)
+
+    def inputs(self, config: FinetuneConfig, checked) -> list[Any]:
+        return [config.data, config.checkpoint, config.tokenizer]
+
+    def run_name(self, config: FinetuneConfig) -> str | None:
+        return f"finetune-{config.task}" if len(config.seed_list) > 1 else None
+
+    def tags(self, config: FinetuneConfig) -> dict[str, str]:
+        return {"bertflow.stage": "finetune", "bertflow.task": config.task}
+
+    def run(self, claimed: Claimed[FinetuneConfig], prepared: Prepared) -> dict[str, Any]:
+        """Every seed still to train, in one Ray Train run; then the seeds' summary (several seeds)."""
+        config, out, parent = claimed.config, claimed.out, claimed.run
         seeds = config.seed_list
-        parent = None
-        if len(seeds) > 1:
-            parent = open_job_run(out, uri, config.experiment, run_name=f"finetune-{config.task}",
-                                  parent_run_id=config.parent_run_id,
-                                  tags={"bertflow.stage": "finetune", "bertflow.task": config.task})
         dirs = {seed: out if len(seeds) == 1 else out / f"seed-{seed}" for seed in seeds}
         pending = []
         for seed in seeds:
             if _finished(dirs[seed] / METRICS, config.for_seed(seed)) is not None:
                 print(f"[finetune] {dirs[seed]} is complete (seed {seed}); nothing to do", flush=True)
+                close_if_running(dirs[seed])  # killed after its outputs, before closing its MLflow run
             else:
                 pending.append(seed)
         if pending:
-            _train_seeds(config, [(seed, str(dirs[seed])) for seed in pending], ray.put(prepared), uri,
-                         parent.run_id if parent else config.parent_run_id, ray_callbacks)
+            _train_seeds(config, [(seed, str(dirs[seed])) for seed in pending], ray.put(prepared),
+                         claimed.tracking_uri, parent.run_id if parent else config.parent_run_id, self.ray_callbacks)
         runs = [json.loads((dirs[seed] / METRICS).read_text()) for seed in seeds]
-        return maybe_register(config, runs[0] if len(seeds) == 1 else summarize(config, prepared, runs, parent))
+        return runs[0] if len(seeds) == 1 else summarize(config, prepared, runs, parent)
+
+
+def run_finetune(config: FinetuneConfig, ray_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Check, claim the output dir, train every seed with Ray Train, write the output dir. Returns metrics.json.
+
+    All the seeds still to train share one Ray Train run (one worker-group start): the workers train
+    them one after another, each into its own dir, MLflow run and checkpoints, and resume a killed
+    job at the seed and epoch where it stopped.
+    """
+    from pipelines.models import maybe_register  # --register-as: the (best seed's) model as a registry version
+
+    return maybe_register(config, run_job(FinetuneJob(ray_callbacks), config))
 
 
 def _finished(metrics_file: Path, config: FinetuneConfig) -> dict[str, Any] | None:
@@ -171,7 +179,7 @@ def _train_seeds(config: FinetuneConfig, seeds: list[tuple[int, str]], prepared_
         if resume is not None:
             print(f"[finetune] seed {seed}: resuming after epoch {FinetuneState.read(resume).epoch} from {resume}",
                   flush=True)
-    loop_config = {"config": config.to_dict(), "seeds": seeds, "prepared": prepared_ref,
+    loop_config = {"config": config, "seeds": seeds, "prepared": prepared_ref,
                    "tracking_uri": tracking_uri, "parent_run_id": parent_run_id}
     try:
         train_on_ray(train_loop, loop_config, name=RAY_RUN, storage=storage, num_workers=config.num_workers,
@@ -200,8 +208,7 @@ def seed_storage(config: FinetuneConfig, seed: int) -> Path:
 
 def latest_epoch_checkpoint(directory: Path) -> Path | None:
     """The newest complete epoch checkpoint of a seed's Ray storage (a killed save is never taken)."""
-    candidates = sorted(directory.glob("epoch-*")) if directory.is_dir() else []
-    return next((d for d in reversed(candidates) if FinetuneState.complete(d)), None)
+    return latest_in(directory, FinetuneState)
 
 
 # ----------------------------------------------------------------------------- worker
@@ -211,7 +218,7 @@ def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker: each seed in turn, restore -> build -> step -> report, epoch by epoch;
     once a seed's last epoch is reported rank 0 writes its output dir and closes its MLflow run."""
 
-    config = FinetuneConfig(**loop_config["config"])
+    config: FinetuneConfig = loop_config["config"]  # typed and checked once, on the driver
     worker = Worker.current(config.threads_per_worker)
     record_worker(Path(config.out), worker.rank)
     prepared = ray.get(loop_config["prepared"])
@@ -273,7 +280,7 @@ class _SeedRun:
               measured: Precision | None) -> _SeedRun:
         """`handle`: the seed's MLflow run (rank 0); `measured`: the precision an earlier seed of the job probed."""
         spec, best_root = get_task(prepared.task), seed_dir / BEST
-        resume = _restore_dir(seed_storage(config, seed))  # ---- restore
+        resume = restore_dir(seed_storage(config, seed), FinetuneState)  # ---- restore
         state = FinetuneState.read(resume) if resume else FinetuneState()
         model = from_pretrained(resume) if resume else task_model(config.checkpoint, spec, prepared.labels, seed)
         if worker.rank == 0 and best_root.is_dir():  # best models of epochs the restored state has not seen
@@ -285,7 +292,7 @@ class _SeedRun:
         if state.precision is None and measured is not None and config.precision == "auto":  # no second probe
             precision = Precision(measured.name, measured.device_type, f"{measured.reason} (this job's first seed)")
         else:
-            precision = _choose_precision(config, model, prepared, worker, state.precision)
+            precision = agree_precision(config.precision, worker, _probe(config, model, prepared, worker), state.precision)
         state.precision = precision.name
         groups = layerwise_groups(model, config.weight_decay, config.layer_lr_decay)
         model, raw = worker.prepare(model)
@@ -391,7 +398,7 @@ class _SeedRun:
         """Weights, optimizer and state after this epoch (rank 0 writes), reported to Ray Train as epoch-N."""
         def write(directory: Path) -> None:
             write_checkpoint(self.raw_model, directory)
-            torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_STATE)
+            save_optimizer_state(self.optimizer, directory)
             self.state.write(directory)
 
         report_checkpoint(report, self.worker.rank, self.best_root.with_name(STAGING),
@@ -404,24 +411,9 @@ class _SeedRun:
             worker_progress(f"[finetune {self.prepared.task} seed {self.seed}] {message}")
 
 
-def _restore_dir(storage: Path) -> Path | None:
-    """The newest complete epoch checkpoint: on disk, or Ray's own (its record can lag the disk); the later wins."""
-    candidates = [d for d in (latest_epoch_checkpoint(storage),) if d is not None]
-    checkpoint = ray.train.get_checkpoint()  # the run's newest: it may be another seed's
-    if (checkpoint is not None and Path(checkpoint.path).resolve().parent == storage.resolve()
-            and (Path(checkpoint.path) / FINETUNE_STATE).is_file()):
-        candidates.append(Path(checkpoint.path))
-    return max(candidates, key=lambda d: FinetuneState.read(d).epoch, default=None)
-
-
-def _choose_precision(config: FinetuneConfig, model, prepared: Prepared, worker, previous: str | None):
-    """The run's precision: kept on resume; with `auto` on a bf16-capable CPU, probed on a real batch of
-    the longest training sequences, and bf16 only if every rank found it faster."""
+def _probe(config: FinetuneConfig, model, prepared: Prepared, worker):
+    """The precision probe's step: a real batch of the longest training sequences (this rank's share)."""
     features = prepared.train_features
     longest = sorted(range(len(features)), key=lambda i: -len(features[i].input_ids))
     sample = [features[i] for i in longest[len(longest) // 4:][: max(1, config.batch_size // worker.world)]]
-    chosen = choose_precision(config.precision, worker.device, probe_step(model, sample, prepared.pad_id), previous)
-    agreed = all_min(float(chosen.name == "bf16"), worker.world)  # a collective: every rank calls it
-    if chosen.name == "bf16" and agreed < 1:
-        return Precision("fp32", chosen.device_type, "auto: another rank measured fp32 faster")
-    return chosen
+    return probe_step(model, probe_loss(sample, prepared.pad_id, worker.device))

@@ -6,6 +6,8 @@
     record_worker(out, rank)               which process does rank r's work (`<out>/_workers/`)
     all_reduce_sum / all_min / any_rank / gather_to_rank0
                                            the collectives the jobs use (no-ops with one worker)
+    restore_dir(storage, State)            the newest complete checkpoint to resume from (disk or Ray's record)
+    agree_precision(...)                   the run's precision, the same on every rank
     report_checkpoint(...)                 metrics from every rank, a checkpoint from rank 0, moved into storage
     copy_checkpoint_out(src, dst)          a checkpoint's files to their final dir, atomically
 
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bert.fsutil import atomic_directory
+from bert.run_state import RunState
 
 
 def train_on_ray(loop: Callable[[dict], None], loop_config: dict[str, Any], *, name: str, storage: Path,
@@ -90,11 +93,17 @@ class Worker:
 
 
 def record_worker(out: Path, rank: int) -> None:
-    """`<out>/_workers/rank<r>.json`: which process and node does rank r's work (for operators and fault tests)."""
+    """`<out>/_workers/rank<r>.json`: which process and node does rank r's work (for operators and fault tests).
+
+    Call first thing in a worker: it also marks the process as a writer of `out` for as long as it lives
+    (`pipelines.outdir.hold_writer`), so a later run cannot claim `out` while this process may still write.
+    """
     import ray
 
     from bert.fsutil import write_json_atomic
+    from pipelines.outdir import hold_writer
 
+    hold_writer(out)
     (out / "_workers").mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "_workers" / f"rank{rank}.json",
                       {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()})
@@ -135,6 +144,38 @@ def gather_to_rank0(obj: Any, rank: int, world: int) -> list[Any] | None:
     parts: list[Any] = [None] * world
     dist.all_gather_object(parts, obj)
     return parts if rank == 0 else None
+
+
+def latest_checkpoint(storage: Path, state: type[RunState]) -> Path | None:
+    """The newest complete checkpoint dir under `storage` (names sort by step or epoch; a torn save is skipped)."""
+    return state.latest(sorted(p for p in storage.iterdir() if p.is_dir())) if storage.is_dir() else None
+
+
+def restore_dir(storage: Path, state: type[RunState]) -> Path | None:
+    """Where a (re)started worker resumes: the newest complete checkpoint under `storage` on disk, or the one
+    Ray Train recorded for this run when it lies there too (its record can lag the disk, and its storage
+    may not be this node's disk); the later step wins. None: start from scratch."""
+    import ray.train
+
+    candidates = [d for d in (latest_checkpoint(storage, state),) if d is not None]
+    recorded = ray.train.get_checkpoint()  # the run's newest: with several seeds, maybe another seed's
+    if recorded is not None:
+        path = Path(recorded.path)
+        if path.parent.resolve() == storage.resolve() and state.complete(path):
+            candidates.append(path)
+    return max(candidates, key=lambda d: state.read(d).step, default=None)
+
+
+def agree_precision(requested: str, worker: Worker, probe, previous: str | None):
+    """The run's precision (`bert.precision.choose_precision`: kept on resume, probed with `auto`), and
+    bf16 only if every rank chose it. A collective: every rank calls it."""
+    from bert.precision import Precision, choose_precision
+
+    chosen = choose_precision(requested, worker.device, probe, previous)
+    agreed = all_min(float(chosen.name == "bf16"), worker.world)
+    if chosen.name == "bf16" and agreed < 1:
+        return Precision("fp32", chosen.device_type, "auto: another rank measured fp32 faster")
+    return chosen
 
 
 def report_checkpoint(metrics: dict[str, Any], rank: int, staging: Path, storage: Path, name: str,

@@ -32,8 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
-import ray.train
 import torch
 
 from bert.checkpoint import from_pretrained, read_checkpoint_info, tokenizer_mismatch
@@ -42,44 +40,38 @@ from bert.errors import InputError
 from bert.fsutil import write_json_atomic
 from bert.model import BertForPreTraining, flops_per_token
 from bert.optim import build_optimizer
-from bert.precision import Precision, choose_precision
+from bert.precision import probe_step
 from bert.pretrain import (
     STATS,
     Evaluator,
     Masker,
     StepConfig,
     TrainState,
-    checkpoint_complete,
-    load_optimizer_state,
     measure_peak_flops,
     most_frequent_token_baseline,
-    probe_step,
+    probe_loss,
     save_training_checkpoint,
     train_step,
     window_metrics,
 )
+from bert.run_state import load_optimizer_state
 from bert.shards import ShardSet, WorkerStream, read_rows
-from pipelines.jobs.configs import PretrainConfig, pretrain_paths
+from pipelines.jobs.configs import PretrainConfig, run_only_fields
 from pipelines.jobs.launch import (
     Worker,
-    all_min,
+    agree_precision,
     all_reduce_sum,
     any_rank,
     copy_checkpoint_out,
     record_worker,
     report_checkpoint,
+    restore_dir,
     train_on_ray,
 )
-from pipelines.outdir import own_dir
+from pipelines.jobs.launch import latest_checkpoint as latest_in
+from pipelines.jobs.skeleton import Claimed, Job, run_job
 from pipelines.ray_runtime import worker_progress
-from pipelines.tracking import (
-    MetricLogger,
-    RunHandle,
-    final_metric_values,
-    finish_run,
-    last_logged_step,
-    open_job_run,
-)
+from pipelines.tracking import MetricLogger, final_metric_values, finish_run, last_logged_step
 
 MANIFEST = "_manifest.json"
 RAY_STORAGE = "_ray"
@@ -133,50 +125,61 @@ def preflight(config: PretrainConfig) -> tuple[ShardSet, ShardSet | None, BertCo
 
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete training checkpoint under `out` (a killed save is never taken)."""
-    root = out / RAY_STORAGE / RUN_NAME
-    candidates = sorted(root.glob("step-*")) if root.is_dir() else []
-    return next((d for d in reversed(candidates) if checkpoint_complete(d)), None)
+    return latest_in(Path(out) / RAY_STORAGE / RUN_NAME, TrainState)
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def run_pretraining(config: PretrainConfig) -> dict[str, Any]:
-    """Check, claim the output dir, train with Ray Train, export the final checkpoint. Returns the manifest."""
-    if not config.shards or not config.out:
-        raise InputError("pretrain: --shards and --out are required")
-    config = pretrain_paths(config)
-    out = Path(config.out)
-    done = _finished(out, config)
-    if done is not None:
-        return done
-    shards, val, model_config, init = preflight(config)
-    with own_dir(out, "pretrain", config.identity(), inputs=[config.shards, config.val_shards, init]):
+class PretrainJob(Job[PretrainConfig]):
+    """`run_job(PretrainJob(), config)`: the skeleton's steps for pretraining (`pipelines/jobs/skeleton.py`)."""
+
+    name = "pretrain"
+    required = ("shards", "out")
+    paths = ("shards", "out", "val_shards")
+
+    def path_fields(self, config: PretrainConfig) -> tuple[str, ...]:
+        return self.paths + (() if config.model in PRESETS else ("model",))  # a checkpoint dir, not a preset
+
+    def finished(self, config: PretrainConfig) -> dict[str, Any] | None:
+        return _finished(Path(config.out), config)
+
+    def preflight(self, config: PretrainConfig):
+        return preflight(config)
+
+    def inputs(self, config: PretrainConfig, checked) -> list[Any]:
+        return [config.shards, config.val_shards, checked[3]]
+
+    def run_name(self, config: PretrainConfig) -> str:
+        return f"pretrain-{Path(config.out).name}"
+
+    def run(self, claimed: Claimed[PretrainConfig], checked) -> dict[str, Any]:
+        """Train with Ray Train from the newest checkpoint, then export the final checkpoint."""
+        config, out, handle = claimed.config, claimed.out, claimed.run
+        shards, val, model_config, init = checked
         shutil.rmtree(out / STAGING, ignore_errors=True)
-        handle = open_job_run(out, config.tracking_uri, config.experiment, run_name=f"pretrain-{out.name}",
-                              parent_run_id=config.parent_run_id, tags={"bertflow.stage": "pretrain"})
         resume = latest_checkpoint(out)
         start = TrainState.read(resume) if resume else TrainState()
         if resume:
             print(f"[pretrain] resuming from {resume} (step {start.step})", flush=True)
         loop_config = {
-            "config": config.to_dict(), "model_config": model_config.to_dict(),
-            "init_checkpoint": str(init) if init else None, "start_step": start.step,
-            "mlflow": dataclasses.asdict(handle) if handle else None,
-            "logged_through": last_logged_step(handle, "loss") if resume else None,
+            "config": config, "model_config": model_config, "init_checkpoint": init, "start_step": start.step,
+            "mlflow": handle, "logged_through": last_logged_step(handle, "loss") if resume else None,
         }
         try:
             train_on_ray(train_loop, loop_config, name=RUN_NAME, storage=out / RAY_STORAGE,
                          num_workers=config.num_workers, use_gpu=config.use_gpu, cpus_per_worker=config.cpus_per_worker,
                          max_failures=config.max_failures, keep_checkpoints=config.keep_checkpoints,
                          placement_strategy=config.placement_strategy)
-        except Exception:
-            finish_run(handle, "FAILED")
-            raise
         finally:
             shutil.rmtree(out / STAGING, ignore_errors=True)
         baseline = most_frequent_token_baseline(val, config.eval_examples, config.seed) if val else None
         return _finish(out, config, model_config, handle, baseline)
+
+
+def run_pretraining(config: PretrainConfig) -> dict[str, Any]:
+    """Check, claim the output dir, train with Ray Train, export the final checkpoint. Returns the manifest."""
+    return run_job(PretrainJob(), config)
 
 
 def _finished(out: Path, config: PretrainConfig) -> dict[str, Any] | None:
@@ -184,10 +187,10 @@ def _finished(out: Path, config: PretrainConfig) -> dict[str, Any] | None:
     if not (out / MANIFEST).is_file():
         return None
     manifest = json.loads((out / MANIFEST).read_text())
-    recorded = {k: v for k, v in manifest.get("config", {}).items() if k not in config.RESUMABLE_CHANGES}
+    skip = run_only_fields(PretrainConfig)
+    recorded = {k: v for k, v in manifest.get("config", {}).items() if k not in skip}
     if recorded != config.identity():
         raise InputError(f"{out} holds a finished pretraining run with other settings; choose another --out")
-    print(f"[pretrain] {out} is complete (step {manifest['step']}); nothing to do")
     return manifest
 
 
@@ -231,9 +234,9 @@ def describe_finish(manifest: dict) -> str:
 
 def train_loop(loop_config: dict) -> None:
     """Runs on every Ray Train worker: restore -> build -> step -> report."""
-    config = PretrainConfig(**loop_config["config"])
+    config: PretrainConfig = loop_config["config"]  # typed and checked once, on the driver
     worker = Worker.current(config.threads_per_worker)
-    run = _WorkerRun.build(config, BertConfig(**loop_config["model_config"]), loop_config, worker)
+    run = _WorkerRun.build(config, loop_config["model_config"], loop_config, worker)
     steps: StepConfig = run.step_config
     state: TrainState = run.state
     started, window_start = time.time(), (time.time(), state.tokens_seen)
@@ -287,7 +290,7 @@ class _WorkerRun:
 
         out, shards = Path(config.out), ShardSet.open(config.shards)
         record_worker(out, worker.rank)
-        resume = _restore_dir(out)  # ---- restore
+        resume = restore_dir(out / RAY_STORAGE / RUN_NAME, TrainState)  # ---- restore
         state = TrainState.read(resume) if resume else TrainState()
         if resume is not None:
             model = from_pretrained(resume, head="pretraining")
@@ -300,12 +303,14 @@ class _WorkerRun:
             torch.manual_seed(config.seed)
             model = BertForPreTraining(model_config)
         model = model.to(worker.device)  # ---- build
-        steps = StepConfig(config.accumulation_steps, config.micro_batch_size, config.learning_rate,
-                           config.warmup_steps, config.max_steps, config.schedule, config.poly_power,
-                           config.max_grad_norm, config.seed, shards.data.max_predictions_per_seq,
-                           model_config.pad_token_id)
+        steps = StepConfig(accumulation=config.accumulation_steps, micro_batch_size=config.micro_batch_size,
+                           learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
+                           total_steps=config.max_steps, schedule=config.schedule, poly_power=config.poly_power,
+                           max_grad_norm=config.max_grad_norm, seed=config.seed,
+                           max_predictions=shards.data.max_predictions_per_seq, pad_id=model_config.pad_token_id)
         masker = Masker.of(shards)
-        precision = _choose_precision(config, model, shards, steps, masker, worker, state.precision)
+        probe = probe_step(model, probe_loss(read_rows(shards, config.micro_batch_size), steps, masker, worker.device))
+        precision = agree_precision(config.precision, worker, probe, state.precision)
         state.precision, state.world_size = precision.name, worker.world
         model, raw = worker.prepare(model)
         optimizer = build_optimizer(raw, config.optimizer, lr=config.learning_rate, weight_decay=config.weight_decay,
@@ -316,7 +321,7 @@ class _WorkerRun:
                                                                                     state.samples_per_rank)
         if config.compile:
             model = torch.compile(model, dynamic=True)
-        handle = RunHandle(**loop_config["mlflow"]) if (worker.rank == 0 and loop_config.get("mlflow")) else None
+        handle = loop_config["mlflow"] if worker.rank == 0 else None
         logger = MetricLogger(handle, logged_through=loop_config.get("logged_through"))
         if state.step == 0:
             logger.log_params({"pretrain": config.to_dict(), "model": model_config.to_dict(), "world_size": worker.world,
@@ -384,25 +389,3 @@ class _WorkerRun:
         if self.worker.rank == 0:
 
             worker_progress(f"[pretrain] {message}")
-
-
-def _restore_dir(out: Path) -> Path | None:
-    """The newest complete checkpoint: on disk under `out` (what the driver announced), or Ray's own
-    (its storage may not be this node's disk). A killed save is never taken; Ray's record of the
-    latest checkpoint can lag behind the disk, so the newer of the two wins."""
-
-    candidates = [d for d in (latest_checkpoint(out),) if d is not None]
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None and Path(checkpoint.path).is_dir():
-        candidates.append(Path(checkpoint.path))
-    return max(candidates, key=lambda d: TrainState.read(d).step, default=None)
-
-
-def _choose_precision(config: PretrainConfig, raw, shards: ShardSet, steps, masker, worker, previous: str | None):
-    """The run's precision: kept on resume; with `auto` on a bf16-capable CPU, probed on this rank's batches,
-    and bf16 only if every rank found it faster."""
-    probe = probe_step(raw, read_rows(shards, config.micro_batch_size), steps, masker)
-    chosen = choose_precision(config.precision, worker.device, probe, previous)
-    if all_min(float(chosen.name == "bf16"), worker.world) < 1 and chosen.name == "bf16":
-        return Precision("fp32", chosen.device_type, "auto: another rank measured fp32 faster")
-    return chosen

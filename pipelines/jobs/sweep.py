@@ -55,7 +55,7 @@ from bert.errors import BertflowError, InputError
 from bert.finetune import FinetuneState
 from bert.fsutil import write_json_atomic
 from bert.tasks import get_task
-from pipelines.jobs.configs import FinetuneConfig, finetune_paths
+from pipelines.jobs.configs import FinetuneConfig
 from pipelines.jobs.finetune import (
     BEST,
     METRICS,
@@ -74,14 +74,9 @@ from pipelines.jobs.sweep_space import (
     space_dict,
     sweep_identity,
 )
-from pipelines.outdir import own_dir
-from pipelines.ray_runtime import ensure_ray
-from pipelines.tracking import (
-    MetricLogger,
-    default_tracking_uri,
-    finish_run,
-    open_job_run,
-)
+from pipelines.jobs.skeleton import Claimed, Job, run_job
+from pipelines.outdir import hold_writer
+from pipelines.tracking import MetricLogger, finish_run
 
 TRIALS = "trials"
 RERUN = "best"
@@ -99,48 +94,67 @@ class TrialsFailed(BertflowError):
 # ----------------------------------------------------------------------------- driver
 
 
+class SweepJob(Job[FinetuneConfig]):
+    """`run_job(SweepJob(options, space), base)`: the skeleton's steps for a sweep (`pipelines/jobs/skeleton.py`)."""
+
+    name = "sweep"
+    required = ("data", "checkpoint", "out")
+    paths = ("data", "checkpoint", "out", "tokenizer")
+
+    def __init__(self, options: SweepOptions, space=None):
+        self.options, self.space, self.plans = options, space, []
+
+    def settle(self, base: FinetuneConfig) -> None:
+        """The space (`--grid` / `--space`) expanded into named trials, each trial's settings checked."""
+        self.space = self.space if self.space is not None else resolve_space(self.options, base)
+        self.plans = expand(self.space, self.options.num_samples, self.options.search_seed)
+        for plan in self.plans:
+            _with_settings(base, plan)  # each trial's settings together pass FinetuneConfig's checks
+
+    def identity(self, base: FinetuneConfig) -> dict[str, Any]:
+        return sweep_identity(base, self.options, self.space)
+
+    def finished(self, base: FinetuneConfig) -> dict[str, Any] | None:
+        return _finished_sweep(Path(base.out), self.identity(base))
+
+    def preflight(self, base: FinetuneConfig) -> None:
+        _preflight(base, self.plans)
+
+    def inputs(self, base: FinetuneConfig, checked) -> list[Any]:
+        return [base.data, base.checkpoint, base.tokenizer]
+
+    def run_name(self, base: FinetuneConfig) -> str:
+        return f"sweep-{base.task}"
+
+    def tags(self, base: FinetuneConfig) -> dict[str, str]:
+        return {"bertflow.stage": "sweep", "bertflow.task": base.task}
+
+    def run(self, claimed: Claimed[FinetuneConfig], checked) -> dict[str, Any]:
+        """Search, collect the table, re-run the best settings over seeds, write the outputs."""
+        base, out, parent, options = claimed.config, claimed.out, claimed.run, self.options
+        ctx = {"base": base.to_dict(), "out": str(out), "tracking_uri": claimed.tracking_uri,
+               "parent_run_id": parent.run_id if parent else base.parent_run_id,
+               "metric": get_task(base.task).primary_metric}
+        started = time.time()
+        _search(ctx, options, self.plans)
+        search_seconds = time.time() - started
+        rows = _collect(ctx, self.plans, options)
+        best = max((r for r in rows if _finite(r["metric"])), key=lambda r: r["metric"])
+        rerun = _rerun(ctx, best, options.rerun_seeds)
+        result = _write_outputs(ctx, base, options, self.space, rows, best, rerun, search_seconds,
+                                self.identity(base), parent)
+        finish_run(parent)
+        shutil.rmtree(out / TUNE_DIR, ignore_errors=True)
+        return result
+
+
 def run_sweep(base: FinetuneConfig, options: SweepOptions, space=None) -> dict[str, Any]:
     """Check, claim --out, search with Ray Tune, re-run the best settings over seeds, write the outputs.
 
     `base` is the fixed part of every trial (its `out` is the sweep's); `space` defaults to the one
     `options` names. Returns sweep.json's content.
     """
-    if not base.data or not base.checkpoint or not base.out:
-        raise InputError("sweep: --data, --checkpoint and --out are required")
-    base = finetune_paths(dataclasses.replace(base, seeds=None))
-    space = space if space is not None else resolve_space(options, base)
-    plans = expand(space, options.num_samples, options.search_seed)
-    for plan in plans:
-        _with_settings(base, plan)  # each trial's settings together pass FinetuneConfig's checks
-    out, identity = Path(base.out), sweep_identity(base, options, space)
-    done = _finished_sweep(out, identity)
-    if done is not None:
-        print(f"[sweep] {out} is complete; nothing to do", flush=True)
-        return done
-    _preflight(base, plans)
-    with own_dir(out, "sweep", identity, inputs=[base.data, base.checkpoint, base.tokenizer]):
-        ensure_ray()
-        uri = base.tracking_uri or default_tracking_uri(out)
-        parent = open_job_run(out, uri, base.experiment, run_name=f"sweep-{base.task}",
-                              parent_run_id=base.parent_run_id,
-                              tags={"bertflow.stage": "sweep", "bertflow.task": base.task})
-        ctx = {"base": base.to_dict(), "out": str(out), "tracking_uri": uri,
-               "parent_run_id": parent.run_id if parent else base.parent_run_id,
-               "metric": get_task(base.task).primary_metric}
-        try:
-            started = time.time()
-            _search(ctx, options, plans)
-            search_seconds = time.time() - started
-            rows = _collect(ctx, plans, options)
-            best = max((r for r in rows if _finite(r["metric"])), key=lambda r: r["metric"])
-            rerun = _rerun(ctx, best, options.rerun_seeds)
-            result = _write_outputs(ctx, base, options, space, rows, best, rerun, search_seconds, identity, parent)
-        except BaseException:
-            finish_run(parent, "FAILED")
-            raise
-        finish_run(parent)
-        shutil.rmtree(out / TUNE_DIR, ignore_errors=True)
-        return result
+    return run_job(SweepJob(options, space), dataclasses.replace(base, seeds=None))
 
 
 def _with_settings(base: FinetuneConfig, plan: dict[str, Any]) -> FinetuneConfig:
@@ -236,6 +250,7 @@ def trial_config(ctx: dict[str, Any], plan: dict[str, Any]) -> FinetuneConfig:
 
 
 def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    hold_writer(ctx["out"])  # a later sweep cannot claim the dir while this trial's process lives
     plan = config["plan"]
     completed = _completed(ctx, plan)
     if completed is not None:  # finished or stopped before: its results again, nothing trained

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from bert.errors import InputError
-from pipelines.dag.spec import check_value
-from pipelines.jobs.configs import FinetuneConfig, parse_seeds
+from pipelines.config_args import check_value
+from pipelines.jobs.configs import FinetuneConfig, parse_seeds, result_settings, run_only
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform")
 # inputs, outputs, tracking, resources and logging: the same for every trial, never swept
@@ -80,13 +80,11 @@ class SweepOptions:
     scheduler: str = "none"  # none | asha
     grace_period: int = 1  # asha: epochs every trial runs before it may be stopped
     reduction_factor: float = 3.0  # asha: the best 1/rf of the trials at a rung go on
-    max_concurrent: int | None = None  # default: GPUs / workers, 1 on one machine, else CPUs / trial CPUs
+    max_concurrent: int | None = run_only(None)  # default: GPUs / workers, 1 on one machine, else CPUs / trial CPUs
     seeds: str | None = "1,2,3"  # the best configuration's re-runs ("none": no re-run)
     search_seed: int = 0  # the generator of the sampled settings
-    trial_retries: int = 2  # a trial whose process dies is started again (it resumes its last epoch)
-    keep_trial_checkpoints: bool = False  # trials keep checkpoint/ (default: metrics and predictions only)
-
-    RESUMABLE_CHANGES = ("max_concurrent", "trial_retries", "keep_trial_checkpoints")
+    trial_retries: int = run_only(2)  # a trial whose process dies is started again (it resumes its last epoch)
+    keep_trial_checkpoints: bool = run_only(False)  # trials keep checkpoint/ (default: metrics and predictions only)
 
     def __post_init__(self) -> None:
         if self.scheduler not in ("none", "asha"):
@@ -234,8 +232,7 @@ def describe_settings(settings: dict[str, Any]) -> str:
 def sweep_identity(base: FinetuneConfig, options: SweepOptions, space: Space) -> dict[str, Any]:
     """What defines a sweep's output: the fixed fine-tune settings, the space, the search and the re-run seeds."""
     fixed = {k: v for k, v in base.identity().items() if k != "seeds"} | {"seed": base.seed}
-    search = {k: v for k, v in dataclasses.asdict(options).items()
-              if k not in SweepOptions.RESUMABLE_CHANGES + ("grid", "space", "seeds")}
+    search = {k: v for k, v in result_settings(options).items() if k not in ("grid", "space", "seeds")}
     if options.scheduler != "asha":
         search = {k: v for k, v in search.items() if k not in ("grace_period", "reduction_factor")}
     return {"finetune": fixed, "space": space_dict(space), "search": search, "seeds": list(options.rerun_seeds)}
