@@ -148,3 +148,13 @@ def preset(name: str, **overrides: Any) -> BertConfig:
     except KeyError:
         raise InputError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}") from None
     return factory(**overrides)
+
+
+def check_model_name(name: str) -> None:
+    """`name` is a preset or an existing path (a checkpoint dir, checked when read); else the presets are listed."""
+    from pathlib import Path
+
+    if name in PRESETS or Path(name).exists():
+        return
+    raise InputError(f"model {name!r} is neither a model preset (known presets: {', '.join(PRESETS)}) nor an "
+                     "existing checkpoint dir")

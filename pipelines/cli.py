@@ -99,9 +99,9 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"bertflow {args.command}: error: {str(exc).split('from', 1)[1].strip()}: the path goes round a loop "
               "of symbolic links; choose another path", file=sys.stderr)
         return 2
-    except signals.Interrupted:
-        raise  # the process's signal policy reports it (`main`)
     except KeyboardInterrupt:
+        if signals.received() is not None:
+            raise  # the process's signal policy reports it (`main`), whatever library re-raised it
         # Ctrl-C: outputs are written under temporary names or resumable checkpoints, so nothing
         # half-written is left under a final name; a re-run resumes or starts clean.
         print(f"bertflow {args.command}: interrupted", file=sys.stderr)

@@ -84,3 +84,8 @@ def reinstall() -> None:
     """Put the policy's handlers back after a library replaced them (`ray.init`); nothing if none is installed."""
     if _policy is not None:
         _policy.install()
+
+
+def received() -> int | None:
+    """The signal the installed policy caught (None: none, or no policy installed)."""
+    return _policy.received if _policy is not None else None

@@ -180,6 +180,21 @@ def _parse_label(path: Path, line: int, raw: str, kind: LabelKind, known_labels:
     return raw
 
 
+def tsv_labels(path: str | Path, columns: TsvColumns) -> list[tuple[int, str]]:
+    """(1-based line, raw label) of every data row of a TSV file: what label checks need, read cheaply."""
+    path = Path(path)
+    rows = _tsv_rows(path)
+    header = [name.strip() for name in next(rows, (0, []))[1]] if columns.header else None
+    found = []
+    index: int | None = None
+    for line, row in rows:
+        if index is None:
+            index = _column_index(path, header, columns.label, "label", len(header) if header is not None else len(row))
+        if index < len(row):
+            found.append((line, row[index]))
+    return found
+
+
 def read_tsv(
     path: str | Path,
     columns: TsvColumns,
@@ -330,6 +345,22 @@ def read_conll(path: str | Path, known_labels: Sequence[str] | None = None) -> t
     if not examples:
         raise InputError(f"{path}: no sentences")
     return tuple(examples)
+
+
+def conll_tags(path: str | Path) -> list[tuple[int, str]]:
+    """(1-based line, tag in the last column) of every word line of a CoNLL file, for label checks."""
+    found = []
+    separator = None
+    with open(_require_file(Path(path)), encoding="utf-8") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = raw.rstrip("\r\n")
+            if not line.strip():
+                continue
+            separator = separator or ("\t" if "\t" in line else " ")
+            fields = line.split(separator)
+            if fields[0] != "-DOCSTART-" and len(fields) > 1:
+                found.append((line_no, fields[-1]))
+    return found
 
 
 def read_conll_task(

@@ -41,7 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             "tracking_uri": "MLflow tracking URI (default: MLFLOW_TRACKING_URI, else SQLite under --out)",
         },
     )
+    add_allow_new_labels(p)
     p.set_defaults(handler=run_finetune_command)
+
+
+def add_allow_new_labels(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-new-labels", action="store_true",
+                        help="your own tsv: task only: accept train labels that no eval file holds (a class the eval "
+                             "files lack); GLUE's and CoNLL-2003's label sets are fixed")
 
 
 def run_finetune_command(args: argparse.Namespace) -> int:
@@ -49,6 +56,10 @@ def run_finetune_command(args: argparse.Namespace) -> int:
     from pipelines.jobs.finetune import FinetuneConfig, run_finetune
     from pipelines.jobs.finetune_outputs import describe
 
-    result = run_finetune(dataclass_from_args(FinetuneConfig, args))
+    from pipelines.preflight import check_finetune_start
+
+    config = dataclass_from_args(FinetuneConfig, args)
+    check_finetune_start(config, args.allow_new_labels)  # data, labels, output, tracking: before Ray or --out
+    result = run_finetune(config)
     print(f"[finetune] {describe(result)}; outputs in {result['config']['out']}")
     return 0

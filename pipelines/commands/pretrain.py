@@ -36,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
     from pipelines.config_args import dataclass_from_args
     from pipelines.jobs.pretrain import PretrainConfig, describe_finish, run_pretraining
 
-    manifest = run_pretraining(dataclass_from_args(PretrainConfig, args))
+    from pipelines.preflight import check_pretrain_start
+
+    config = dataclass_from_args(PretrainConfig, args)
+    check_pretrain_start(config)  # model, output vs inputs, tracking store: before Ray, MLflow or --out
+    manifest = run_pretraining(config)
     print(f"[pretrain] {describe_finish(manifest)}")
     return 0

@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "trial_retries": "times a trial whose process died is started again (it resumes its last epoch)",
         "keep_trial_checkpoints": "keep each trial's checkpoint/ (default: only metrics and predictions)",
     })
+    from pipelines.commands.finetune import add_allow_new_labels
+
+    add_allow_new_labels(p)
     p.set_defaults(handler=run_sweep_command)
 
 
@@ -56,6 +59,9 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     base = dataclass_from_args(FinetuneConfig, args, seeds=None)
     options = dataclass_from_args(SweepOptions, args)
     space = resolve_space(options, base)  # a bad space file fails here, before Ray Tune and torch load
+    from pipelines.preflight import check_finetune_start
+
+    check_finetune_start(base, args.allow_new_labels)  # data, labels, output, tracking: before Ray or --out
     from pipelines.jobs.sweep import run_sweep
 
     result = run_sweep(base, options, space)
