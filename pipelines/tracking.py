@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bert.errors import BertflowError
+from bert.errors import InputError
 from bert.fsutil import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> str | None:
     return None
 
 
-class TrackingStoreError(BertflowError):
+class TrackingStoreError(InputError):
     """The tracking store cannot be used; the message says why and what to do."""
 
 

@@ -135,11 +135,12 @@ def check_ray_address(address: str | None) -> None:
 
 
 def check_tracking(uri: str) -> None:
-    from pipelines.tracking import check_reachable
+    from pipelines.tracking import check_tracking_store
 
-    reason = check_reachable(uri)
-    if reason:
-        raise InputError(f"{reason} (unset MLFLOW_TRACKING_URI to track in SQLite under the workdir)")
+    try:
+        check_tracking_store(uri)  # the same rule as every job: a store that cannot be used is refused
+    except InputError as exc:
+        raise InputError(f"{exc} (unset MLFLOW_TRACKING_URI to track in SQLite under the workdir)") from None
 
 
 def git_revision() -> str:
