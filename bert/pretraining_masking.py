@@ -7,17 +7,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from bert.errors import InputError
 
-if TYPE_CHECKING:
-    from bert.pretraining_data import PretrainingDataConfig
-
 MASK_PROB = 0.8  # of the chosen positions (or words): replaced by [MASK]
 RANDOM_TOKEN_PROB = 0.1  # ... by a random token; the remaining 10% are left unchanged
+
+
+class MaskingConfig(Protocol):
+    """What masking reads of `bert.pretraining_data.PretrainingDataConfig` (no import: that module imports this one)."""
+
+    max_predictions_per_seq: int
+    masked_lm_prob: float
+    whole_word_masking: bool
 
 
 class _TokenizerLike(Protocol):
@@ -92,7 +97,7 @@ class MaskedRows:
 def mask_rows(
     input_ids: np.ndarray,
     row_offsets: np.ndarray,
-    config: PretrainingDataConfig,
+    config: MaskingConfig,
     special: SpecialTokens,
     rng: np.random.Generator,
     word_starts: np.ndarray | None = None,
@@ -225,7 +230,7 @@ def _ranges(lengths: np.ndarray) -> np.ndarray:
 
 def mask_sequence(
     input_ids: np.ndarray,
-    config: PretrainingDataConfig,
+    config: MaskingConfig,
     special: SpecialTokens,
     rng: np.random.Generator,
     word_starts: np.ndarray | None = None,
@@ -283,7 +288,7 @@ def mask_sequence(
 
 def mask_batch(
     input_ids: np.ndarray | Sequence[Sequence[int]],
-    config: PretrainingDataConfig,
+    config: MaskingConfig,
     special: SpecialTokens,
     rng: np.random.Generator,
     word_starts: np.ndarray | Sequence[Sequence[bool]] | None = None,

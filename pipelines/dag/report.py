@@ -5,7 +5,9 @@ Inputs are stage output dirs, told apart by what they hold: a fine-tune node has
 the metric history the curves are drawn from). Writes:
 
     report.md           one row per task: mean ± sample std over seeds of every dev metric,
-                        the primary metric first; then the pretraining summary
+                        the primary metric first; with a `baseline` finetune stage, the lift of
+                        every other finetune stage over it per task (same seeds, paired); then
+                        the pretraining summary
     results.json        the same numbers, machine-readable
     pretrain_curves.png loss, MLM and NSP accuracy per step of every pretraining stage
 """
@@ -72,9 +74,49 @@ def pretrain_history(directory: Path) -> tuple[dict[str, Any], dict[str, list[tu
     return manifest, history
 
 
-def write_report(out: Path, inputs: Mapping[str, Path], title: str) -> dict[str, Any]:
+def lifts(groups: Mapping[str, list[dict[str, Any]]], baseline: str) -> dict[str, dict[str, Any]]:
+    """Per finetune group with a baseline twin (`<baseline>.<task entry>`): its primary metric's lift over it.
+
+    Seeds are paired (the same seed: the same head initialisation and batch order), so the lift's
+    std is that of the per-seed differences; "beyond seed noise" is lift > the larger of the two stds.
+    """
+    out = {}
+    for group, runs in groups.items():
+        stage, _, entry = group.partition(".")
+        twin = groups.get(f"{baseline}.{entry}")
+        if stage == baseline or twin is None:
+            continue
+        primary = runs[0]["primary_metric"]
+        ours = {r["seed"]: float(r["metrics"][primary]) for r in runs}
+        theirs = {r["seed"]: float(r["metrics"][primary]) for r in twin}
+        seeds = sorted(set(ours) & set(theirs))
+        a, b = [ours[s] for s in seeds], [theirs[s] for s in seeds]
+        spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (a, b, [x - y for x, y in zip(a, b)])]
+        lift = statistics.fmean(a) - statistics.fmean(b) if seeds else math.nan
+        out[group] = {"baseline": f"{baseline}.{entry}", "primary_metric": primary, "seeds": seeds,
+                      "mean": statistics.fmean(a) if seeds else math.nan, "std": spread[0],
+                      "baseline_mean": statistics.fmean(b) if seeds else math.nan, "baseline_std": spread[1],
+                      "lift": lift, "lift_std": spread[2], "beyond_seed_noise": lift > max(spread[0], spread[1])}
+    return out
+
+
+def _lift_lines(table: Mapping[str, dict[str, Any]]) -> list[str]:
+    lines = ["## Lift over the baseline (primary dev metric, same seeds; ×100 for scores in [0, 1])", "",
+             "Lift ± the std of the per-seed differences; beyond seed noise: lift > the larger of the two stds.", "",
+             "| stage.task | baseline | seeds | score | baseline score | lift | beyond seed noise |",
+             "|---|---|---|---|---|---|---|"]
+    for group, t in table.items():
+        scale = 100.0 if abs(t["mean"]) <= 1.0 else 1.0
+        lines.append(f"| {group} | {t['baseline']} | {len(t['seeds'])} | {t['mean'] * scale:.1f} ± {t['std'] * scale:.1f} "
+                     f"| {t['baseline_mean'] * scale:.1f} ± {t['baseline_std'] * scale:.1f} "
+                     f"| {t['lift'] * scale:+.1f} ± {t['lift_std'] * scale:.1f} | {'yes' if t['beyond_seed_noise'] else 'no'} |")
+    return lines + [""]
+
+
+def write_report(out: Path, inputs: Mapping[str, Path], title: str, baseline: str | None = None) -> dict[str, Any]:
     groups = collect_finetunes(inputs)
     finetune = {group: summarize(runs) for group, runs in groups.items()}
+    lift = lifts(groups, baseline) if baseline else {}
     pretrain = {role: pretrain_history(d) for role, d in sorted(inputs.items()) if (d / "pretrain_manifest.json").is_file()}
 
     lines = [f"# {title}", ""]
@@ -93,6 +135,8 @@ def write_report(out: Path, inputs: Mapping[str, Path], title: str) -> dict[str,
                          f"{_fmt(primary) if primary else 'n/a'} | "
                          f"{'n/a' if floor is None else f'{100 * floor:.1f}'} | {others} |")
         lines.append("")
+    if lift:
+        lines += _lift_lines(lift)
     if pretrain:
         lines += ["## Pretraining", "",
                   "Held-out MLM accuracy against the most-frequent-token baseline (always predicting the most "
@@ -109,7 +153,7 @@ def write_report(out: Path, inputs: Mapping[str, Path], title: str) -> dict[str,
         lines += ["", "![pretraining curves](pretrain_curves.png)", ""]
         _plot(out / "pretrain_curves.png", {role: h for role, (_, h) in pretrain.items()})
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    results = {"finetune": finetune,
+    results = {"finetune": finetune, **({"lift": lift} if baseline else {}),
                "pretrain": {role: {"step": m["step"], "tokens_seen": m["tokens_seen"],
                                    "most_frequent_token_baseline": m.get("val_mlm_majority_baseline"),
                                    "final": {k: v[-1][1] for k, v in h.items()}}

@@ -5,11 +5,14 @@
 | `pydoc_corpus` | - | `corpus/docs.jsonl`, `heldout/docs.jsonl`, `task/{train,dev}.tsv` | stdlib docstrings (`pipelines/dag/pydoc_corpus.py`) |
 | `tokenizer` | `corpus` (optional) | a tokenizer dir | `Tokenizer.train_sentencepiece` / `from_vocab_file` |
 | `shards` | `tokenizer`, `corpus` (optional) | `shards/` (a shards dir) | `pipelines.jobs.shards.build_shards` |
-| `pretrain` | `shards`, `init`, `val` (both optional) | `checkpoint/`, `pretrain_manifest.json` | `pipelines.jobs.pretrain.run_pretraining` |
+| `pretrain` | `shards`, `init`, `val` (both optional) | `checkpoint/`, `checkpoints/step-*` (those the run kept), `pretrain_manifest.json` | `pipelines.jobs.pretrain.run_pretraining` |
 | `random_init` | `tokenizer` | `checkpoint/`: a model of a preset shape, randomly initialised (a from-scratch baseline) | `bert.model.BertForPreTraining` |
 | `finetune` | `checkpoint`, `data` (both optional) | one node per task x seed: `metrics.json`, `predictions.jsonl`, `checkpoint/` | `pipelines.jobs.finetune.run_finetune` |
 | `sweep` | `checkpoint`, `data` (both optional) | one node (one task): `sweep.json`, `trials.csv`, `sweep.png`, `best/` | `pipelines.jobs.sweep.run_sweep` (`pipelines/dag/sweep_stage.py`) |
 | `report` | any stages | `report.md`, `results.json`, `pretrain_curves.png` | `pipelines.dag.report.write_report` |
+| `checkpoint` | - | `checkpoint/` (an existing BERT, our layout) and its tokenizer files | `pipelines/dag/adapt_stages.py` |
+| `task_text` | - | `corpus/text.txt`: a task's training text without labels | `pipelines/dag/adapt_stages.py` |
+| `evaluate_checkpoints` | `pretrain`, `data` (both optional) | `curves.json`, `curves.png`: fine-tunes of every k-th checkpoint | `pipelines/dag/evaluate_stage.py` |
 
 A kind is a row of `KINDS`: its code version, its function, its input roles, its Ray resources,
 and `configure`, which parses the stage's flat config section once into typed config objects
@@ -41,6 +44,8 @@ from pipelines.dag.pydoc_corpus import PydocCorpusConfig, pydoc_corpus
 from pipelines.config_args import check_value, construct, split_section
 from pipelines.dag.spec import Spec, StageSpec, expand_path
 from pipelines.dag.sweep_stage import configure_sweep, sweep_stage
+from pipelines.dag.adapt_stages import checkpoint_stage, configure_checkpoint, configure_task_text, task_text_stage
+from pipelines.dag.evaluate_stage import configure_evaluate, evaluate_stage
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -137,7 +142,10 @@ def configure_shards(w: Where) -> list[Stage]:
         raise InputError(f"{w.text}: needs a corpus: an input `corpus` stage or `corpus` paths")
     data = construct(PretrainingDataConfig, data_values, w.text)
     fields = {k: v for k, v in dataclasses.asdict(source).items() if k != "num_workers"}
-    fields |= {"data": dataclasses.asdict(data), "files": path_fingerprint(source.corpus)}
+    data_fields = dataclasses.asdict(data)
+    if data.next_sentence_prediction:  # the default: keys of shards built before the option stay as they were
+        del data_fields["next_sentence_prediction"]
+    fields |= {"data": data_fields, "files": path_fingerprint(source.corpus)}
     return [w.stage((source, data), fields)]
 
 
@@ -158,18 +166,22 @@ def shards_stage(ctx: StageContext) -> dict[str, Any]:
 @dataclass(frozen=True)
 class ReportConfig:
     title: str = "bertflow pipeline report"
+    baseline: str | None = None  # a finetune stage: the lift of every other one over it, task by task
 
 
 def configure_report(w: Where) -> list[Stage]:
     (values,) = split_section(w.spec.config, [ReportConfig], w.text)
     config = ReportConfig(**values)
-    return [w.stage(config, dataclasses.asdict(config))]
+    if config.baseline and not any(n.startswith(config.baseline + ".") for n in w.inputs):
+        raise InputError(f"{w.text}.baseline: {config.baseline!r} is not a finetune stage among the report's inputs")
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}  # no baseline: keys as before
+    return [w.stage(config, fields)]
 
 
 def report_stage(ctx: StageContext) -> dict[str, Any]:
     from pipelines.dag.report import write_report
 
-    return write_report(ctx.out, ctx.inputs, ctx.config.title)
+    return write_report(ctx.out, ctx.inputs, ctx.config.title, baseline=ctx.config.baseline)
 
 
 # ----------------------------------------------------------------------------- pretrain
@@ -196,6 +208,7 @@ def configure_pretrain(w: Where) -> list[Stage]:
 
 
 def pretrain_stage(ctx: StageContext) -> dict[str, Any]:
+    from pipelines.dag.evaluate_stage import checkpoint_dirs
     from pipelines.jobs.pretrain import run_pretraining
 
     run_dir = ctx.work / "run"  # stable: a re-run after a kill resumes from its checkpoints
@@ -208,6 +221,8 @@ def pretrain_stage(ctx: StageContext) -> dict[str, Any]:
         raise RuntimeError(f"pretraining stopped at step {manifest['step']} before max_steps "
                            f"({config.max_steps}); run the pipeline again to resume from {manifest['checkpoint']}")
     link_tree(run_dir / "checkpoint", ctx.out / "checkpoint")
+    for kept in checkpoint_dirs(run_dir / "_ray" / "train"):  # what the run kept, for evaluate_checkpoints
+        link_tree(kept, ctx.out / "checkpoints" / kept.name)
     link_tree(run_dir / "_manifest.json", ctx.out / "pretrain_manifest.json")
     result = {"step": manifest["step"], "tokens_seen": manifest["tokens_seen"], "mlflow": manifest.get("mlflow")}
     result.update({f"final_{k}": v for k, v in (manifest.get("final_metrics") or {}).items()})
@@ -388,16 +403,22 @@ KINDS: dict[str, StageKind] = {
         # the Ray tasks / Ray Train workers these stages drive hold the CPUs (versions: 2 since the
         # shards' bytes, the training numerics and the fine-tune batches changed; finetune 3: the span loss
         # leaves padded positions out; pretrain 3: its key leaves out cpus_per_worker and placement_strategy,
-        # read with every other run-only setting from the config's `run_only` marks)
+        # read with every other run-only setting from the config's `run_only` marks; pretrain 4: it also publishes
+        # the checkpoints its run kept, under checkpoints/, for evaluate_checkpoints)
         StageKind("shards", 2, shards_stage, ("tokenizer", "corpus"), ("tokenizer",), {"num_cpus": 0},
                   configure_shards),
-        StageKind("pretrain", 3, pretrain_stage, ("shards", "init", "val"), ("shards",), {"num_cpus": 0},
+        StageKind("pretrain", 4, pretrain_stage, ("shards", "init", "val"), ("shards",), {"num_cpus": 0},
                   configure_pretrain),
         StageKind("random_init", 1, random_init_stage, ("tokenizer",), ("tokenizer",), {"num_cpus": 1},
                   configure_random_init),
         StageKind("finetune", 3, finetune_stage, ("checkpoint", "data"), (), {"num_cpus": 0}, configure_finetune),
         StageKind("sweep", 1, sweep_stage, ("checkpoint", "data"), (), {"num_cpus": 0}, configure_sweep),
         StageKind("report", 1, report_stage, (), (), {"num_cpus": 0}, configure_report),
+        # continued pretraining of an existing BERT (pipelines/adapt_stages.py) and curves along a run
+        StageKind("checkpoint", 1, checkpoint_stage, (), (), {"num_cpus": 1}, configure_checkpoint),
+        StageKind("task_text", 1, task_text_stage, (), (), {"num_cpus": 1}, configure_task_text),
+        StageKind("evaluate_checkpoints", 1, evaluate_stage, ("pretrain", "data"), (), {"num_cpus": 0},
+                  configure_evaluate),
     )
 }
 
