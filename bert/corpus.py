@@ -18,7 +18,8 @@ Formats, detected per file (so a directory may mix them):
 * **parquet** (`.parquet`) — a text column, read in record batches, split like jsonl.
 
 `.gz` files (recognised by their magic bytes, not their name) are decompressed on the fly.
-A plain-text file whose first 8 KiB hold a NUL byte is binary and skipped whole.
+A file whose first 8 KiB are more than 5% NUL or other control bytes is binary and skipped whole
+(`probe_file` says why); in a text file, a line holding a NUL byte is dropped and counted.
 Undecodable UTF-8 bytes are replaced (U+FFFD) and the lines counted. Bad content is skipped
 and counted in `ReadStats`, which the shards manifest records, with one exception: a corrupt
 or truncated gzip or parquet file is an `InputError` naming it, unless
@@ -106,7 +107,8 @@ class ReadStats:
     documents: int = 0
     sentences: int = 0
     empty_files: int = 0  # no document in it (zero bytes, only blank lines, empty records)
-    binary_files: int = 0  # a NUL byte in the first 8 KiB: skipped whole
+    binary_files: int = 0  # more than 5% control bytes in the first 8 KiB: skipped whole
+    nul_lines: int = 0  # lines of a text file holding a NUL byte: dropped
     unreadable_files: int = 0  # corrupt gzip or parquet; the documents read before the fault are kept
     empty_documents: int = 0  # a document with no sentence (e.g. a wiki article with only its title)
     undecodable_lines: int = 0  # lines with invalid UTF-8, bytes replaced by U+FFFD
@@ -207,7 +209,7 @@ def read_documents(file: InputFile, stats: ReadStats, config: CorpusConfig = Cor
         else:
             raw = _open_bytes(file.path)
             head = raw.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]
-            if b"\x00" in head:
+            if binary_reason(head):
                 raw.close()
                 stats.binary_files += 1
                 return
@@ -240,8 +242,8 @@ def read_documents(file: InputFile, stats: ReadStats, config: CorpusConfig = Cor
 def probe_file(path: Path) -> str:
     """A cheap look at a file before reading it: "empty", "binary" or "text".
 
-    Only the first `BINARY_SNIFF_BYTES` of the (decompressed) content are read. "binary" is what
-    `read_documents` skips (a NUL byte in them); "empty" is a file whose whole content fits in
+    Only the first `BINARY_SNIFF_BYTES` of the (decompressed) content are read. "binary: <why>" is
+    what `read_documents` skips (`binary_reason`); "empty" is a file whose whole content fits in
     them and is whitespace only. Anything else, a corrupt gzip or a parquet file included, is
     "text": reading it tells the rest.
     """
@@ -252,11 +254,30 @@ def probe_file(path: Path) -> str:
             head = raw.read(BINARY_SNIFF_BYTES + 1)
     except (OSError, EOFError, zlib.error):
         return "text"
-    if b"\x00" in head[:BINARY_SNIFF_BYTES]:
-        return "binary"
+    reason = binary_reason(head[:BINARY_SNIFF_BYTES])
+    if reason:
+        return f"binary: {reason}"
     if len(head) <= BINARY_SNIFF_BYTES and not head.strip():
         return "empty"
     return "text"
+
+
+# bytes no text holds (tab, newline, vertical tab, form feed and carriage return are text)
+CONTROL_BYTES = bytes([*range(0, 9), *range(14, 32), 127])
+BINARY_CONTROL_FRACTION = 0.05
+
+
+def binary_reason(head: bytes) -> str | None:
+    """Why a file whose content starts with `head` is binary (None: it is text).
+
+    Binary: more than 5% of the bytes are NUL or other control bytes. A text file with a few NUL
+    bytes (a damaged line) is text: `read_documents` drops the lines holding them and counts them.
+    """
+    controls = len(head) - len(head.translate(None, CONTROL_BYTES))
+    if head and controls > BINARY_CONTROL_FRACTION * len(head):
+        return (f"{controls / len(head):.0%} of its first {len(head):,} bytes are NUL or other control bytes "
+                f"(text has none; more than {BINARY_CONTROL_FRACTION:.0%} means binary)")
+    return None
 
 
 def _open_bytes(path: Path) -> io.BufferedReader:
@@ -268,9 +289,13 @@ def _open_bytes(path: Path) -> io.BufferedReader:
 
 
 def _decoded_lines(raw: BinaryIO, stats: ReadStats) -> Iterator[str]:
-    """Lines without their line break; invalid UTF-8 is replaced and the line counted."""
+    """Lines without their line break; invalid UTF-8 is replaced and the line counted; a line holding a NUL
+    byte (damaged text) is dropped and counted."""
     with raw:
         for line in raw:
+            if b"\x00" in line:
+                stats.nul_lines += 1
+                continue
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError:

@@ -180,6 +180,18 @@ def test_probe_file_looks_at_the_head_only(tmp_path: Path, wiki_dir: Path) -> No
     (tmp_path / "cut.gz").write_bytes((wiki_dir / "wiki_03.gz").read_bytes()[:100_000])
     kinds = {name: probe_file(tmp_path / name)
              for name in ("empty.txt", "blank.gz", "binary.bin", "long-blank.txt", "cut.gz")}
-    assert kinds == {"empty.txt": "empty", "blank.gz": "empty", "binary.bin": "binary", "long-blank.txt": "text",
-                     "cut.gz": "text"}
+    assert kinds == {"empty.txt": "empty", "blank.gz": "empty", "long-blank.txt": "text", "cut.gz": "text",
+                     "binary.bin": "binary: 11% of its first 8,192 bytes are NUL or other control bytes (text has none; "
+                                   "more than 5% means binary)"}
     assert probe_file(wiki_dir / "wiki_00.gz") == "text"
+
+
+def test_a_few_nul_bytes_drop_their_lines_not_the_file(tmp_path: Path) -> None:
+    """Issue 32: a text file with NUL bytes in some lines was skipped whole as "binary", without a word why."""
+    damaged = tmp_path / "damaged.txt"
+    damaged.write_bytes(b"First sentence here.\nA damaged\x00\x00 line.\nThird sentence.\n\nSecond doc.\n")
+    assert probe_file(damaged) == "text"
+    stats = ReadStats()
+    docs = list(read_documents(expand_inputs([damaged])[0], stats))
+    assert [d.sentences for d in docs] == [("First sentence here.", "Third sentence."), ("Second doc.",)]
+    assert (stats.nul_lines, stats.binary_files) == (1, 0)
