@@ -432,6 +432,7 @@ def squad_examples(data: Mapping[str, Any], source: str) -> tuple[tuple[SquadExa
     examples: list[SquadExample] = []
     seen: dict[str, str] = {}
     skipped = 0
+    first_skip = ""
     for a, article in enumerate(data["data"]):
         title = str(article.get("title", ""))
         for p, paragraph in enumerate(article.get("paragraphs", ())):
@@ -451,13 +452,27 @@ def squad_examples(data: Mapping[str, Any], source: str) -> tuple[tuple[SquadExa
                     raise InputError(f"{source}: question {qid}: is_impossible but has answers")
                 if not impossible and not answers:
                     raise InputError(f"{source}: question {qid}: no answers and not marked is_impossible")
-                if any(context[ans.start : ans.start + len(ans.text)] != ans.text for ans in answers):
+                misplaced = next((a for a in answers if context[a.start : a.start + len(a.text)] != a.text), None)
+                if misplaced is not None:
                     skipped += 1
+                    first_skip = first_skip or _misplaced_answer(qid, misplaced, context)
                     continue
                 examples.append(SquadExample(qid, title, context, qa["question"], answers, impossible, plausible))
+    if not examples and skipped:
+        raise InputError(f"{source}: no usable questions: each of the {skipped} question(s) has an answer whose text "
+                         f"is not at its answer_start in the context (a character offset into the context), e.g. "
+                         f"{first_skip}")
     if not examples:
-        raise InputError(f"{source}: no usable questions")
+        raise InputError(f"{source}: no questions: {len(data['data'])} article(s) hold no paragraph with a question "
+                         '(expected "data": [{"paragraphs": [{"context": ..., "qas": [...]}]}])')
     return tuple(examples), skipped
+
+
+def _misplaced_answer(qid: str, answer: SquadAnswer, context: str) -> str:
+    found = context.find(answer.text)
+    there = context[answer.start : answer.start + len(answer.text)]
+    hint = f"; the text is at offset {found}" if found >= 0 else "; the context does not contain it"
+    return f"question {qid}: answer {answer.text!r} at answer_start {answer.start}, where the context reads {there!r}{hint}"
 
 
 def read_squad_task(data_dir: str | Path, train_file: str, eval_file: str) -> TaskData:
