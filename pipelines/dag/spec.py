@@ -77,13 +77,34 @@ class Spec:
 # ----------------------------------------------------------------------------- loading
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names the same key twice (PyYAML would silently keep the last)."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (a stage defined twice, say)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise DuplicateKeyError(f"{line}: key {key!r} is given twice in the same mapping (first on line "
+                                        f"{seen[key]}); YAML keeps only one of them: remove or rename one")
+            seen.setdefault(key, line)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_spec(path: str | Path, overrides: Sequence[str] = (), workdir: str | None = None) -> Spec:
     """Read a spec file, apply `--set` overrides and `--workdir`, check its shape and types."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"spec file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except DuplicateKeyError as exc:
+        raise InputError(f"{path}:{exc}") from None
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
