@@ -71,9 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     release_ray()
     if policy.received is None:
         return code
+    command = f"bertflow {args.command}" if args is not None else "bertflow"
     if code is None:
-        command = f"bertflow {args.command}" if args is not None else "bertflow"
         print(f"{command}: interrupted ({policy.name}): stopped; {_after_interrupt(args)}", file=sys.stderr)
+    elif code == 0:
+        print(f"{command}: interrupted ({policy.name}) while shutting down; the work was done", file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(policy.exit_code)  # no interpreter teardown: Ray's and torch's threads could crash it (exit 139)
