@@ -257,7 +257,8 @@ def evaluate_stage(ctx) -> dict[str, Any]:
     _log_to_mlflow(ctx, curves, Path(ctx.out) / "curves.png")
     cached = sum(r["cached"] for p in points for r in p["tasks"].values())
     return {"checkpoints": len(chosen), "jobs": len(jobs), "cached_jobs": cached,
-            "final": {e: points[len(chosen) - 1]["tasks"][e]["mean"] for e in node.tasks}}
+            "final": {e: points[len(chosen) - 1]["tasks"][e]["mean"] for e in node.tasks},
+            "mlflow": dict(ctx.tracking) if ctx.tracking else None}
 
 
 def _point(checkpoint: Path) -> dict[str, Any]:
