@@ -149,7 +149,7 @@ def checkpoint_stage(ctx) -> dict[str, Any]:
     from bert.tokenizer import Tokenizer
 
     config: CheckpointStageConfig = ctx.config
-    model = from_pretrained(config.path)
+    model = from_pretrained(config.path, init_seed=0)  # a head the checkpoint half has (MLM, no NSP): seeded
     save_pretrained(model, Path(ctx.out) / "checkpoint", tokenizer_dir=config.path)
     copy_tokenizer_files(config.path, ctx.out)
     tokenizer = Tokenizer.load(ctx.out)
