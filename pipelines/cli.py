@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bertflow",
         description="BERT pretraining and fine-tuning as a distributed pipeline on Ray.",
     )
+    parser.add_argument("--version", action="version", version=f"bertflow {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -49,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.register(sub)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml), e.g. 0.1.0."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bertflow")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
