@@ -395,8 +395,7 @@ def download(location: Location, local: Location) -> Path:
     if kind == pafs.FileType.NotFound:
         raise _missing(os.fspath(location))
     with _errors(location, "download"):
-        if kind == pafs.FileType.File:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+        (dest.parent if kind == pafs.FileType.File else dest).mkdir(parents=True, exist_ok=True)
         pafs.copy_files(path, str(dest.absolute()), source_filesystem=fs, destination_filesystem=LOCAL,
                         chunk_size=8 << 20, use_threads=True)
     return dest

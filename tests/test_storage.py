@@ -206,3 +206,77 @@ def test_local_outputs_keep_the_flock(tmp_path):
     with pytest.raises(InputError, match="s3:// only"):
         with lease.acquire("gs://bucket/out"):
             pass
+
+
+# ----------------------------------------------------------------------------- shards from the object store
+
+
+@pytest.fixture(scope="module")
+def s3_shards(small_shards, s3_server) -> str:
+    """The session's local shards, uploaded as they are."""
+    uri = s3_server.uri("shards", "train")
+    storage.upload_dir(small_shards, uri)
+    return uri
+
+
+def test_shards_from_s3_read_the_same_rows_and_batches_as_local(small_shards, s3_shards, tmp_path):
+    from bert.shards import PartCache, ShardSet, WorkerStream, read_rows
+
+    local = ShardSet.open(small_shards)
+    remote = ShardSet.open(s3_shards, cache=PartCache(tmp_path / "cache", max_bytes=1))  # cap: evict all it may
+    assert remote.path == s3_shards and remote.files == local.files and remote.rows == local.rows
+    assert remote.tokenizer.dir == f"{s3_shards}/tokenizer" and remote.tokenizer.fingerprint == local.tokenizer.fingerprint
+    assert read_rows(remote, 50) == read_rows(local, 50)
+    from bert.tokenizer import Tokenizer
+
+    assert Tokenizer.load(remote.tokenizer_dir()).fingerprint() == local.tokenizer.fingerprint
+    for rank, world in [(0, 1), (1, 2)]:
+        epoch = WorkerStream(local, rank, world, seed=7).epoch_size
+        start = epoch - 5  # resume near the end of an epoch: the stream crosses into the next
+        mine = WorkerStream(remote, rank, world, seed=7).batches(8, start)
+        theirs = WorkerStream(local, rank, world, seed=7).batches(8, start)
+        for _ in range(2 + epoch // 8):
+            assert next(mine) == next(theirs)
+    cached = sorted(p.name for p in (tmp_path / "cache").glob("*.parquet"))
+    assert 1 <= len(cached) <= 2, cached  # the cap holds: only the part in use and the one read ahead
+
+
+def test_a_cache_shared_across_opens_downloads_once(s3_shards, tmp_path):
+    from bert.shards import PartCache, ShardSet
+
+    cache = PartCache(tmp_path / "cache", max_bytes=1 << 30)
+    shards = ShardSet.open(s3_shards, cache=cache)
+    shards.prefetch(shards.files[1])
+    first = shards.read_part(shards.files[1])
+    stamp = {p.name: p.stat().st_ino for p in (tmp_path / "cache").glob("*.parquet")}
+    again = ShardSet.open(s3_shards, cache=cache).read_part(shards.files[1])
+    assert again.equals(first) and stamp == {p.name: p.stat().st_ino for p in (tmp_path / "cache").glob("*.parquet")}
+
+
+def test_a_truncated_part_object_is_named(small_shards, s3_server, tmp_path):
+    from bert.shards import PartCache, ShardSet
+
+    uri = s3_server.uri("shards", "truncated")
+    storage.upload_dir(small_shards, uri)
+    part = storage.join(uri, "part-00001.parquet")
+    data = storage.read_bytes(part)
+    storage.write_bytes(part, data[: len(data) // 2])
+    with pytest.raises(InputError, match=rf"^{part}: {len(data) // 2:,} bytes, _manifest.json records {len(data):,}: truncated"):
+        ShardSet.open(uri, cache=PartCache(tmp_path, 1 << 30))
+    storage.write_bytes(part, data[:-4] + b"XXXX")  # same size, other bytes: caught on download
+    shards = ShardSet.open(uri, cache=PartCache(tmp_path, 1 << 30))
+    with pytest.raises(InputError, match=rf"^{part}: .* sha256 .*truncated or overwritten"):
+        shards.read_part("part-00001.parquet")
+    assert not list(tmp_path.glob("*.parquet"))  # nothing unverified is cached
+
+
+def test_a_lease_refused_by_the_store_is_one_line(s3_server, s3_uri):
+    from pipelines import lease
+
+    with s3_server.checking_credentials():
+        with pytest.raises(InputError) as caught:
+            with lease.acquire(s3_uri, job="pretrain"):
+                pass
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{s3_uri}/_lease.json: cannot put object: access denied"), message
+    assert not storage.exists(f"{s3_uri}/_lease.json")
