@@ -31,8 +31,8 @@ import os
 import shutil
 import threading
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,7 +318,7 @@ class ShardSet:
         manifest = ShardsManifest.read(path, what)
         remote = storage.is_remote(manifest.path)
         if remote:
-            sizes = dict((name, size) for name, size in storage.walk_files(manifest.path) if "/" not in name)
+            sizes = {name: size for name, size in storage.walk_files(manifest.path) if "/" not in name}
             verify_remote_parts(str(manifest.path), manifest.parts, sizes)
             present = sizes.keys()
         else:

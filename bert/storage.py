@@ -233,7 +233,7 @@ def list_dir(location: Location) -> list[str]:
 
 def walk_files(location: Location) -> list[tuple[str, int]]:
     """(relative path, size) of every file under a directory, sorted."""
-    fs, root = resolve(location)
+    _, root = resolve(location)
     return sorted((f.path[len(root) + 1:], f.size) for f in _infos(location, recursive=True)
                   if f.type == pafs.FileType.File)
 

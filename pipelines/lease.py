@@ -15,7 +15,10 @@ conditional PUT and keeps fresh while it runs:
   the writer calls `lease.check()`: it re-reads the lease object and refuses (`LeaseLost`) unless
   it still names this owner and generation, and unless the writer's own monotonic clock says the
   lease has at least ttl / 4 left since the start of its last successful renewal. `commit()` is
-  check-then-write. The generation is the fencing token: it only ever grows.
+  check-then-write. The generation is the fencing token: it only ever grows. A process that
+  commits for the holder (a Ray Train worker uploading a checkpoint) gets `lease.fence()`, a
+  picklable (lease URI, owner, generation) whose `check()` reads the lease object and requires
+  this owner and generation, live by the store's clock.
 * **release**: the lease is rewritten as released (`If-Match`), not deleted, so generations
   never repeat and the next writer takes it over at once.
 
@@ -50,6 +53,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -61,6 +65,8 @@ LEASE_FILE = "_lease.json"
 FORMAT = "bertflow-lease/1"
 DEFAULT_TTL_S = 60.0
 log = logging.getLogger(__name__)
+_clients: dict[tuple, Any] = {}
+_clients_lock = threading.Lock()
 
 
 class LeaseLost(BertflowError):
@@ -68,12 +74,18 @@ class LeaseLost(BertflowError):
 
 
 def _client():
+    """A boto3 S3 client, one per process and environment (boto3 reads AWS_ENDPOINT_URL(_S3), the region
+    and the credentials from the environment itself)."""
     import boto3
     from botocore.config import Config
 
-    # boto3 reads AWS_ENDPOINT_URL(_S3), the region and the credentials from the environment itself
-    return boto3.client("s3", config=Config(connect_timeout=storage.CONNECT_TIMEOUT_S, read_timeout=storage.REQUEST_TIMEOUT_S,
-                                            retries={"max_attempts": storage.ATTEMPTS, "mode": "standard"}))
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    with _clients_lock:
+        if key not in _clients:
+            _clients[key] = boto3.client("s3", config=Config(
+                connect_timeout=storage.CONNECT_TIMEOUT_S, read_timeout=storage.REQUEST_TIMEOUT_S,
+                retries={"max_attempts": storage.ATTEMPTS, "mode": "standard"}))
+        return _clients[key]
 
 
 def _code(exc: Exception) -> str:
@@ -85,6 +97,69 @@ def _conflict(exc: Exception) -> bool:
     return _code(exc) in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
 
 
+
+def _call(s3, uri: str, what: str, **kwargs) -> dict[str, Any]:
+    """One S3 call on the lease object; a conflict or a missing object is raised as is, anything else as one line."""
+    bucket, _, key = uri.split("://", 1)[1].partition("/")
+    try:
+        return getattr(s3, what)(Bucket=bucket, Key=key, **kwargs)
+    except Exception as exc:
+        if _conflict(exc) or _code(exc) in ("NoSuchKey", "404"):
+            raise
+        raise InputError(f"{uri}: cannot {what.replace('_', ' ')}: {storage.explain(exc, uri)}") from None
+
+
+def _read(s3, uri: str) -> tuple[dict[str, Any], str, bool] | None:
+    """(lease, ETag, live) of the lease object now at `uri`, or None if there is none.
+
+    Live: not released, and the store's clock (the response's Date) before Last-Modified + ttl + 1 s
+    (both from the store, whose clock ticks in seconds), so no client clock is involved.
+    """
+    try:
+        response = _call(s3, uri, "get_object")
+    except Exception as exc:
+        if _code(exc) in ("NoSuchKey", "404"):
+            return None
+        raise
+    try:
+        lease = json.loads(response["Body"].read())
+    except json.JSONDecodeError:
+        lease = {}  # not ours, or damaged: treated as expired, taken over like one
+    server_now = email.utils.parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
+    ttl = float(lease.get("ttl_s", DEFAULT_TTL_S))
+    live = not lease.get("released", False) and (server_now - response["LastModified"]).total_seconds() < ttl + 1.0
+    return lease, response["ETag"], live
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The fencing token of a held lease, for the processes that commit on its holder's behalf.
+
+    The driver holds and renews the lease; a Ray Train worker that uploads a checkpoint gets
+    `lease.fence()` (picklable) and calls `check()` before the PUT that publishes it: the lease
+    object must still name this owner and generation and be live by the store's clock.
+    """
+
+    uri: str  # .../_lease.json; "" for a local output (the flock needs no fence)
+    owner: str
+    generation: int
+
+    def check(self) -> None:
+        if not self.uri:
+            return
+        found = _read(_client(), self.uri)
+        if found is None or found[0].get("owner") != self.owner or found[0].get("generation") != self.generation \
+                or not found[2]:
+            now = f"generation {found[0].get('generation')}" if found else "no lease"
+            raise LeaseLost(f"{self.uri}: generation {self.generation} no longer holds the output (now: {now}); "
+                            "refusing to commit")
+
+    def commit(self, location: storage.Location, data: Any) -> None:
+        """Check the fence, then publish `data` as JSON at `location`."""
+        self.check()
+        storage.write_json(location, data)
+
+
 class S3Lease:
     """The lease on one output on S3. Use through `acquire()`; `check()` before every commit."""
 
@@ -93,7 +168,6 @@ class S3Lease:
             raise ValueError(f"lease ttl {ttl_s} s: at least 2 s (the store's clock ticks in seconds)")
         self.output, self.job, self.ttl_s = output_uri.rstrip("/"), job, float(ttl_s)
         self.uri = f"{self.output}/{LEASE_FILE}"
-        self.bucket, _, self.key = self.uri.split("://", 1)[1].partition("/")
         self.owner = uuid.uuid4().hex
         self.generation = 0
         self.previous: dict[str, Any] | None = None  # the expired or released lease this one took over
@@ -104,15 +178,8 @@ class S3Lease:
         self._thread: threading.Thread | None = None
         self._s3 = _client()
 
-    # -- talking to the store, errors as one line
-
     def _call(self, what: str, **kwargs) -> dict[str, Any]:
-        try:
-            return getattr(self._s3, what)(Bucket=self.bucket, Key=self.key, **kwargs)
-        except Exception as exc:
-            if _conflict(exc) or _code(exc) in ("NoSuchKey", "404"):
-                raise
-            raise InputError(f"{self.uri}: cannot {what.replace('_', ' ')}: {storage.explain(exc, self.uri)}") from None
+        return _call(self._s3, self.uri, what, **kwargs)
 
     def _body(self, released: bool = False) -> bytes:
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -126,22 +193,7 @@ class S3Lease:
         self._etag, self._valid_until = response["ETag"], started + self.ttl_s
 
     def _read(self) -> tuple[dict[str, Any], str, bool] | None:
-        """(lease, ETag, live) of the object now there, or None if there is none."""
-        try:
-            response = self._call("get_object")
-        except Exception as exc:
-            if _code(exc) in ("NoSuchKey", "404"):
-                return None
-            raise
-        try:
-            lease = json.loads(response["Body"].read())
-        except json.JSONDecodeError:
-            lease = {}  # not ours, or damaged: treated as expired, taken over like one
-        server_now = email.utils.parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
-        ttl = float(lease.get("ttl_s", DEFAULT_TTL_S))
-        live = not lease.get("released", False) and \
-            (server_now - response["LastModified"]).total_seconds() < ttl + 1.0
-        return lease, response["ETag"], live
+        return _read(self._s3, self.uri)
 
     # -- the protocol
 
@@ -202,6 +254,9 @@ class S3Lease:
             raise LeaseLost(f"{self.uri}: generation {self.generation} is no longer the holder (now: {holder}); "
                             "refusing to commit")
 
+    def fence(self) -> Fence:
+        return Fence(self.uri, self.owner, self.generation)
+
     def commit(self, location: storage.Location, data: Any) -> None:
         """Check the fence, then publish `data` as JSON at `location` (a manifest, written last)."""
         self.check()
@@ -243,6 +298,9 @@ class LocalLease:
 
     def check(self) -> None:
         return None
+
+    def fence(self) -> Fence:
+        return Fence("", "", 0)
 
     def commit(self, location: storage.Location, data: Any) -> None:
         storage.write_json(location, data)

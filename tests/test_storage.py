@@ -280,3 +280,17 @@ def test_a_lease_refused_by_the_store_is_one_line(s3_server, s3_uri):
     message = str(caught.value)
     assert "\n" not in message and message.startswith(f"{s3_uri}/_lease.json: cannot put object: access denied"), message
     assert not storage.exists(f"{s3_uri}/_lease.json")
+
+
+def test_a_fence_handed_to_a_worker_stops_its_late_commit(s3_uri):
+    import pickle
+
+    from pipelines import lease
+
+    with lease.acquire(s3_uri, job="pretrain") as held:
+        fence = pickle.loads(pickle.dumps(held.fence()))  # as a Ray Train worker receives it
+        fence.commit(f"{s3_uri}/ckpt-1/_manifest.json", {"step": 1})
+    with lease.acquire(s3_uri, job="pretrain"):  # the next run (generation 2)
+        with pytest.raises(lease.LeaseLost, match="generation 1 no longer holds"):
+            fence.commit(f"{s3_uri}/ckpt-2/_manifest.json", {"step": 2})
+    assert storage.list_dir(s3_uri) == ["_lease.json", "ckpt-1"]
