@@ -25,14 +25,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from bert.errors import InputError
 
 if TYPE_CHECKING:  # torch is imported where it is used: job configs read PRECISIONS without it
     import torch
 
-PRECISIONS = ("auto", "bf16", "fp32")
+PrecisionName = Literal["auto", "bf16", "fp32"]  # what a job asks for: auto = bf16 where native and faster
+PRECISIONS: tuple[str, ...] = get_args(PrecisionName)
 PROBE_MIN_GAIN = 1.10  # bf16 must be at least this much faster in the probe to be chosen on CPU
 
 

@@ -20,32 +20,33 @@ from typing import Any
 from bert.errors import InputError
 
 
-def _base_type(annotation: Any) -> type:
-    """`int | None` -> int; `str` -> str (annotations arrive as strings under `from __future__`)."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {}, {})  # noqa: S307 - our own dataclass annotations
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+def _base_type(annotation: Any) -> tuple[type, tuple[Any, ...] | None]:
+    """(type, choices): `int | None` -> (int, None); `Literal["a", "b"]` -> (str, ("a", "b"))."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return args[0]
-    return annotation
+        annotation = [a for a in typing.get_args(annotation) if a is not type(None)][0]
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = typing.get_args(annotation)
+        return type(choices[0]), choices
+    return annotation, None
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, required: tuple[str, ...] = (),
                             skip: tuple[str, ...] = (), help: dict[str, str] | None = None) -> None:
     """One `--field-name` option per field of `cls`; booleans become `--flag/--no-flag`."""
     help = help or {}
+    hints = type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = _base_type(f.type)
+        kind, choices = _base_type(hints[f.name])
         default = None if f.default is dataclasses.MISSING else f.default
         text = help.get(f.name, "") + (f" (default: {default})" if default is not None else "")
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
             parser.add_argument(flag, dest=f.name, type=kind, default=default, required=f.name in required,
-                                help=text, metavar=f.name.upper())
+                                help=text, metavar=f.name.upper() if choices is None else None, choices=choices)
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
@@ -152,6 +153,17 @@ def split_section(section: Mapping[str, Any], parts: Sequence[type], where: str,
         i = owners[key]
         values[i][key] = check_value(value, hints[i][key], f"{where}.{key}")
     return values
+
+
+def check_choices(config: Any, where: str) -> None:
+    """Every field of `config` annotated `Literal[...]` (or `Literal[...] | None`) holds one of its values."""
+    for name, hint in type_hints(type(config)).items():
+        options = [hint] if typing.get_origin(hint) is typing.Literal else [
+            a for a in typing.get_args(hint) if typing.get_origin(a) is typing.Literal]
+        value = getattr(config, name, None)
+        if options and value is not None and value not in typing.get_args(options[0]):
+            known = ", ".join(map(str, typing.get_args(options[0])))
+            raise InputError(f"{where}: unknown {name} {value!r}; known: {known}")
 
 
 def construct(cls: type, values: Mapping[str, Any], where: str) -> Any:

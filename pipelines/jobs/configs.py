@@ -16,12 +16,16 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from bert.config import PRESETS
 from bert.errors import InputError
-from bert.precision import PRECISIONS
-from pipelines.config_args import resolve_paths
+from bert.precision import PrecisionName
+from pipelines.config_args import check_choices, resolve_paths
+
+Optimizer = Literal["adamw", "lamb"]
+Schedule = Literal["linear", "poly", "constant"]  # after warmup: linear or polynomial decay to 0, or constant
+Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]  # SPREAD / STRICT_SPREAD: a worker per node
 
 RUN_ONLY = "bertflow.run_only"
 
@@ -55,21 +59,21 @@ class PretrainConfig:
     cpus_per_worker: int = run_only(1)
     threads_per_worker: int | None = run_only(None)  # torch threads; default: this node's cores / its workers
     use_gpu: bool = False
-    placement_strategy: str = run_only("PACK")  # SPREAD / STRICT_SPREAD: one worker per node
+    placement_strategy: Placement = run_only("PACK")  # SPREAD / STRICT_SPREAD: one worker per node
     global_batch_size: int = 256
     micro_batch_size: int = 32
     max_steps: int = 1000
-    optimizer: str = "adamw"
+    optimizer: Optimizer = "adamw"
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-6
     warmup_steps: int = 100
-    schedule: str = "linear"  # linear | poly | constant
+    schedule: Schedule = "linear"
     poly_power: float = 1.0
     max_grad_norm: float = 1.0
-    precision: str = "auto"  # auto (bf16 where native and faster) | bf16 | fp32
+    precision: PrecisionName = "auto"  # auto: bf16 where native and faster
     compile: bool = run_only(False)
     checkpoint_every: int = run_only(200)
     keep_checkpoints: int = run_only(3)
@@ -97,11 +101,7 @@ class PretrainConfig:
                 f"pretrain: global batch {self.global_batch_size} is not divisible by "
                 f"workers x micro-batch = {self.num_workers} x {self.micro_batch_size} = {per_step}"
             )
-        choices = {"placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-                   "optimizer": ("adamw", "lamb"), "schedule": ("linear", "poly", "constant"), "precision": PRECISIONS}
-        for name, known in choices.items():
-            if getattr(self, name) not in known:
-                raise InputError(f"pretrain: unknown {name} {getattr(self, name)!r}; known: {', '.join(known)}")
+        check_choices(self, "pretrain")
         if not 0 <= self.warmup_steps < self.max_steps:
             raise InputError(f"pretrain: warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         if self.learning_rate <= 0:
@@ -166,7 +166,7 @@ class FinetuneConfig:
     length_grouping: int | None = None  # batches per length-sorted mega-batch (1: a plain shuffle); default 4
     max_train_examples: int | None = None  # the first N (deterministic)
     max_eval_examples: int | None = None  # the first N of every eval split
-    precision: str = "auto"  # auto (bf16 where native and faster) | bf16 | fp32
+    precision: PrecisionName = "auto"  # auto: bf16 where native and faster
     num_workers: int = 1
     cpus_per_worker: int = run_only(1)
     threads_per_worker: int | None = run_only(None)  # torch threads; default: this node's cores / its workers
@@ -204,8 +204,7 @@ class FinetuneConfig:
             raise InputError(f"finetune: freeze_layers must be >= 0, got {self.freeze_layers}")
         if self.freeze_encoder and self.freeze_layers:
             raise InputError("finetune: --freeze-encoder already freezes every layer; drop --freeze-layers")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"finetune: unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
+        check_choices(self, "finetune")
         if self.register_as is not None and (not self.register_as.strip() or not self.log_model):
             raise InputError("finetune: --register-as needs a model name and the model logged (no --no-log-model)")
         try:
