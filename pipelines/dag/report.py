@@ -153,7 +153,7 @@ def write_report(out: Path, inputs: Mapping[str, Path], title: str, baseline: st
         lines += ["", "![pretraining curves](pretrain_curves.png)", ""]
         _plot(out / "pretrain_curves.png", {role: h for role, (_, h) in pretrain.items()})
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    results = {"finetune": finetune, **({"lift": lift} if baseline else {}),
+    results = {"finetune": finetune, **({"lift": lift} if lift else {}),
                "pretrain": {role: {"step": m["step"], "tokens_seen": m["tokens_seen"],
                                    "most_frequent_token_baseline": m.get("val_mlm_majority_baseline"),
                                    "final": {k: v[-1][1] for k, v in h.items()}}
