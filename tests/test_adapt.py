@@ -72,3 +72,46 @@ def test_shards_from_another_tokenizer_are_refused_before_work(ray_local, minilm
         run_pretraining(PretrainConfig(shards=str(tmp_path / "shards"), out=str(tmp_path / "o"), model=str(minilm_dir),
                                        max_steps=2, global_batch_size=16, micro_batch_size=16, warmup_steps=0))
     assert not (tmp_path / "o").exists()
+
+
+def test_adapt_spec_validates(datasets_dir, minilm_dir, tmp_path, monkeypatch):
+    from pipelines.dag.graph import Graph
+    from pipelines.dag.spec import load_spec
+    from pipelines.dag.stages import build_stages
+
+    monkeypatch.setenv("BERTFLOW_DATASETS", str(datasets_dir))
+    spec = load_spec(Path(__file__).resolve().parents[1] / "pipelines" / "adapt.yaml", [f"base.path={minilm_dir}"],
+                     str(tmp_path))
+    graph = Graph.build(build_stages(spec), spec.workdir)
+    seeds = [f"sst2.seed{s}" for s in (1, 2, 3)]
+    assert list(graph.nodes) == ["base", "text", "shards", "adapt", *(f"finetune_adapted.{s}" for s in seeds),
+                                 *(f"finetune_original.{s}" for s in seeds), "report"]
+    # the two fine-tunes differ only in their checkpoint: same settings, same seeds
+    a, o = graph.nodes["finetune_adapted.sst2.seed1"].stage, graph.nodes["finetune_original.sst2.seed1"].stage
+    assert a.config_fields == o.config_fields and a.inputs == {"checkpoint": "adapt"} and o.inputs == {"checkpoint": "base"}
+
+
+@pytest.mark.slow
+def test_adapt_pipeline_end_to_end(ray_local, datasets_dir, minilm_dir, tmp_path, monkeypatch):
+    """pipelines/adapt.yaml at a toy budget: every stage runs and the report holds the lift."""
+    from pipelines.cli import main as cli
+
+    monkeypatch.setenv("BERTFLOW_DATASETS", str(datasets_dir))
+    spec = Path(__file__).resolve().parents[1] / "pipelines" / "adapt.yaml"
+    small = {"max_train_examples": 64, "max_eval_examples": 128, "epochs": 1}
+    overrides = [f"base.path={minilm_dir}", "text.max_examples=2000", "shards.max_seq_length=64",
+                 "shards.max_predictions_per_seq=10", "shards.num_shards=1", "adapt.max_steps=6", "adapt.warmup_steps=1",
+                 "adapt.global_batch_size=16", "adapt.micro_batch_size=16", "adapt.checkpoint_every=3",
+                 f"finetune_adapted.tasks={json.dumps({'sst2': small})}",
+                 f"finetune_original.tasks={json.dumps({'sst2': small})}",
+                 "finetune_adapted.seeds=[1, 2]", "finetune_original.seeds=[1, 2]"]
+    args = ["run", str(spec), "--workdir", str(tmp_path / "work")] + [a for o in overrides for a in ("--set", o)]
+    assert cli(args) == 0
+    (report,) = [d for d in (tmp_path / "work" / "report").iterdir() if (d / "_manifest.json").is_file()]
+    results = json.loads((report / "results.json").read_text())
+    lift = results["lift"]["finetune_adapted.sst2"]
+    assert lift["baseline"] == "finetune_original.sst2" and lift["seeds"] == [1, 2]
+    assert lift["lift"] == pytest.approx(lift["mean"] - lift["baseline_mean"])
+    assert "Lift over the baseline" in (report / "report.md").read_text()
+    (adapt,) = [d for d in (tmp_path / "work" / "pretrain").iterdir() if (d / "_manifest.json").is_file()]
+    assert sorted(p.name for p in (adapt / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
