@@ -81,8 +81,10 @@ def run_build(args: argparse.Namespace) -> int:
         next_sentence_prediction=args.next_sentence_prediction,
     )
     if args.cased and Path(args.tokenizer).is_dir():
-        raise SystemExit(f"bertflow shards build: --cased applies to a vocab.txt; {args.tokenizer} is a dir with "
-                         "its own casing (its tokenizer_config.json)")
+        from bert.errors import InputError
+
+        raise InputError(f"--cased applies to a vocab.txt; {args.tokenizer} is a dir with its own casing "
+                         "(its tokenizer_config.json)")
     manifest = build_shards(
         args.corpus,
         args.tokenizer,
