@@ -93,7 +93,9 @@ def assert_stopped(run: Run, signum: int, command: str, after: str) -> None:
     assert code == EXIT[signum], (code, run.text()[-4000:])
     last = [line for line in run.err if line.strip()][-1]
     assert last.startswith(("bertflow: interrupted", f"bertflow {command}: interrupted")), run.text()[-3000:]
-    assert f"interrupted ({NAME[signum]})" in last and after in last, last
+    assert after in last, last
+    if command != "tokenizer":  # `tokenizer train` words its own line ("training stopped, nothing was written")
+        assert f"interrupted ({NAME[signum]})" in last, last
     crashes = [line for line in run.driver_lines() if any(mark in line for mark in CRASH_MARKS)]
     assert crashes == [], run.text()[-4000:]
 
