@@ -19,7 +19,7 @@ Formats, detected per file (so a directory may mix them):
 
 `.gz` files (recognised by their magic bytes, not their name) are decompressed on the fly.
 A file whose first 8 KiB are more than 5% NUL or other control bytes is binary and skipped whole
-(`probe_file` says why); in a text file, a line holding a NUL byte is dropped and counted.
+(`probe_file` says why); in a text file, NUL bytes (a damaged line) are replaced like invalid UTF-8.
 Undecodable UTF-8 bytes are replaced (U+FFFD) and the lines counted. Bad content is skipped
 and counted in `ReadStats`, which the shards manifest records, with one exception: a corrupt
 or truncated gzip or parquet file is an `InputError` naming it, unless
@@ -108,10 +108,9 @@ class ReadStats:
     sentences: int = 0
     empty_files: int = 0  # no document in it (zero bytes, only blank lines, empty records)
     binary_files: int = 0  # more than 5% control bytes in the first 8 KiB: skipped whole
-    nul_lines: int = 0  # lines of a text file holding a NUL byte: dropped
     unreadable_files: int = 0  # corrupt gzip or parquet; the documents read before the fault are kept
     empty_documents: int = 0  # a document with no sentence (e.g. a wiki article with only its title)
-    undecodable_lines: int = 0  # lines with invalid UTF-8, bytes replaced by U+FFFD
+    undecodable_lines: int = 0  # lines with invalid UTF-8 or NUL bytes, replaced by U+FFFD
     bad_records: int = 0  # jsonl lines that are not a JSON object with a string text field
     long_sentences_cut: int = 0  # sentences longer than max_sentence_chars, cut into pieces
 
@@ -271,7 +270,7 @@ def binary_reason(head: bytes) -> str | None:
     """Why a file whose content starts with `head` is binary (None: it is text).
 
     Binary: more than 5% of the bytes are NUL or other control bytes. A text file with a few NUL
-    bytes (a damaged line) is text: `read_documents` drops the lines holding them and counts them.
+    bytes (a damaged line) is text: `read_documents` replaces them (U+FFFD) and counts their lines.
     """
     controls = len(head) - len(head.translate(None, CONTROL_BYTES))
     if head and controls > BINARY_CONTROL_FRACTION * len(head):
@@ -289,18 +288,18 @@ def _open_bytes(path: Path) -> io.BufferedReader:
 
 
 def _decoded_lines(raw: BinaryIO, stats: ReadStats) -> Iterator[str]:
-    """Lines without their line break; invalid UTF-8 is replaced and the line counted; a line holding a NUL
-    byte (damaged text) is dropped and counted."""
+    """Lines without their line break; invalid UTF-8 and NUL bytes (damaged text) are replaced by U+FFFD and
+    the line counted."""
     with raw:
         for line in raw:
-            if b"\x00" in line:
-                stats.nul_lines += 1
-                continue
+            damaged = False
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError:
-                text = line.decode("utf-8", errors="replace")
-                stats.undecodable_lines += 1
+                text, damaged = line.decode("utf-8", errors="replace"), True
+            if "\x00" in text:
+                text, damaged = text.replace("\x00", "\ufffd"), True
+            stats.undecodable_lines += damaged
             yield text.rstrip("\r\n")
 
 

@@ -186,12 +186,13 @@ def test_probe_file_looks_at_the_head_only(tmp_path: Path, wiki_dir: Path) -> No
     assert probe_file(wiki_dir / "wiki_00.gz") == "text"
 
 
-def test_a_few_nul_bytes_drop_their_lines_not_the_file(tmp_path: Path) -> None:
+def test_a_few_nul_bytes_are_replaced_not_the_file_dropped(tmp_path: Path) -> None:
     """Issue 32: a text file with NUL bytes in some lines was skipped whole as "binary", without a word why."""
     damaged = tmp_path / "damaged.txt"
     damaged.write_bytes(b"First sentence here.\nA damaged\x00\x00 line.\nThird sentence.\n\nSecond doc.\n")
     assert probe_file(damaged) == "text"
     stats = ReadStats()
     docs = list(read_documents(expand_inputs([damaged])[0], stats))
-    assert [d.sentences for d in docs] == [("First sentence here.", "Third sentence."), ("Second doc.",)]
-    assert (stats.nul_lines, stats.binary_files) == (1, 0)
+    assert [d.sentences for d in docs] == [("First sentence here.", "A damaged\ufffd\ufffd line.", "Third sentence."),
+                                           ("Second doc.",)]
+    assert (stats.undecodable_lines, stats.binary_files) == (1, 0)  # counted like invalid UTF-8

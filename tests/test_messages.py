@@ -59,7 +59,7 @@ def test_squad_without_usable_questions_says_why(datasets_dir, minilm_dir, tmp_p
     assert tree_hash(tmp_path) == before
 
 
-def test_binary_input_says_why_and_a_few_nul_bytes_only_drop_their_lines(wiki_dir, vocab_txt, tmp_path, capsys):
+def test_binary_input_says_why_and_a_few_nul_bytes_do_not_drop_the_file(wiki_dir, vocab_txt, tmp_path, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "image.bin").write_bytes(bytes(range(256)) * 64)
@@ -75,7 +75,7 @@ def test_binary_input_says_why_and_a_few_nul_bytes_only_drop_their_lines(wiki_di
                        "3000", "--out", tmp_path / "tok")
     assert code == 0, err
     read = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())["training"]["read"]
-    assert (read["nul_lines"], read["binary_files"], read["files"]) == (1, 0, 2)
+    assert (read["undecodable_lines"], read["binary_files"], read["files"]) == (1, 0, 2)  # read, its line counted
 
 
 def test_output_names_too_long_or_in_a_symlink_loop_are_one_line(minilm_dir, tmp_path, capsys):
