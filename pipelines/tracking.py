@@ -20,6 +20,7 @@ deprecates the plain `./mlruns` file store. `MLFLOW_TRACKING_URI` overrides it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -149,6 +150,7 @@ def _check_sqlite_store(path: Path, uri: str) -> None:
         f"`mlflow db upgrade {uri}`, or choose another --tracking-uri")
 
 
+@functools.lru_cache(maxsize=1)
 def mlflow_schema_head() -> str | None:
     """The newest schema revision of the installed MLflow, read from its migration scripts (no import)."""
     import importlib.util
