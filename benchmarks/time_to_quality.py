@@ -123,7 +123,8 @@ def run_peer(paths: dict, args, lr: float, minutes: float, eval_seconds: float, 
     import transformers
 
     from bert.optim import lr_multiplier
-    from bert.shards import ShardSet, WorkerStream, read_rows
+    from bert.example_order import GlobalStream
+    from bert.shards import ShardSet, read_rows
 
     launched = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -137,7 +138,7 @@ def run_peer(paths: dict, args, lr: float, minutes: float, eval_seconds: float, 
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6)
     shards = ShardSet.open(paths["train"])
     val_rows = read_rows(ShardSet.open(paths["val"]), args.eval_examples)
-    rows = WorkerStream(shards, 0, 1, args.seed).batches(args.micro_batch, 0)
+    rows = GlobalStream(shards, args.seed).rank_batches(args.micro_batch, 0, 0, 1)  # bertflow's order, one rank
     accumulation = args.batch // args.micro_batch
     budget = minutes * 60
     total = args.peer_steps_hint or 10**9  # refined after the first steps from the measured speed

@@ -4,17 +4,18 @@ The Ray job (`pipelines/jobs/pretrain.py`) runs this on every worker; read top t
 optimiser step is:
 
     lr = peak x lr_multiplier(step)                   warmup, then linear / poly decay to 0
-    for micro in range(accumulation):                 this rank's micro-batches
-        seed dropout (torch) and dynamic masks (numpy) from (seed, rank, step, micro)
+    for micro in range(accumulation):                 this rank's micro-batches: blocks micro x world + rank
+        seed dropout (torch) and dynamic masks (numpy) from (seed, step, block)
         rows -> collate (pad to the longest row; mask now if the shards are unmasked)
         loss = MLM (masked positions only) + NSP, under the precision policy
         (loss / accumulation).backward()              DDP all-reduces on the last micro-batch only
     clip the global gradient norm; optimizer.step()
 
-Every random draw of a step comes from (seed, rank, step, micro), and the data position is one
-number (samples consumed per rank, `bert.shards.WorkerStream`), so a checkpoint needs no RNG
-state: resuming at step k reproduces an uninterrupted run bit for bit on CPU (same precision,
-same number of workers).
+Every random draw of a step comes from (seed, step, block), and the data position is one number
+(samples consumed, step x global batch: `bert.example_order.GlobalStream`), so a checkpoint needs no
+RNG state: resuming at step k reproduces an uninterrupted run bit for bit on CPU (same precision,
+same number of workers), and on another number of workers it computes the same global batches
+with the same masks and dropout (sums in another order: equal to rounding, not to the bit).
 
 A training checkpoint dir (DESIGN.md, "Checkpoint dir"): the model checkpoint files, the
 tokenizer, `optimizer.pt` (loaded with `weights_only=True`) and `train_state.json` (step,
@@ -114,7 +115,7 @@ def collate(rows: Sequence[dict[str, Any]], pad_id: int, max_predictions: int,
 
 
 def step_seed(*parts: int) -> int:
-    """A 32-bit seed from integers (seed, rank, step, micro): independent streams for every step."""
+    """A 32-bit seed from integers (seed, step, block): independent streams for every micro-batch."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
@@ -122,7 +123,7 @@ def step_seed(*parts: int) -> int:
 class StepConfig:
     """What one optimiser step needs to know, fixed for a run."""
 
-    accumulation: int  # micro-batches per rank per step
+    accumulation: int  # micro-batches per rank per step: global micro-batches / world
     micro_batch_size: int
     learning_rate: float  # peak
     warmup_steps: int
@@ -133,6 +134,7 @@ class StepConfig:
     seed: int = 12345
     max_predictions: int = 20
     pad_id: int = 0
+    world: int = 1  # the ranks sharing each step: rank r's micro-batch m is the step's block m x world + r
 
     def lr(self, step: int) -> float:
         return self.learning_rate * lr_multiplier(step, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
@@ -171,8 +173,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, rows: Iterato
     optimizer.zero_grad(set_to_none=True)
     stats = torch.zeros(len(STATS), dtype=torch.float64)
     for micro in range(config.accumulation):
-        torch.manual_seed(step_seed(config.seed, rank, step, micro))
-        rng = np.random.default_rng([config.seed, rank, step, micro])
+        block = micro * config.world + rank  # the step's micro-batch number, whatever the number of ranks
+        torch.manual_seed(step_seed(config.seed, step, block))
+        rng = np.random.default_rng([config.seed, step, block])
         batch = collate(next(rows), config.pad_id, config.max_predictions, masker, rng).to(device)
         last = micro == config.accumulation - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
@@ -217,12 +220,12 @@ class Evaluator:
     @classmethod
     def build(cls, val: ShardSet, examples: int, rank: int, world: int, config: StepConfig,
               device: torch.device) -> Evaluator:
-        rows = read_rows(val, examples)[rank::world]
+        rows, size = read_rows(val, examples), config.micro_batch_size
         masker = Masker.of(val)
         batches = []
-        for i in range(0, len(rows), config.micro_batch_size):
-            rng = np.random.default_rng([config.seed, 7, rank, i])  # the same masks at every evaluation
-            batches.append(collate(rows[i : i + config.micro_batch_size], config.pad_id,
+        for block in range(rank, -(-len(rows) // size), world):  # the same blocks and masks on any number of ranks
+            rng = np.random.default_rng([config.seed, 7, block])  # and at every evaluation
+            batches.append(collate(rows[block * size : (block + 1) * size], config.pad_id,
                                    val.data.max_predictions_per_seq, masker, rng).to(device))
         return cls(batches)
 
@@ -306,7 +309,7 @@ class TrainState(RunState):
     precision: str | None = None
     final: bool = False
     files: dict[str, int] = field(default_factory=dict)  # name -> size: a complete checkpoint has them all
-    rng: dict[str, Any] = field(default_factory=lambda: {"scheme": "seeded per (seed, rank, step, micro)"})
+    rng: dict[str, Any] = field(default_factory=lambda: {"scheme": "seeded per (seed, step, block)"})
 
 
 def save_training_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,

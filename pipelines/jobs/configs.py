@@ -18,10 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from bert.config import PRESETS
 from bert.errors import InputError
 from bert.precision import PrecisionName
-from pipelines.config_args import check_choices, resolve_paths
+from pipelines.config_args import check_choices
 
 Optimizer = Literal["adamw", "lamb"]
 Schedule = Literal["linear", "poly", "constant"]  # after warmup: linear or polynomial decay to 0, or constant
@@ -55,7 +54,10 @@ class PretrainConfig:
     out: str | None = run_only(None)  # required to run
     model: str = "tiny"  # preset name, or a checkpoint dir to start from (phase 2)
     val_shards: str | None = None
-    num_workers: int = 1
+    # N, or "MIN-MAX": elastic (start with what the cluster has, shrink when a node goes, grow when one
+    # comes back); the global batches do not depend on it (bert/example_order.py), so a run may resume
+    # on another count
+    num_workers: str | int = run_only(1)
     cpus_per_worker: int = run_only(1)
     threads_per_worker: int | None = run_only(None)  # torch threads; default: this node's cores / its workers
     use_gpu: bool = False
@@ -89,18 +91,21 @@ class PretrainConfig:
     parent_run_id: str | None = run_only(None)
 
     def __post_init__(self) -> None:
-        for name in ("num_workers", "cpus_per_worker", "global_batch_size", "micro_batch_size", "max_steps",
+        object.__setattr__(self, "num_workers", _worker_count(self.num_workers))  # 2 or "1-2", parsed once
+        for name in ("cpus_per_worker", "global_batch_size", "micro_batch_size", "max_steps",
                      "checkpoint_every", "eval_every", "log_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise InputError(f"pretrain: {name} must be positive, got {getattr(self, name)}")
         if self.threads_per_worker is not None and self.threads_per_worker <= 0:
             raise InputError(f"pretrain: threads_per_worker must be positive, got {self.threads_per_worker}")
-        per_step = self.micro_batch_size * self.num_workers
-        if self.global_batch_size % per_step:
-            raise InputError(
-                f"pretrain: global batch {self.global_batch_size} is not divisible by "
-                f"workers x micro-batch = {self.num_workers} x {self.micro_batch_size} = {per_step}"
-            )
+        low, high = self.worker_range
+        for workers in range(low, high + 1):
+            per_step = self.micro_batch_size * workers
+            if self.global_batch_size % per_step:
+                raise InputError(
+                    f"pretrain: global batch {self.global_batch_size} is not divisible by "
+                    f"workers x micro-batch = {workers} x {self.micro_batch_size} = {per_step}"
+                    + (f" (every worker count of {self.num_workers} must divide it)" if low < high else ""))
         check_choices(self, "pretrain")
         if not 0 <= self.warmup_steps < self.max_steps:
             raise InputError(f"pretrain: warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
@@ -108,8 +113,17 @@ class PretrainConfig:
             raise InputError(f"pretrain: learning_rate must be positive, got {self.learning_rate}")
 
     @property
-    def accumulation_steps(self) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; equal unless elastic."""
+        if isinstance(self.num_workers, int):
+            return self.num_workers, self.num_workers
+        low, high = self.num_workers.split("-")
+        return int(low), int(high)
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Blocks of `micro_batch_size` in a global batch: split across the workers a step has."""
+        return self.global_batch_size // self.micro_batch_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,9 +133,17 @@ class PretrainConfig:
         return result_settings(self)
 
 
-def pretrain_paths(config: PretrainConfig) -> PretrainConfig:
-    """Path fields made absolute for the workers; `model` too when it names a checkpoint, not a preset."""
-    return resolve_paths(config, ("shards", "out", "val_shards") + (() if config.model in PRESETS else ("model",)))
+def _worker_count(value: str | int) -> str | int:
+    """`--num-workers`: N (an int) or "MIN-MAX" (elastic, 1 <= MIN < MAX), from the CLI or a spec."""
+    text = str(value).strip()
+    try:
+        low, _, high = text.partition("-")
+        low_n, high_n = int(low), int(high or low)
+    except ValueError:
+        raise InputError(f"pretrain: num_workers must be N or MIN-MAX (e.g. 2 or 1-4), got {value!r}") from None
+    if not 1 <= low_n <= high_n:
+        raise InputError(f"pretrain: num_workers {value!r}: need 1 <= MIN <= MAX")
+    return low_n if low_n == high_n else f"{low_n}-{high_n}"
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -230,8 +252,3 @@ class FinetuneConfig:
 
     def for_seed(self, seed: int) -> FinetuneConfig:
         return dataclasses.replace(self, seed=seed, seeds=None)
-
-
-def finetune_paths(config: FinetuneConfig) -> FinetuneConfig:
-    """Path fields made absolute for the workers."""
-    return resolve_paths(config, ("data", "checkpoint", "out", "tokenizer"))

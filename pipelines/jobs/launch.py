@@ -29,12 +29,15 @@ from bert.run_state import RunState
 
 
 def train_on_ray(loop: Callable[[dict], None], loop_config: dict[str, Any], *, name: str, storage: Path,
-                 num_workers: int, use_gpu: bool, cpus_per_worker: int, max_failures: int, keep_checkpoints: int,
-                 placement_strategy: str = "PACK", callbacks: Sequence[Any] = ()) -> Any:
+                 num_workers: int | tuple[int, int], use_gpu: bool, cpus_per_worker: int, max_failures: int,
+                 keep_checkpoints: int, placement_strategy: str = "PACK", callbacks: Sequence[Any] = ()) -> Any:
     """Run `loop(loop_config)` on `num_workers` DDP workers; checkpoints and Ray's run state under `storage/name`.
 
     A failed worker is replaced up to `max_failures` times; the replacement restarts from the
-    latest checkpoint (the loop finds it). Returns Ray Train's `Result`.
+    latest checkpoint (the loop finds it). `num_workers=(min, max)`: an elastic worker group (Ray
+    Train starts with as many as the cluster has room for, at least min; after a lost node it goes
+    on with fewer, and grows back when room returns), each restart resuming from the latest checkpoint.
+    Returns Ray Train's `Result`.
     """
     import ray.train
     import ray.train.torch

@@ -27,7 +27,6 @@ import json
 import math
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,8 @@ from bert.pretrain import (
     window_metrics,
 )
 from bert.run_state import load_optimizer_state
-from bert.shards import ShardSet, WorkerStream, read_rows
+from bert.example_order import GlobalStream
+from bert.shards import ShardSet, read_rows
 from pipelines.jobs.configs import PretrainConfig, run_only_fields
 from pipelines.jobs.launch import (
     Worker,
@@ -104,12 +104,7 @@ def resolve_model_config(config: PretrainConfig, shards: ShardSet) -> tuple[Bert
 
 def preflight(config: PretrainConfig) -> tuple[ShardSet, ShardSet | None, BertConfig, Path | None]:
     """Everything checkable, before any worker starts: (shards, validation shards, model config, init checkpoint)."""
-    shards = ShardSet.open(config.shards)
-    if len(shards.files) < config.num_workers:
-        raise InputError(
-            f"shards dir {shards.path} has {len(shards.files)} part file(s) for {config.num_workers} workers; "
-            f"each worker reads its own files: rebuild with --num-shards >= {config.num_workers}"
-        )
+    shards = ShardSet.open(config.shards)  # every worker reads the one global order (bert/example_order.py)
     model_config, init = resolve_model_config(config, shards)
     val = None
     if config.val_shards:
@@ -167,8 +162,9 @@ class PretrainJob(Job[PretrainConfig]):
             "mlflow": handle, "logged_through": last_logged_step(handle, "loss") if resume else None,
         }
         try:
+            low, high = config.worker_range
             train_on_ray(train_loop, loop_config, name=RUN_NAME, storage=out / RAY_STORAGE,
-                         num_workers=config.num_workers, use_gpu=config.use_gpu, cpus_per_worker=config.cpus_per_worker,
+                         num_workers=low if low == high else (low, high), use_gpu=config.use_gpu, cpus_per_worker=config.cpus_per_worker,
                          max_failures=config.max_failures, keep_checkpoints=config.keep_checkpoints,
                          placement_strategy=config.placement_strategy)
         finally:
@@ -180,6 +176,16 @@ class PretrainJob(Job[PretrainConfig]):
 def run_pretraining(config: PretrainConfig) -> dict[str, Any]:
     """Check, claim the output dir, train with Ray Train, export the final checkpoint. Returns the manifest."""
     return run_job(PretrainJob(), config)
+
+
+def accumulation(config: PretrainConfig, world: int) -> int:
+    """Micro-batches per rank per step on `world` workers (the config checked that every count divides)."""
+    return config.micro_batches_per_step // world
+
+
+def run_progress(worker, message: str) -> None:
+    if worker.rank == 0:
+        worker_progress(f"[pretrain] {message}")
 
 
 def _finished(out: Path, config: PretrainConfig) -> dict[str, Any] | None:
@@ -294,20 +300,21 @@ class _WorkerRun:
         state = TrainState.read(resume) if resume else TrainState()
         if resume is not None:
             model = from_pretrained(resume, head="pretraining")
-            if state.world_size != worker.world:
-                warnings.warn(f"resuming a run trained with {state.world_size} workers on {worker.world}: "
-                              "data order differs from an uninterrupted run", stacklevel=2)
+            if state.world_size != worker.world:  # the same global batches: only the sums' order differs
+                run_progress(worker, f"resuming step {state.step} of a run on {state.world_size} worker(s) on "
+                                     f"{worker.world}: same global batches (bert/example_order.py)")
         elif loop_config.get("init_checkpoint"):
             model = from_pretrained(loop_config["init_checkpoint"], head="pretraining", init_seed=config.seed)
         else:
             torch.manual_seed(config.seed)
             model = BertForPreTraining(model_config)
         model = model.to(worker.device)  # ---- build
-        steps = StepConfig(accumulation=config.accumulation_steps, micro_batch_size=config.micro_batch_size,
+        steps = StepConfig(accumulation=accumulation(config, worker.world), micro_batch_size=config.micro_batch_size,
                            learning_rate=config.learning_rate, warmup_steps=config.warmup_steps,
                            total_steps=config.max_steps, schedule=config.schedule, poly_power=config.poly_power,
                            max_grad_norm=config.max_grad_norm, seed=config.seed,
-                           max_predictions=shards.data.max_predictions_per_seq, pad_id=model_config.pad_token_id)
+                           max_predictions=shards.data.max_predictions_per_seq, pad_id=model_config.pad_token_id,
+                           world=worker.world)
         masker = Masker.of(shards)
         probe = probe_step(model, probe_loss(read_rows(shards, config.micro_batch_size), steps, masker, worker.device))
         precision = agree_precision(config.precision, worker, probe, state.precision)
@@ -317,15 +324,16 @@ class _WorkerRun:
                                     betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
         if resume is not None:
             load_optimizer_state(optimizer, resume, worker.device)
-        batches = WorkerStream(shards, worker.rank, worker.world, config.seed).batches(config.micro_batch_size,
-                                                                                    state.samples_per_rank)
+        batches = GlobalStream(shards, config.seed).rank_batches(config.micro_batch_size,
+                                                                 state.step * config.global_batch_size,
+                                                                 worker.rank, worker.world)
         if config.compile:
             model = torch.compile(model, dynamic=True)
         handle = loop_config["mlflow"] if worker.rank == 0 else None
         logger = MetricLogger(handle, logged_through=loop_config.get("logged_through"))
         if state.step == 0:
             logger.log_params({"pretrain": config.to_dict(), "model": model_config.to_dict(), "world_size": worker.world,
-                               "accumulation_steps": config.accumulation_steps, "precision": precision.name,
+                               "accumulation_steps": steps.accumulation, "precision": precision.name,
                                "precision_reason": precision.reason})
         evaluator = (Evaluator.build(ShardSet.open(config.val_shards, "validation shards"), config.eval_examples,
                                      worker.rank, worker.world, steps, worker.device) if config.val_shards else None)
