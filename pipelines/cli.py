@@ -133,7 +133,9 @@ def output_of(args: argparse.Namespace) -> str | None:
 
 NAME_MAX = 255  # bytes in one path component (Linux, macOS)
 TEMPORARY_SUFFIX = len(".") + len(".tmp-") + 12  # `pipelines/outdir.atomic_output` builds `.<name>.tmp-<12 hex>`
-_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # safetensors, tokenizers: "I/O error: ... (os error 28)"
+# an OS error a library or a Ray worker passed on as text: Rust's "(os error 28)" (safetensors, tokenizers),
+# Python's "[Errno 28] No space left on device: '/path'" (inside a Ray worker's traceback)
+_OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\][^\n']*(?:'([^'\n]+)')?")
 
 
 def os_error_of(exc: BaseException) -> tuple[int, str | None] | None:
@@ -142,9 +144,9 @@ def os_error_of(exc: BaseException) -> tuple[int, str | None] | None:
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno is not None:
             return seen.errno, seen.filename
-        match = _RUST_OS_ERROR.search(str(seen))
+        match = _OS_ERROR_TEXT.search(str(seen))
         if match:
-            return int(match.group(1)), None
+            return int(match.group(1) or match.group(2)), match.group(3)
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -173,7 +175,7 @@ def os_error_message(exc: BaseException, output: str | None) -> str | None:
     if code == errno.ELOOP:
         return f"{where}: the path goes round a loop of symbolic links; choose another path"
     if code in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return f"{where}: {os.strerror(code)}; choose a path you can write to"
+        return f"{where}: {os.strerror(code)}; check its permissions, or choose another path"
     return None
 
 
