@@ -56,8 +56,12 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
 
 
 def resolve_paths(config, fields: tuple[str, ...]):
-    """`config` with its path fields made absolute: Ray workers run in other directories and on other nodes."""
-    changes = {name: str(Path(getattr(config, name)).resolve()) for name in fields if getattr(config, name) is not None}
+    """`config` with its local path fields made absolute (Ray workers run in other directories and on other
+    nodes); object-store URIs (`s3://...`, `bert.storage`) are left as they are."""
+    from bert import storage
+
+    changes = {name: str(storage.local_path(value).resolve()) for name in fields
+               if (value := getattr(config, name)) is not None and not storage.is_remote(value)}
     return dataclasses.replace(config, **changes)
 
 
