@@ -181,7 +181,9 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     adam_eps: float = 1e-6
     seed: int = 42
-    seeds: str | None = None  # "1,2,3": one training run per seed (one Ray Train start for all), mean +- std
+    # "1,2,3" (CLI) or [1, 2, 3]: one training run per seed (one Ray Train start for all), mean +- std;
+    # parsed once, into a tuple
+    seeds: str | tuple[int, ...] | None = None
     freeze_encoder: bool = False  # feature extraction: train the head only
     freeze_layers: int = 0  # freeze the embeddings and the bottom K Transformer layers
     layer_lr_decay: float = 1.0  # head lr x d^0, top layer d^1, ..., embeddings d^(L+1)
@@ -229,14 +231,15 @@ class FinetuneConfig:
         check_choices(self, "finetune")
         if self.register_as is not None and (not self.register_as.strip() or not self.log_model):
             raise InputError("finetune: --register-as needs a model name and the model logged (no --no-log-model)")
-        try:
-            self.seed_list  # a bad --seeds list is an input error before anything starts
-        except InputError as exc:
-            raise InputError(f"finetune: --{exc}") from None
+        if self.seeds is not None:
+            try:  # a bad --seeds list is an input error before anything starts
+                object.__setattr__(self, "seeds", parse_seeds(self.seeds, self.seed))
+            except InputError as exc:
+                raise InputError(f"finetune: --{exc}") from None
 
     @property
     def seed_list(self) -> tuple[int, ...]:
-        return parse_seeds(self.seeds, self.seed)
+        return self.seeds if self.seeds is not None else (self.seed,)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
