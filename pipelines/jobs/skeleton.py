@@ -5,7 +5,8 @@
                 settings that need them (a sweep's space), checked without reading any input
     finished?   a finished run of the same job and settings in --out: its result, nothing else done
                 (an MLflow run such a run left RUNNING, killed just before closing it, is ended)
-    preflight   everything checkable, before anything is written or any worker starts
+    preflight   everything checkable, before anything is written or any worker starts; the tracking
+                store too (`check_tracking_store`: one rule for every job)
     claim       --out owned and locked (`pipelines/outdir.own_dir`): absent, or this job's unfinished run;
                 the processes of an earlier run that wrote into it have exited
     tracking    the job's MLflow run (`pipelines/tracking.open_job_run`): created once, re-opened by a resume
@@ -27,7 +28,14 @@ from typing import Any, ClassVar, Generic, TypeVar
 from bert.errors import InputError
 from pipelines.config_args import resolve_paths
 from pipelines.outdir import own_dir
-from pipelines.tracking import RunHandle, close_if_running, default_tracking_uri, finish_run, open_job_run
+from pipelines.tracking import (
+    RunHandle,
+    check_tracking_store,
+    close_if_running,
+    default_tracking_uri,
+    finish_run,
+    open_job_run,
+)
 
 C = TypeVar("C")
 
@@ -98,11 +106,12 @@ def run_job(job: Job[C], config: C) -> dict[str, Any]:
         close_if_running(out)  # a run killed between its last output and closing its MLflow run
         return done
     checked = job.preflight(config)
+    uri = config.tracking_uri or default_tracking_uri(out)  # type: ignore[attr-defined]
+    check_tracking_store(uri)  # unusable: one line, before anything is written or Ray starts
     with own_dir(out, job.name, job.identity(config), inputs=job.inputs(config, checked)):
         from pipelines.ray_runtime import ensure_ray
 
         ensure_ray()
-        uri = config.tracking_uri or default_tracking_uri(out)  # type: ignore[attr-defined]
         name = job.run_name(config)
         handle = None
         if name is not None:
