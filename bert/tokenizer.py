@@ -248,6 +248,35 @@ class Tokenizer:
         _atomic_write(directory / CONFIG_FILE, (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode())
         return directory
 
+    def save_for_transformers(self, directory: str | os.PathLike[str], model_max_length: int = 512) -> Path:
+        """Make the tokenizer dir `directory` (written by `save`, or a checkpoint's) load with
+        `transformers.AutoTokenizer` too, with the same ids: `bertflow convert --to-hf` calls it.
+
+        WordPiece: `vocab.txt` and the keys BertTokenizer reads. SentencePiece: a `tokenizer.json`
+        built from the model (`sentencepiece_as_tokenizers`), so a fast tokenizer loads with no
+        sentencepiece-specific class. Both: `special_tokens_map.json` and the `transformers` keys in
+        `tokenizer_config.json`, next to ours (`Tokenizer.load` reads the dir as before).
+        """
+        from bert.tokenizer_backends import (
+            HF_SPECIAL_TOKENS_FILE,
+            HF_TOKENIZER_FILE,
+            sentencepiece_as_tokenizers,
+            transformers_config,
+        )
+
+        directory = Path(directory)
+        config = _read_config(directory)
+        sentencepiece = self.backend == "sentencepiece"
+        if sentencepiece:
+            library = sentencepiece_as_tokenizers(self._backend.model_file()[1])
+            _atomic_write(directory / HF_TOKENIZER_FILE, library.to_str(pretty=True).encode())
+        hf = transformers_config(self._special, self.lowercase, model_max_length, fast_only=sentencepiece)
+        specials = {f"{role}_token": SPECIAL_TOKENS[role] for role in self._special}
+        _atomic_write(directory / HF_SPECIAL_TOKENS_FILE, (json.dumps(specials, indent=2) + "\n").encode())
+        merged = {**hf, **config} if not sentencepiece else {**config, **hf}  # WordPiece keeps BertTokenizer
+        _atomic_write(directory / CONFIG_FILE, (json.dumps(merged, indent=2, ensure_ascii=False) + "\n").encode())
+        return directory
+
     # ----------------------------------------------------------------------------- properties
 
     @property

@@ -325,3 +325,77 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ------------------------------------------------------------------------------ Hugging Face export
+
+HF_TOKENIZER_FILE = "tokenizer.json"
+HF_SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+_CONTROL_SCORE = -1e9  # control pieces ([PAD], [CLS], ...) are never matched in text: below any [UNK] path
+
+
+def sentencepiece_as_tokenizers(model: bytes) -> tokenizers.Tokenizer:
+    """A `tokenizers` pipeline that gives a bertflow SentencePiece model's ids, `[CLS] A [SEP] B [SEP]` included.
+
+    Built from the model file itself (read with sentencepiece's own protobuf): the pieces and scores
+    (Unigram) or the merges the piece order implies (BPE: the pairs whose concatenation is a piece,
+    ranked by that piece), the normalizer's precompiled character map (NFKC, and case folding for a
+    lower-casing model) with SentencePiece's whitespace rules, "▁" word marks, and the BERT layout as
+    post-processor. Special tokens are "added tokens" with their ids 0..4, so `transformers` knows them.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, Regex, processors
+    from tokenizers.models import BPE, Unigram
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model)
+    pieces = [(p.piece, p.score, p.type == p.CONTROL) for p in proto.pieces]
+    unk_id = proto.trainer_spec.unk_id
+    if proto.trainer_spec.model_type == proto.trainer_spec.UNIGRAM:
+        library = tokenizers.Tokenizer(Unigram([(piece, _CONTROL_SCORE if control else score)
+                                                for piece, score, control in pieces], unk_id=unk_id))
+    elif proto.trainer_spec.model_type == proto.trainer_spec.BPE:
+        vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+        library = tokenizers.Tokenizer(BPE(vocab, _bpe_merges(pieces, vocab), unk_token=pieces[unk_id][0],
+                                           fuse_unk=True))
+    else:
+        raise InputError(f"SentencePiece model type {proto.trainer_spec.model_type} is neither unigram nor BPE")
+    spec = proto.normalizer_spec
+    steps = [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    if spec.remove_extra_whitespaces:
+        steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Strip()]
+    library.normalizer = normalizers.Sequence(steps)
+    scheme = "always" if spec.add_dummy_prefix else "never"
+    library.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_WORD_BOUNDARY, prepend_scheme=scheme)
+    library.decoder = decoders.Metaspace(replacement=_WORD_BOUNDARY, prepend_scheme=scheme)
+    cls, sep = SPECIAL_TOKENS["cls"], SPECIAL_TOKENS["sep"]
+    library.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, list(SPECIAL_TOKENS).index("cls")), (sep, list(SPECIAL_TOKENS).index("sep"))])
+    library.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS.values()])
+    return library
+
+
+def _bpe_merges(pieces: list[tuple[str, float, bool]], vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """SentencePiece BPE as merges: every split of a piece into two pieces, ranked by the merged piece's id."""
+    merges = []
+    for merged_id, (piece, _, control) in enumerate(pieces):
+        if control or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                merges.append((merged_id, vocab[left], vocab[right], left, right))
+    return [(left, right) for *_, left, right in sorted(merges)]
+
+
+def transformers_config(special_ids: dict[str, int], lowercase: bool, model_max_length: int,
+                        fast_only: bool) -> dict[str, Any]:
+    """The `tokenizer_config.json` keys `transformers` reads (special tokens, length, class)."""
+    config: dict[str, Any] = {f"{role}_token": SPECIAL_TOKENS[role] for role in special_ids}
+    config |= {"model_max_length": model_max_length, "do_lower_case": lowercase,
+               "clean_up_tokenization_spaces": False,
+               "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}
+    if fast_only:  # tokenizer.json is the whole tokenizer: no sentencepiece-specific slow class
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    return config

@@ -1,5 +1,9 @@
 """`bertflow convert`: import a Hugging Face BERT dir, or export ours to the Hugging Face layout.
 
+`--to-hf` writes what `transformers` loads: `config.json` (with `id2label` for classifiers) and the
+weights for `AutoModelFor...`, and the tokenizer for `AutoTokenizer` with bertflow's ids (a
+SentencePiece tokenizer as `tokenizer.json`: `bert.tokenizer.Tokenizer.save_for_transformers`).
+
 The output is a new dir (pipelines/outdir.py, `atomic_output`): an existing --out is refused,
 as is one that is, contains or lies inside the input; the input is read whole (config and
 weights) before anything is created; the dir appears under its name only when complete.
@@ -30,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bert.checkpoint import load_for_convert, read_checkpoint_info, write_checkpoint
+    from bert.tokenizer import Tokenizer
     from pipelines.outdir import atomic_output, check_disjoint, check_new_output
 
     src = args.to_hf or args.from_hf
@@ -40,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_for_convert(src, to_hf=to_hf)  # the whole input is read before anything is created
     with atomic_output(out, JOB, inputs=[src]) as tmp:
         write_checkpoint(model, tmp, hf=to_hf, tokenizer_dir=src)
+        if to_hf and Tokenizer.is_tokenizer_dir(tmp):  # AutoTokenizer loads it, SentencePiece included
+            Tokenizer.load(tmp).save_for_transformers(tmp, model.config.max_position_embeddings)
     info = read_checkpoint_info(out)
     print(f"wrote {info.kind} checkpoint {out} (head: {info.head or 'encoder only'})")
     return 0
