@@ -184,8 +184,10 @@ def test_ctrl_c_in_the_middle_of_shards_build_stops_its_ray_runtime(ray_local, w
     assert ray_processes, "a local Ray runtime runs under the command"
     run.signal(signal.SIGINT)
     assert_stopped(run, signal.SIGINT, "shards", f"nothing was written to {out}")
-    _, alive = psutil.wait_procs(ray_processes, timeout=60)
-    assert [p.pid for p in alive] == []  # the runtime's raylet, GCS, dashboard and workers are gone
+    # the runtime's raylet, GCS, dashboard and workers are gone (its agents notice the raylet's end within a
+    # minute or two on a loaded machine)
+    _, alive = psutil.wait_procs(ray_processes, timeout=300)
+    assert [p.pid for p in alive] == []
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary, no lock
     again = Run(*args, env=joined(ray_local))  # and the same command afterwards builds as usual
     assert again.finish(600) == 0, again.text()[-3000:]
