@@ -294,3 +294,25 @@ def test_a_fence_handed_to_a_worker_stops_its_late_commit(s3_uri):
         with pytest.raises(lease.LeaseLost, match="generation 1 no longer holds"):
             fence.commit(f"{s3_uri}/ckpt-2/_manifest.json", {"step": 2})
     assert storage.list_dir(s3_uri) == ["_lease.json", "ckpt-1"]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_ray_train_checkpoints_through_the_resolved_filesystem(ray_local, s3_uri):
+    """Ray Train takes `storage.resolve(uri)` as its storage: the checkpoint lands on S3 (workers get
+    the pickled file system, endpoint and keys included, so they need no AWS_* variables)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def loop(config):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            Path(d, "train_state.json").write_text(json.dumps({"step": 1}))
+            ray.train.report({"step": 1}, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+    fs, path = storage.resolve(s3_uri)
+    result = TorchTrainer(loop, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                          run_config=ray.train.RunConfig(name="run", storage_path=path, storage_filesystem=fs)).fit()
+    written = storage.join(s3_uri, "run", storage.name(result.checkpoint.path), "train_state.json")
+    assert storage.read_json(written) == {"step": 1}
