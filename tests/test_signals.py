@@ -5,10 +5,11 @@ sent to the process) stop the work, release Ray, print one line and exit 130 / 1
 (Ctrl-C in `shards build` and `predict` exited 139), no C++ stack dump (SIGTERM on `pretrain` exited
 134), no traceback. Outputs stay as they were (nothing half-written; a job dir resumes).
 
-Default run: every command at start-up (cheap: before Ray), Ctrl-C in the middle of `shards build`
-(its own Ray runtime, whose processes must all be gone), Ctrl-C in the middle of `predict` and SIGTERM
-in the middle of `pretrain` then its resume. Marked slow: `finetune` mid-epoch and its resume, and a
-signal while a command shuts Ray down after its result line.
+Default run: `convert`, `shards build`, `predict`, `pretrain` and `finetune` at start-up (cheap: before
+Ray), Ctrl-C in the middle of `shards build` (its own Ray runtime, whose processes must all be gone),
+Ctrl-C in the middle of `predict` and SIGTERM in the middle of `pretrain` then its resume. Marked slow:
+`tokenizer`, `sweep` and `run` at start-up (`tokenizer train` mid-work is in test_reliability_cli.py),
+`finetune` mid-epoch and its resume, and a signal while a command shuts Ray down after its result line.
 """
 
 from __future__ import annotations
@@ -151,8 +152,8 @@ def commands(tmp: Path, wiki_dir: Path, vocab_txt: Path, minilm_dir: Path, class
     }
 
 
-@pytest.mark.parametrize("command", ["convert", "tokenizer", "shards", "predict", "pretrain", "finetune", "sweep",
-                                     "run"])
+@pytest.mark.parametrize("command", ["convert", "shards", "predict", "pretrain", "finetune",
+                                     *(pytest.param(c, marks=pytest.mark.slow) for c in ("tokenizer", "sweep", "run"))])
 def test_a_signal_at_start_up_stops_every_command(command, request, wiki_dir, vocab_txt, minilm_dir, classifier,
                                                   sst2, tmp_path):
     signum = signal.SIGTERM if command in ("convert", "shards", "pretrain", "sweep") else signal.SIGINT
@@ -171,7 +172,7 @@ def test_a_signal_at_start_up_stops_every_command(command, request, wiki_dir, vo
 # ----------------------------------------------------------------------------- mid-work
 
 
-def test_ctrl_c_in_the_middle_of_shards_build_stops_its_ray_runtime(ray_local, wiki_dir, vocab_txt, tmp_path):
+def test_ctrl_c_in_the_middle_of_shards_build_stops_its_ray_runtime(wiki_dir, vocab_txt, tmp_path):
     """The probe: "interrupted", then a segfault (exit 139), 3 of 3 tries. Its own local Ray runtime."""
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "shards"
@@ -189,9 +190,6 @@ def test_ctrl_c_in_the_middle_of_shards_build_stops_its_ray_runtime(ray_local, w
     _, alive = psutil.wait_procs(ray_processes, timeout=300)
     assert [p.pid for p in alive] == []
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary, no lock
-    again = Run(*args, env=joined(ray_local))  # and the same command afterwards builds as usual
-    assert again.finish(600) == 0, again.text()[-3000:]
-    assert (out / "_manifest.json").is_file()
 
 
 def test_ctrl_c_in_the_middle_of_predict(ray_local, classifier, tmp_path):
