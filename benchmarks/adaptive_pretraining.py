@@ -80,7 +80,8 @@ def adapt(task: str, args, work: Path, checkpoint: Path) -> dict:
                             max_steps=args.pretrain_steps, time_limit_minutes=args.pretrain_minutes,
                             global_batch_size=args.pretrain_batch, micro_batch_size=args.pretrain_batch,
                             learning_rate=args.pretrain_lr, warmup_steps=max(1, args.pretrain_steps // 10),
-                            checkpoint_every=25, log_every=10, precision=args.precision, seed=args.seed)
+                            checkpoint_every=25, log_every=10, precision=args.precision, seed=args.seed,
+                            threads_per_worker=args.threads)
     manifest = run_pretraining(config)
     seconds = time.time() - started
     adapted = Path(manifest["checkpoint"])
@@ -118,7 +119,7 @@ def finetune(task: str, checkpoint: Path, labels: int | None, args, out: Path) -
     config = FinetuneConfig(task=task, data=args.data, checkpoint=str(checkpoint), out=str(out),
                             seeds=",".join(map(str, args.seeds)), max_train_examples=labels, epochs=epochs,
                             learning_rate=args.finetune_lr, batch_size=32, precision=args.precision,
-                            log_model=False)
+                            threads_per_worker=args.threads, log_model=False)
     started = time.time()
     result = run_finetune(config)
     primary = result["primary_metric"]
@@ -162,6 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-lr", type=float, default=5e-5)
     p.add_argument("--few-label-epochs", type=float, default=10.0, help="fine-tune epochs with a label count")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: the jobs' own)")
     p.add_argument("--seed", type=int, default=12345, help="pretraining seed (head init, data order, masks)")
     p.add_argument("--out", default=str(ROOT / "out" / "bench-adaptive"))
     args = p.parse_args(argv)
