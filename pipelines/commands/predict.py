@@ -13,7 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "predict",
         help="run a fine-tuned checkpoint on new text (TSV or JSONL) with Ray Data",
         description="Predict with a fine-tuned checkpoint; writes JSONL, one line per input row, in input order, "
-        "to the new file --output (never the input, never an existing file; written atomically).",
+        "to the new file --output (never the input, never an existing file; written atomically). Each line has "
+        "row (and id) and the fields an MLflow model of the checkpoint answers: label and probabilities "
+        "(classification), score (regression), answer, start, end and score (QA), entities (NER).",
     )
     add_dataclass_arguments(
         q,
