@@ -106,12 +106,6 @@ def run_command(args: argparse.Namespace) -> int:
             raise
         print(f"bertflow {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        if not str(exc).startswith("Symlink loop from"):  # pathlib before Python 3.13 (then: OSError ELOOP)
-            raise
-        print(f"bertflow {args.command}: error: {str(exc).split('from', 1)[1].strip()}: the path goes round a loop "
-              "of symbolic links; choose another path", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         if signals.received() is not None:
             raise  # the process's signal policy reports it (`main`), whatever library re-raised it
@@ -144,6 +138,8 @@ def os_error_of(exc: BaseException) -> tuple[int, str | None] | None:
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno is not None:
             return seen.errno, seen.filename
+        if isinstance(seen, RuntimeError) and str(seen).startswith("Symlink loop from "):  # pathlib before 3.13
+            return errno.ELOOP, str(seen).removeprefix("Symlink loop from ").strip("'")
         match = _OS_ERROR_TEXT.search(str(seen))
         if match:
             return int(match.group(1) or match.group(2)), match.group(3)
