@@ -14,7 +14,7 @@ AWS C++ SDK (multipart uploads, ranged reads for parquet footers, retries) with 
 S3 and S3-compatible stores (MinIO, R2, the test server) are configured the way boto3 and the AWS
 CLI read the environment: the endpoint from `AWS_ENDPOINT_URL_S3`, else `AWS_ENDPOINT_URL` (its
 scheme picks http or https; pyarrow does not read these variables itself), the region from
-`AWS_REGION` / `AWS_DEFAULT_REGION`, keys from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` /
+`AWS_REGION` / `AWS_DEFAULT_REGION` (else, on AWS, the bucket's own region, asked once), keys from `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` /
 `AWS_SESSION_TOKEN`; with no keys set, the SDK's default chain (profile, IAM instance profile).
 Connections time out after `CONNECT_TIMEOUT_S` and are tried `ATTEMPTS` times, so an unreachable
 endpoint fails in seconds; every failure becomes one `InputError` line naming the URI and the
@@ -59,6 +59,7 @@ LOCAL = pafs.LocalFileSystem()
 _URI = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://(.*)$")
 _filesystems: dict[tuple, pafs.FileSystem] = {}
 _filesystems_lock = threading.Lock()
+_regions: dict[str, str] = {}
 
 
 # ----------------------------------------------------------------------------- resolving
@@ -96,7 +97,7 @@ def resolve(location: Location) -> tuple[pafs.FileSystem, str]:
     if not path or path.startswith("/"):
         raise InputError(f"{text}: names no bucket (expected {kind}://<bucket>/<path>)")
     if kind in ("s3", "s3a"):
-        return _s3(), path
+        return _s3(path.split("/")[0]), path
     with _errors(text, "open the file system"):
         fs, fs_path = pafs.FileSystem.from_uri(text)
     return fs, fs_path.rstrip("/")
@@ -122,14 +123,25 @@ def s3_options(env: Any = None) -> dict[str, Any]:
     return options
 
 
-def _s3() -> pafs.FileSystem:
+def _s3(bucket: str) -> pafs.FileSystem:
     options = s3_options()
+    if "region" not in options:  # AWS itself, no region set: ask where the bucket lives (once)
+        options["region"] = _bucket_region(bucket)
     key = tuple(sorted(options.items()))  # the environment may change (tests, a job's env)
     with _filesystems_lock:
         if key not in _filesystems:
             strategy = pafs.AwsStandardS3RetryStrategy(max_attempts=ATTEMPTS)
             _filesystems[key] = pafs.S3FileSystem(**options, retry_strategy=strategy)
         return _filesystems[key]
+
+
+def _bucket_region(bucket: str) -> str:
+    if bucket not in _regions:
+        try:
+            _regions[bucket] = pafs.resolve_s3_region(bucket)
+        except (OSError, pa.ArrowException):
+            _regions[bucket] = "us-east-1"  # the SDK's own default; the first real request names the failure
+    return _regions[bucket]
 
 
 def join(base: Location, *parts: str) -> Path | str:
