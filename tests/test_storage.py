@@ -114,7 +114,8 @@ def test_unreachable_endpoint_is_one_line_within_seconds(tmp_path):
     """In a fresh interpreter with an endpoint nobody listens on: the CLI-facing error, one line."""
     from s3server import free_port
 
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "k",
+    env = {**{k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL_S3"},
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "k",
            "AWS_SECRET_ACCESS_KEY": "s", "AWS_EC2_METADATA_DISABLED": "true"}
     probe = ("from bert import storage\nfrom bert.errors import InputError\n"
              "try:\n    storage.read_json('s3://bucket/runs/x/_manifest.json')\n"
