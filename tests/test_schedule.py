@@ -123,3 +123,27 @@ def test_crontab_line_runs(capsys, tmp_path):
     assert done.returncode == 0, done.stderr
     log = (tmp_path / "w" / "cron.log").read_text()
     assert "corpus" in log and "tokenizer" in log
+
+
+def test_every_imported_package_is_declared():
+    """The image installs the project from pyproject.toml: a package bert/ or pipelines/ imports must be in its
+    dependencies, or the image (and any clean install) fails at that import."""
+    import ast
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    declared = {canonicalize_name(Requirement(r).name) for r in pyproject["project"]["dependencies"]}
+    distributions = importlib.metadata.packages_distributions()
+    missing = {}
+    for path in [*(ROOT / "bert").rglob("*.py"), *(ROOT / "pipelines").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for top in {name.split(".")[0] for name in names} - set(sys.stdlib_module_names) - {"bert", "pipelines"}:
+                if not {canonicalize_name(d) for d in distributions.get(top, [top])} & declared:
+                    missing.setdefault(top, str(path.relative_to(ROOT)))
+    assert not missing, f"imported but not in pyproject.toml's dependencies: {missing}"
