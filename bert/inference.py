@@ -123,7 +123,9 @@ class Predictor:
         if threads:
             torch.set_num_threads(threads)
         self.tokenizer = Tokenizer.load(checkpoint)
-        self.model = from_pretrained(checkpoint).to(device).eval()
+        # a regression head has no labels to read its width from: 1 output (`TaskSpec.head_arguments`)
+        width = {"num_labels": 1} if self.spec.kind == "regression" else {}
+        self.model = from_pretrained(checkpoint, **width).to(device).eval()
         self.labels: tuple[str, ...] = tuple(getattr(self.model, "labels", None) or ())
         self.batch_size = batch_size
         self.device = torch.device(device)

@@ -81,7 +81,7 @@ def test_registered_versions_carry_signature_metrics_and_the_best_seed(mrpc_mode
     assert float(version.tags["dev/accuracy"]) == pytest.approx(best["metrics"]["dev/accuracy"], rel=1e-5)
     assert version.tags["bertflow.run_id"] == best["mlflow"]["run_id"]
     # a re-run of the finished job registers nothing new
-    assert run_finetune(config) == result
+    assert run_finetune(config) == json.loads(json.dumps(result))  # metrics.json as read back (lists, not tuples)
     assert len(client.search_model_versions(f"name = '{MRPC_NAME}'")) == 1
 
     with fluent_tracking_uri(store):
@@ -198,3 +198,46 @@ def test_http_answers_equal_bertflow_predict(mrpc_model, qa_model, store, datase
     finally:
         for process, _ in servers.values():
             stop(process)
+
+
+@pytest.mark.parametrize("task,head", [("stsb", "sequence_classification"), ("conll2003", "token_classification")])
+def test_every_task_kind_logs_a_model_that_answers_its_input_example(task, head, minilm_dir, datasets_dir, tmp_path):
+    """Regression and NER models (MiniLM with a fresh head; what matters is the model's contract, not its skill):
+    signature, input example, and answers with the kind's fields, equal to `Predictor.predict_records`."""
+    import mlflow
+    import torch
+
+    from bert.checkpoint import from_pretrained, save_pretrained
+    from bert.inference import OUTPUT_FIELDS, Predictor, write_task_file
+    from bert.tasks import get_task
+    from pipelines.models import input_example, log_finetuned_model
+    from pipelines.tracking import fluent_tracking_uri
+
+    spec = get_task(task)
+    from bert.tasks.readers import read_conll
+
+    labels = sorted({t for ex in read_conll(datasets_dir / "conll2003" / "valid.txt") for t in ex.tags}) \
+        if spec.kind == "token_classification" else None
+    torch.manual_seed(0)
+    model = from_pretrained(minilm_dir, head=head, **({"labels": labels} if labels else {"num_labels": 1}))
+    checkpoint = save_pretrained(model, tmp_path / task, tokenizer_dir=minilm_dir)
+    write_task_file(checkpoint, task, 128)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with fluent_tracking_uri(store):
+        experiment = mlflow.MlflowClient().create_experiment("kinds", artifact_location=(tmp_path / "a").as_uri())
+        with mlflow.start_run(experiment_id=experiment):
+            uri = log_finetuned_model(checkpoint)
+        info = mlflow.models.get_model_info(uri)
+        loaded = mlflow.pyfunc.load_model(uri)
+    assert info.signature.outputs.input_names() == list(OUTPUT_FIELDS[spec.kind])
+    example = input_example(spec)
+    answers = loaded.predict(example)
+    assert list(answers.columns) == list(OUTPUT_FIELDS[spec.kind])
+    expected = Predictor(checkpoint).predict_records(example.to_dict(orient="records"))
+    assert answers.to_dict(orient="records") == expected
+    if spec.kind == "regression":
+        assert isinstance(expected[0]["score"], float)
+    else:
+        text = example["text"][0]
+        for entity in expected[0]["entities"]:
+            assert text[entity["start"] : entity["end"]] == entity["text"] and 0 < entity["score"] <= 1
