@@ -14,12 +14,15 @@ The process entry point (`pipelines.cli.main()` without arguments) installs it b
 
 `ray.init` installs a SIGTERM handler of its own (and Ray's C++ core a failure-signal handler that
 dumps a stack and aborts, exit 134), so `pipelines.ray_runtime.ensure_ray` calls `reinstall()`
-after it. Called as a function (`main([...])`, tests, notebooks), bertflow leaves the process's
+after it. Ray Train's `fit()` replaces the SIGINT handler while it runs with its own graceful abort
+(it stops the workers, then the driver's wait fails): the policy still learns of that signal from
+Python's wakeup fd, which every Python-level handler feeds, and reports it the same way. Called as a function (`main([...])`, tests, notebooks), bertflow leaves the process's
 signals to its caller.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -39,8 +42,20 @@ class SignalPolicy:
     """The installed policy: which signal arrived first (None: none yet), and whether one may still raise."""
 
     def __init__(self) -> None:
-        self.received: int | None = None
+        self._received: int | None = None
         self._raising = True
+        self._wakeup: int | None = None  # read end of the pipe Python writes each caught signal's number into
+
+    @property
+    def received(self) -> int | None:
+        """The first SIGINT/SIGTERM, whichever handler took it (ours, or one a library put in its place)."""
+        if self._received is None and self._wakeup is not None:
+            try:
+                numbers = os.read(self._wakeup, 512)
+            except (BlockingIOError, OSError):
+                numbers = b""
+            self._received = next((n for n in numbers if n in EXIT_CODES), None)
+        return self._received
 
     @property
     def exit_code(self) -> int:
@@ -51,9 +66,9 @@ class SignalPolicy:
         return NAMES.get(self.received, str(self.received))
 
     def handle(self, signum: int, frame) -> None:
-        first = self.received is None
+        first = self._received is None
         if first:
-            self.received = signum
+            self._received = signum
         if first and self._raising:
             self._raising = False  # later signals are noted, never raised: cleanup runs to its end
             raise Interrupted(signum)
@@ -63,6 +78,12 @@ class SignalPolicy:
             return
         for signum in EXIT_CODES:
             signal.signal(signum, self.handle)
+        if self._wakeup is None:
+            read, write = os.pipe()
+            os.set_blocking(read, False)
+            os.set_blocking(write, False)
+            signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+            self._wakeup = read
 
     def hold(self) -> None:
         """From now on a signal is only noted (the command is shutting down; nothing may interrupt that)."""
