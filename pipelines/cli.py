@@ -100,7 +100,7 @@ def run_command(args: argparse.Namespace) -> int:
         # Errors from bad input carry a message written for people; show it without a traceback.
         print(f"bertflow {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - only OS errors a user can act on are caught; the rest re-raised
+    except Exception as exc:  # only OS errors a user can act on are caught; the rest re-raised
         message = os_error_message(exc, output_of(args))
         if message is None:
             raise

@@ -163,8 +163,8 @@ def mlflow_schema_head() -> str | None:
     revisions, parents = set(), set()
     for script in versions.glob("*.py"):
         text = script.read_text(encoding="utf-8", errors="replace")
-        revision = re.search(r'^revision\s*=\s*["\']([0-9a-f]+)["\']', text, re.M)
-        parent = re.search(r'^down_revision\s*=\s*["\']([0-9a-f]+)["\']', text, re.M)
+        revision = re.search(r'^revision\s*=\s*["\']([0-9a-f]+)["\']', text, re.MULTILINE)
+        parent = re.search(r'^down_revision\s*=\s*["\']([0-9a-f]+)["\']', text, re.MULTILINE)
         if revision:
             revisions.add(revision.group(1))
         if parent:

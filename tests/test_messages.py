@@ -118,8 +118,8 @@ def test_a_file_size_limit_is_named_and_leaves_nothing_half_written(minilm_dir, 
     _, err = convert.communicate(timeout=300)
     assert convert.returncode == 2, err
     assert err.strip().splitlines() == [
-        f"bertflow convert: error: writing {tmp_path / 'ours'} went past the file-size limit (ulimit -f: 2,097,152 "
-        "bytes); nothing half-written is kept under a final name: raise the limit and re-run"]
+        (f"bertflow convert: error: writing {tmp_path / 'ours'} went past the file-size limit (ulimit -f: 2,097,152 "
+         "bytes); nothing half-written is kept under a final name: raise the limit and re-run")]
     build = bertflow("shards", "build", "--corpus", wiki_dir / "wiki_00.gz", "--tokenizer", vocab_txt, "--out",
                      tmp_path / "shards", env={"RAY_ADDRESS": ""}, preexec_fn=limited(64))
     _, err = build.communicate(timeout=300)

@@ -117,8 +117,8 @@ def previous_revision(revision: str) -> str:
 
     for script in (Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions").glob("*.py"):
         text = script.read_text()
-        if re.search(rf'^revision = "{revision}"', text, re.M):
-            return re.search(r'^down_revision = "([0-9a-f]+)"', text, re.M).group(1)
+        if re.search(rf'^revision = "{revision}"', text, re.MULTILINE):
+            return re.search(r'^down_revision = "([0-9a-f]+)"', text, re.MULTILINE).group(1)
     raise AssertionError(f"no migration script for {revision}")
 
 
@@ -141,8 +141,8 @@ def test_a_store_interrupted_while_being_created_leaves_nothing(tmp_path):
     """Ctrl-C while MLflow creates a new store's tables (seconds): no half-created store stays behind."""
     store = tmp_path / "mlflow.db"
     creator = subprocess.Popen(
-        [sys.executable, "-c", f"from pipelines.tracking import ensure_sqlite_store; "
-                               f"ensure_sqlite_store('sqlite:///{store}')"],
+        [sys.executable, "-c", (f"from pipelines.tracking import ensure_sqlite_store; "
+                                f"ensure_sqlite_store('sqlite:///{store}')")],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: list(tmp_path.glob(".mlflow.db.tmp-*")), 300, "MLflow to start creating the store")

@@ -102,7 +102,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), workdir: str | No
     if not path.is_file():
         raise InputError(f"spec file {path} does not exist")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)  # a SafeLoader
     except DuplicateKeyError as exc:
         raise InputError(f"{path}:{exc}") from None
     except yaml.YAMLError as exc:
