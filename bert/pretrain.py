@@ -78,7 +78,7 @@ class Masker:
             return None
         from bert.tokenizer import Tokenizer
 
-        return cls(shards.data, SpecialTokens.of(Tokenizer.load(shards.tokenizer.dir)))
+        return cls(shards.data, SpecialTokens.of(Tokenizer.load(shards.tokenizer_dir())))
 
     def __call__(self, rows: Sequence[dict[str, Any]], rng: np.random.Generator) -> MaskedBatch:
         starts = [r["word_starts"] for r in rows] if self.data.whole_word_masking else None

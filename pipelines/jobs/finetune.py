@@ -117,7 +117,7 @@ class FinetuneJob(Job[FinetuneConfig]):
     def preflight(self, config: FinetuneConfig) -> Prepared:
         return preflight(config)
 
-    def inputs(self, config: FinetuneConfig, checked) -> list[Any]:
+    def inputs(self, config: FinetuneConfig) -> list[Any]:
         return [config.data, config.checkpoint, config.tokenizer]
 
     def run_name(self, config: FinetuneConfig) -> str | None:

@@ -94,7 +94,7 @@ def resolve_model_config(config: PretrainConfig, shards: ShardSet) -> tuple[Bert
             raise InputError(f"shards {shards.path} were built with a {vocab}-token vocabulary but checkpoint "
                              f"{init} has vocab_size {model_config.vocab_size}: build the shards with the "
                              "checkpoint's tokenizer")
-        mismatch = tokenizer_mismatch(init, shards.tokenizer.dir)  # vocabulary and casing
+        mismatch = tokenizer_mismatch(init, shards.tokenizer_dir())  # vocabulary and casing
         if mismatch:
             raise InputError(f"shards {shards.path} were built with a different tokenizer than checkpoint {init}: "
                              f"{mismatch}; build them with --tokenizer {init}")
@@ -142,8 +142,8 @@ class PretrainJob(Job[PretrainConfig]):
     def preflight(self, config: PretrainConfig):
         return preflight(config)
 
-    def inputs(self, config: PretrainConfig, checked) -> list[Any]:
-        return [config.shards, config.val_shards, checked[3]]
+    def inputs(self, config: PretrainConfig) -> list[Any]:
+        return [config.shards, config.val_shards, None if config.model in PRESETS else config.model]
 
     def run_name(self, config: PretrainConfig) -> str:
         return f"pretrain-{Path(config.out).name}"
@@ -339,7 +339,7 @@ class _WorkerRun:
                                      worker.rank, worker.world, steps, worker.device) if config.val_shards else None)
         model.train()
         return cls(config, worker, model, raw, optimizer, precision, steps, state, batches, masker, evaluator, logger,
-                   shards.tokenizer.dir,
+                   shards.tokenizer_dir(),
                    flops_per_token(raw.config, shards.data.max_seq_length, shards.data.max_predictions_per_seq),
                    measure_peak_flops(worker.device, precision.dtype or torch.float32))
 

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from bert.errors import InputError
 from pipelines.config_args import resolve_paths
-from pipelines.outdir import own_dir
+from pipelines.outdir import check_disjoint, own_dir
 from pipelines.tracking import (
     RunHandle,
     check_tracking_store,
@@ -75,7 +75,7 @@ class Job(Generic[C]):
         """The settings that define the output: a re-run must match them to resume into the same dir."""
         return config.identity()  # type: ignore[attr-defined]
 
-    def inputs(self, config: C, checked: Any) -> list[Any]:
+    def inputs(self, config: C) -> list[Any]:
         """The paths the job reads: its output may be none of them, nor lie inside or around one."""
         return []
 
@@ -100,6 +100,7 @@ def run_job(job: Job[C], config: C) -> dict[str, Any]:
     config = resolve_paths(config, job.path_fields(config))
     job.settle(config)
     out = Path(config.out)  # type: ignore[attr-defined]
+    check_disjoint(out, job.inputs(config))  # first: an output that is an input is refused as such
     done = job.finished(config)
     if done is not None:
         print(f"[{job.name}] {out} is complete; nothing to do", flush=True)
@@ -108,7 +109,7 @@ def run_job(job: Job[C], config: C) -> dict[str, Any]:
     checked = job.preflight(config)
     uri = config.tracking_uri or default_tracking_uri(out)  # type: ignore[attr-defined]
     check_tracking_store(uri)  # unusable: one line, before anything is written or Ray starts
-    with own_dir(out, job.name, job.identity(config), inputs=job.inputs(config, checked)):
+    with own_dir(out, job.name, job.identity(config), inputs=job.inputs(config)):
         from pipelines.ray_runtime import ensure_ray
 
         ensure_ray()

@@ -120,7 +120,7 @@ class SweepJob(Job[FinetuneConfig]):
     def preflight(self, base: FinetuneConfig) -> None:
         _preflight(base, self.plans)
 
-    def inputs(self, base: FinetuneConfig, checked) -> list[Any]:
+    def inputs(self, base: FinetuneConfig) -> list[Any]:
         return [base.data, base.checkpoint, base.tokenizer]
 
     def run_name(self, base: FinetuneConfig) -> str:
