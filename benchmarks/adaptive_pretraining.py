@@ -30,6 +30,7 @@ a killed run re-run with the same command resumes, and a larger `--labels` list 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -175,6 +176,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    with contextlib.redirect_stdout(sys.stderr):  # the jobs' progress lines: stdout holds the JSON only
+        results = run(args)
+    print(json.dumps(results, indent=2, default=str))
+
+
+def run(args: argparse.Namespace) -> dict:
     from pipelines.ray_runtime import ensure_ray
 
     ensure_ray()
@@ -197,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     few = [t for t, r in results["tasks"].items() if any(v.get("beyond_seed_noise") for k, v in r["finetune"].items()
                                                           if k != "all")]
     results["lift_beyond_seed_noise_with_few_labels"] = few
-    print(json.dumps(results, indent=2, default=str))
+    return results
 
 
 if __name__ == "__main__":
