@@ -198,10 +198,10 @@ def _train_in_child(sample: list[str], options: dict[str, Any], progress: Callab
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=_trainer_process, args=(sender, os.getpid(), sample, options),
                             name="sentencepiece-trainer", daemon=True)
-    child.start()
-    sender.close()
     started = last = time.monotonic()
     try:
+        child.start()  # inside: a Ctrl-C while the sample is still being sent kills the child too
+        sender.close()
         while not receiver.poll(0.5):
             now = time.monotonic()
             if now - last >= TRAINING_HEARTBEAT_SECONDS:
@@ -216,9 +216,11 @@ def _train_in_child(sample: list[str], options: dict[str, Any], progress: Callab
             hint = "; out of memory? try fewer --sample-sentences" if code == -signal.SIGKILL else ""
             raise _TrainingFailed(f"the training process died ({how}{hint})") from None
     finally:
-        if child.is_alive():
-            child.kill()
-        child.join(5)
+        sender.close()
+        if child.pid is not None:  # started
+            if child.is_alive():
+                child.kill()
+            child.join(5)
         receiver.close()
     if status != "ok":
         raise _TrainingFailed(payload)
