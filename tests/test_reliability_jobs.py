@@ -256,9 +256,9 @@ def test_pretrain_killed_resumes_from_the_newest_checkpoint_on_disk(ray_local, s
     steps = out / "_ray" / "train"
 
     def newest() -> int:
-        from bert.pretrain import TrainState, checkpoint_complete
+        from bert.pretrain import TrainState
 
-        return max((TrainState.read(d).step for d in steps.glob("step-*") if checkpoint_complete(d)), default=0)
+        return max((TrainState.read(d).step for d in steps.glob("step-*") if TrainState.complete(d)), default=0)
 
     first = driver(ray_local, *args, log=tmp_path / "first.log")
     try:

@@ -304,7 +304,7 @@ def test_cli_empty_or_binary_corpus_gives_the_real_error(vocab_txt: Path, tmp_pa
     assert cli_build(corpus, vocab_txt, tmp_path / "shards") == 2  # refused before Ray starts
     err = one_line_error(capsys)
     assert "no text in the corpus: 3 file(s), all empty or binary" in err
-    assert "binary.bin (binary)" in err and "empty.txt (empty)" in err and "blank.txt.gz (empty)" in err
+    assert "binary.bin (binary: " in err and "empty.txt (empty)" in err and "blank.txt.gz (empty)" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
 
 
