@@ -141,47 +141,65 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ray_nodes_run_ddp_with_one_worker_each(small_shards, tmp_path):
-    """Two `ray start` processes on loopback form a two-node cluster; DDP places one worker per node."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    # a temp dir of its own: `ray start` records the head there, not in /tmp/ray where it would outlive the test
-    temp_dir = Path("/tmp") / f"rayn-{os.getpid()}"  # short: Ray's socket paths have a length limit
-    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
-              f"--temp-dir={temp_dir}"]
-    nodes = []
+class LoopbackCluster:
+    """`ray start` nodes on 127.0.0.1, each with `--block` in a process group of its own that the test alone
+    stops (or kills, to lose the node); a temp dir of its own (short: Ray's socket paths have a length limit),
+    so the head is not recorded in /tmp/ray where it would outlive the test."""
 
-    def start(*args: str) -> None:
-        # --block keeps each node's processes under one process group that the test alone stops
-        nodes.append(subprocess.Popen([ray_bin, "start", *args, *common], env=env, start_new_session=True,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    def __init__(self, name: str):
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.temp_dir = Path("/tmp") / f"{name}-{os.getpid()}"
+        self.nodes: list[subprocess.Popen] = []
 
-    try:
-        start("--head", f"--port={port}", "--include-dashboard=false")
-        wait_for_nodes(f"127.0.0.1:{port}", 1, env)
-        start(f"--address=127.0.0.1:{port}")
-        wait_for_nodes(f"127.0.0.1:{port}", 2, env)
-        out = tmp_path / "run"
-        cmd = [
-            str(Path(sys.executable).parent / "bertflow"), "pretrain", "--shards", str(small_shards), "--out", str(out),
-            "--config", "tiny", "--num-workers", "2", "--placement-strategy", "STRICT_SPREAD",
-            "--global-batch-size", "8", "--micro-batch-size", "4", "--max-steps", "4", "--warmup-steps", "1",
-        ]
-        done = subprocess.run(cmd, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        worker_nodes = {json.loads((out / "_workers" / f"rank{r}.json").read_text())["node_id"] for r in (0, 1)}
-        assert len(worker_nodes) == 2
-        assert json.loads((out / "_manifest.json").read_text())["step"] == 4
-    finally:
-        for proc in reversed(nodes):
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc in nodes:
+    def start(self, *args: str, nodes: int) -> subprocess.Popen:
+        """Start a node (the head first), and wait until the cluster has `nodes` alive."""
+        head = ["--head", f"--port={self.port}", "--include-dashboard=false"] if not self.nodes else [
+            f"--address={self.address}"]
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", *head, *args, "--block",
+                                 "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={self.temp_dir}"],
+                                env=self.env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        self.nodes.append(proc)
+        wait_for_nodes(self.address, nodes, self.env)
+        return proc
+
+    def bertflow(self, *args: str, **popen) -> subprocess.Popen:
+        return subprocess.Popen([str(Path(sys.executable).parent / "bertflow"), *args],
+                                env={**self.env, "RAY_ADDRESS": self.address}, **popen)
+
+    def __enter__(self) -> LoopbackCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in reversed(self.nodes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.nodes:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def test_two_ray_nodes_run_ddp_with_one_worker_each(small_shards, tmp_path):
+    """Two `ray start` processes on loopback form a two-node cluster; DDP places one worker per node."""
+    with LoopbackCluster("rayn") as cluster:
+        cluster.start("--num-cpus=2", nodes=1)
+        cluster.start("--num-cpus=2", nodes=2)
+        out = tmp_path / "run"
+        job = cluster.bertflow(
+            "pretrain", "--shards", str(small_shards), "--out", str(out),
+            "--config", "tiny", "--num-workers", "2", "--placement-strategy", "STRICT_SPREAD",
+            "--global-batch-size", "8", "--micro-batch-size", "4", "--max-steps", "4", "--warmup-steps", "1",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout, stderr = job.communicate(timeout=600)
+        assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        worker_nodes = {json.loads((out / "_workers" / f"rank{r}.json").read_text())["node_id"] for r in (0, 1)}
+        assert len(worker_nodes) == 2
+        assert json.loads((out / "_manifest.json").read_text())["step"] == 4
 
 
 def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 120) -> None:
@@ -265,32 +283,16 @@ def test_a_lost_node_shrinks_an_elastic_run_which_finishes_on_the_nodes_left(sma
     """Three `ray start` nodes on loopback (a head without CPUs, two worker nodes of one CPU each); an
     elastic run (`--num-workers 1-2`, one worker per node) loses a worker node mid-job: every process of that
     node is killed by process group. The run goes on with one worker from its newest checkpoint and finishes."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    temp_dir = Path("/tmp") / f"rayl-{os.getpid()}"
-    common = ["--block", "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
-    nodes = []
-
-    def start(*args: str) -> subprocess.Popen:
-        proc = subprocess.Popen([ray_bin, "start", *args, *common], env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        nodes.append(proc)
-        return proc
-
-    try:
-        start("--head", f"--port={port}", "--include-dashboard=false", "--num-cpus=0")
-        wait_for_nodes(f"127.0.0.1:{port}", 1, env)
-        start(f"--address=127.0.0.1:{port}", "--num-cpus=1")
-        doomed = start(f"--address=127.0.0.1:{port}", "--num-cpus=1")
-        wait_for_nodes(f"127.0.0.1:{port}", 3, env)
+    with LoopbackCluster("rayl") as cluster:
+        cluster.start("--num-cpus=0", nodes=1)
+        cluster.start("--num-cpus=1", nodes=2)
+        doomed = cluster.start("--num-cpus=1", nodes=3)
         out = tmp_path / "run"
-        cmd = [str(Path(sys.executable).parent / "bertflow"), "pretrain", "--shards", str(small_shards), "--out", str(out),
-               "--config", "tiny", "--num-workers", "1-2", "--placement-strategy", "SPREAD", "--global-batch-size", "8",
-               "--micro-batch-size", "4", "--max-steps", "40", "--warmup-steps", "1", "--checkpoint-every", "5",
-               "--log-every", "5"]
-        job = subprocess.Popen(cmd, env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+        job = cluster.bertflow(
+            "pretrain", "--shards", str(small_shards), "--out", str(out), "--config", "tiny", "--num-workers", "1-2",
+            "--placement-strategy", "SPREAD", "--global-batch-size", "8", "--micro-batch-size", "4",
+            "--max-steps", "40", "--warmup-steps", "1", "--checkpoint-every", "5", "--log-every", "5",
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 600
         while latest_checkpoint(out) is None and job.poll() is None and time.time() < deadline:
             time.sleep(1)
@@ -302,13 +304,3 @@ def test_a_lost_node_shrinks_an_elastic_run_which_finishes_on_the_nodes_left(sma
         assert manifest["step"] == 40
         assert json.loads((out / "checkpoint" / "train_state.json").read_text())["world_size"] == 1
         assert len(runs_for(out)) == 1
-    finally:
-        for proc in reversed(nodes):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in nodes:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -9,7 +9,6 @@ left beside it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import queue
 import random
@@ -27,6 +26,7 @@ import torch
 from bert.checkpoint import from_pretrained, save_pretrained
 from bert.corpus import CorpusConfig, InputFile, ReadStats, read_documents
 from bert.inference import write_task_file
+from cli_helpers import assert_refused, cli, tree_hash
 from pipelines.cli import main
 from pipelines.outdir import lock
 
@@ -34,38 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def tree_hash(*roots: Path) -> str:
-    """sha256 over every entry under `roots` (hidden ones too): relative name, kind, size, bytes."""
-    digest = hashlib.sha256()
-    for root in roots:
-        for path in sorted([root, *root.rglob("*")]):
-            digest.update(f"{path.relative_to(root.parent)}\0".encode())
-            if path.is_symlink():
-                digest.update(b"link\0" + str(path.readlink()).encode())
-            elif path.is_dir():
-                digest.update(b"dir\0")
-            elif path.is_file():
-                digest.update(f"file\0{path.stat().st_size}\0".encode() + hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
-def cli(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_refused(result: tuple[int, str, str], command: str, *needles: str) -> str:
-    code, _, err = result
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"bertflow {command}: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def no_leftovers(directory: Path) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from cli_helpers import wait_for
 from pipelines.cli import main
 
 pytestmark = pytest.mark.integration
@@ -45,16 +46,6 @@ def tree_hash(root: Path) -> str:
         if path.is_file():
             digest.update(path.read_bytes())
     return digest.hexdigest()
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def driver(ray_local, *args: str, log: Path) -> subprocess.Popen:
