@@ -77,17 +77,11 @@ class EvaluateNode:
 def configure_evaluate(w) -> list:
     """Parse the section once: every task's fine-tune config is checked before anything runs."""
     from pipelines.config_args import construct, split_section
-    from pipelines.dag.graph import path_fingerprint, require_paths
+    from pipelines.dag.graph import path_fingerprint, require_paths, task_seed_section
     from pipelines.dag.spec import expand_path
-    from pipelines.jobs.configs import FinetuneConfig, parse_seeds
+    from pipelines.jobs.configs import FinetuneConfig
 
-    own, shared = split_section(w.spec.config, [EvaluateStageConfig, FinetuneConfig], w.text, excluded=SET_BY_PIPELINE)
-    if not own.get("tasks"):
-        raise InputError(f"{w.text}: tasks is missing or empty: name at least one task, e.g. tasks: {{sst2: {{}}}}")
-    try:
-        own["seeds"] = parse_seeds(own.get("seeds", (1,)), 1)
-    except InputError as exc:
-        raise InputError(f"{w.text}: {exc}") from None
+    own, shared = task_seed_section(w.spec.config, [EvaluateStageConfig, FinetuneConfig], w.text, SET_BY_PIPELINE)
     section = EvaluateStageConfig(**own)
     if section.every < 1 or section.max_concurrent < 1:
         raise InputError(f"{w.text}: every and max_concurrent must be >= 1")

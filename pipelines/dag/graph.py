@@ -113,6 +113,23 @@ def link_tree(src: Path, dst: Path) -> None:
         link(str(src), str(dst))
 
 
+def task_seed_section(section: Mapping[str, Any], parts: Sequence[type], where: str,
+                      excluded: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A stage section that fans out over `tasks` x `seeds` (finetune, evaluate_checkpoints): (its own values,
+    seeds parsed; the fine-tune settings its tasks share), each checked once."""
+    from pipelines.config_args import split_section
+    from pipelines.jobs.configs import parse_seeds
+
+    own, shared = split_section(section, parts, where, excluded=excluded)
+    if not own.get("tasks"):
+        raise InputError(f"{where}: tasks is missing or empty: name at least one task, e.g. tasks: {{sst2: {{}}}}")
+    try:
+        own["seeds"] = parse_seeds(own.get("seeds", (1,)), 1)
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    return own, shared
+
+
 StageFunction = Callable[[StageContext], Mapping[str, Any] | None]
 
 

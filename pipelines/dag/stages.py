@@ -39,7 +39,7 @@ from typing import Any
 
 from bert.errors import InputError
 from bert.pretraining_data import PretrainingDataConfig
-from pipelines.dag.graph import Stage, StageContext, link_tree, path_fingerprint, require_paths
+from pipelines.dag.graph import Stage, StageContext, link_tree, path_fingerprint, require_paths, task_seed_section
 from pipelines.dag.pydoc_corpus import PydocCorpusConfig, pydoc_corpus
 from pipelines.config_args import check_value, construct, split_section
 from pipelines.dag.spec import Spec, StageSpec, expand_path
@@ -268,8 +268,6 @@ def random_init_stage(ctx: StageContext) -> dict[str, Any]:
 
 FINETUNE_SET_BY_PIPELINE = ("task", "data", "checkpoint", "out", "tokenizer", "seed", "seeds", "tracking_uri",
                             "parent_run_id", "experiment")
-FINETUNE_NOT_IN_KEY = ("log_every", "eval_batch_size", "threads_per_worker", "log_model", "max_failures",
-                       "cpus_per_worker", "register_as")
 
 
 @dataclass(frozen=True)
@@ -299,16 +297,9 @@ class FinetuneNode:
 
 def finetune_section(s: StageSpec, where: str) -> tuple[FinetuneStageConfig, dict[str, Any]]:
     """The stage's fan-out and the fine-tune settings shared by its tasks, each parsed once."""
-    from pipelines.jobs.configs import parse_seeds
     from pipelines.jobs.configs import FinetuneConfig
 
-    own, shared = split_section(s.config, [FinetuneStageConfig, FinetuneConfig], where, excluded=FINETUNE_SET_BY_PIPELINE)
-    if not own.get("tasks"):
-        raise InputError(f"{where}: tasks is missing or empty: name at least one task, e.g. tasks: {{sst2: {{}}}}")
-    try:
-        own["seeds"] = parse_seeds(own.get("seeds", (1,)), 1)
-    except InputError as exc:
-        raise InputError(f"{where}: {exc}") from None
+    own, shared = task_seed_section(s.config, [FinetuneStageConfig, FinetuneConfig], where, FINETUNE_SET_BY_PIPELINE)
     for task in own["tasks"]:
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", task):
             raise InputError(f"{where}: task entry name {task!r} must be letters, digits, '_' or '-'")
