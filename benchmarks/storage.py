@@ -4,7 +4,7 @@ The object store is moto's S3 server in its own process on 127.0.0.1 (a real HTT
 network latency or bandwidth limit, so the figures are the cost of the S3 protocol and of our
 client path, not of a region's network). Measured:
 
-* **Reading shards** — one rank's `WorkerStream` (world size 1, batches of 32) over one epoch of
+* **Reading shards** — one rank's `GlobalStream` (world size 1, batches of 32) over one epoch of
   the same shards: from local disk; from S3 with an empty cache (every part downloaded and
   sha256-checked, the next part read ahead); from S3 with the cache warm. Tokens (the `length`
   column) per second, and the S3 figures over the local one. Alternated `--repeats` times; the
@@ -73,13 +73,14 @@ def build(files: int, out: Path) -> Path:
 
 
 def read_epoch(location, cache) -> tuple[float, int]:
-    from bert.shards import ShardSet, WorkerStream
+    from bert.example_order import GlobalStream
+    from bert.shards import ShardSet
 
     started = time.perf_counter()
     shards = ShardSet.open(location, cache=cache)
-    stream = WorkerStream(shards, 0, 1, seed=0)
+    stream = GlobalStream(shards, seed=0)
     tokens, seen = 0, 0
-    for batch in stream.batches(32, 0):
+    for batch in stream.rank_batches(32, 0, 0, 1):
         tokens += sum(row["length"] for row in batch)
         seen += len(batch)
         if seen + 32 > stream.epoch_size:

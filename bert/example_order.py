@@ -73,11 +73,8 @@ class GlobalStream:
         for file_index, upcoming, rows, first in self.positions(start):
             blocks = (first + np.arange(len(rows))) // batch_size
             mine = rows[blocks % world == rank]
+            columns = self.shards.read_part(self.files[file_index]).to_pydict() if len(mine) else {}
             self.shards.prefetch(self.files[upcoming])  # read-ahead while this file's rows are consumed
-            if len(mine) == 0:
-                continue
-            table = self.shards.read_part(self.files[file_index])
-            columns = table.to_pydict()
             for i in mine:
                 pending.append({k: v[i] for k, v in columns.items()})
                 if len(pending) == batch_size:

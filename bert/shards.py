@@ -9,8 +9,8 @@
 pretraining job, `bertflow shards inspect`, the pipeline) uses it instead of reading the JSON
 itself. `ShardSet.open` also checks every part file against the manifest (parquet footer
 readable, row count as recorded), naming the file that is truncated, missing or foreign.
-`WorkerStream` is one rank's endless, seeded, resumable stream of rows. Building shards is
-`pipelines/jobs/shards.py`'s business; this module only reads them.
+The order in which training reads the rows is `bert/example_order.py`'s (one global order, split
+across ranks). Building shards is `pipelines/jobs/shards.py`'s business; this module only reads them.
 
 A shards dir may be local or on an object store (`s3://...`, through `bert/storage.py`). Remote
 part files are read through a `PartCache`: a local directory of downloaded parts, named by the
@@ -31,13 +31,12 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -396,49 +395,3 @@ def read_rows(shards: ShardSet, limit: int) -> list[dict[str, Any]]:
         if len(rows) >= limit:
             break
     return rows[:limit]
-
-
-class WorkerStream:
-    """The rows of one rank, epoch after epoch, in a seeded order; resumable at any sample.
-
-    Rank r reads the part files `files[r::world]`; every epoch visits them in an order drawn from
-    (seed, rank, epoch) and the rows of each file in an order drawn from (seed, rank, epoch, file).
-    The position in the stream is one number, the samples consumed, so resuming needs nothing else.
-    """
-
-    def __init__(self, shards: ShardSet, rank: int, world_size: int, seed: int):
-        self.shards = shards
-        self.files = list(shards.files[rank::world_size])
-        self.rows = list(shards.rows[rank::world_size])
-        self.rank, self.seed = rank, seed
-        self.epoch_size = sum(self.rows)
-        if self.epoch_size == 0:
-            raise InputError(f"rank {rank}: its part files of {shards.path} hold no examples")
-
-    def _epoch_order(self, epoch: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, self.rank, epoch])
-        return list(rng.permutation(len(self.files)))
-
-    def batches(self, batch_size: int, start: int) -> Iterator[list[dict[str, Any]]]:
-        """Yield lists of `batch_size` row dicts, starting at sample `start` of this rank's stream."""
-        epoch, offset = divmod(start, self.epoch_size)
-        pending: list[dict[str, Any]] = []
-        while True:
-            file_order = self._epoch_order(epoch)
-            for position, file_index in enumerate(file_order):
-                n = self.rows[file_index]
-                if offset >= n:
-                    offset -= n
-                    continue
-                table = self.shards.read_part(self.files[file_index])
-                upcoming = file_order[position + 1] if position + 1 < len(file_order) else self._epoch_order(epoch + 1)[0]
-                self.shards.prefetch(self.files[upcoming])  # read-ahead while this file's rows are consumed
-                order = np.random.default_rng([self.seed, self.rank, epoch, int(file_index)]).permutation(n)
-                columns = table.to_pydict()
-                for i in order[offset:]:
-                    pending.append({k: v[i] for k, v in columns.items()})
-                    if len(pending) == batch_size:
-                        yield pending
-                        pending = []
-                offset = 0
-            epoch += 1

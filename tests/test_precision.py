@@ -23,7 +23,8 @@ from bert.optim import adamw, build_optimizer, clip_grad_norm
 from bert.precision import PRECISIONS, Precision, choose_precision, cpu_has_native_bf16
 from bert.pretrain import StepConfig, collate
 from bert.pretrain import train_step as pretrain_step
-from bert.shards import ShardSet, WorkerStream
+from bert.example_order import GlobalStream
+from bert.shards import ShardSet
 from bert.tasks import collate as task_collate
 from bert.tasks import get_task
 from bert.tokenizer import Tokenizer
@@ -108,7 +109,7 @@ def test_bf16_finetune_steps_match_fp32_within_tolerance(minilm_dir, mrpc):
 @pytest.fixture(scope="module")
 def pretrain_rows(small_shards):
     shards = ShardSet.open(small_shards)
-    stream = WorkerStream(shards, 0, 1, seed=3).batches(8, 0)
+    stream = GlobalStream(shards, seed=3).rank_batches(8, 0, 0, 1)
     return shards, [next(stream) for _ in range(6)]
 
 

@@ -221,7 +221,8 @@ def s3_shards(small_shards, s3_server) -> str:
 
 
 def test_shards_from_s3_read_the_same_rows_and_batches_as_local(small_shards, s3_shards, tmp_path):
-    from bert.shards import PartCache, ShardSet, WorkerStream, read_rows
+    from bert.example_order import GlobalStream
+    from bert.shards import PartCache, ShardSet, read_rows
 
     local = ShardSet.open(small_shards)
     remote = ShardSet.open(s3_shards, cache=PartCache(tmp_path / "cache", max_bytes=1))  # cap: evict all it may
@@ -232,11 +233,11 @@ def test_shards_from_s3_read_the_same_rows_and_batches_as_local(small_shards, s3
 
     assert Tokenizer.load(remote.tokenizer_dir()).fingerprint() == local.tokenizer.fingerprint
     for rank, world in [(0, 1), (1, 2)]:
-        epoch = WorkerStream(local, rank, world, seed=7).epoch_size
-        start = epoch - 5  # resume near the end of an epoch: the stream crosses into the next
-        mine = WorkerStream(remote, rank, world, seed=7).batches(8, start)
-        theirs = WorkerStream(local, rank, world, seed=7).batches(8, start)
-        for _ in range(2 + epoch // 8):
+        epoch = GlobalStream(local, seed=7).epoch_size
+        start = (epoch - 5) // (8 * world) * (8 * world)  # resume near the end of an epoch: it crosses into the next
+        mine = GlobalStream(remote, seed=7).rank_batches(8, start, rank, world)
+        theirs = GlobalStream(local, seed=7).rank_batches(8, start, rank, world)
+        for _ in range(2 + epoch // (8 * world)):
             assert next(mine) == next(theirs)
     cached = sorted(p.name for p in (tmp_path / "cache").glob("*.parquet"))
     assert 1 <= len(cached) <= 2, cached  # the cap holds: only the part in use and the one read ahead
