@@ -5,8 +5,8 @@
                 settings that need them (a sweep's space), checked without reading any input
     finished?   a finished run of the same job and settings in --out: its result, nothing else done
                 (an MLflow run such a run left RUNNING, killed just before closing it, is ended)
-    preflight   everything checkable, before anything is written or any worker starts; the tracking
-                store too (`check_tracking_store`: one rule for every job)
+    tracking    the store checked (`check_tracking_store`: one rule for every job), in seconds
+    preflight   everything checkable, before anything is written or any worker starts
     claim       --out owned and locked (`pipelines/outdir.own_dir`): absent, or this job's unfinished run;
                 the processes of an earlier run that wrote into it have exited
     tracking    the job's MLflow run (`pipelines/tracking.open_job_run`): created once, re-opened by a resume
@@ -106,9 +106,9 @@ def run_job(job: Job[C], config: C) -> dict[str, Any]:
         print(f"[{job.name}] {out} is complete; nothing to do", flush=True)
         close_if_running(out)  # a run killed between its last output and closing its MLflow run
         return done
-    checked = job.preflight(config)
     uri = config.tracking_uri or default_tracking_uri(out)  # type: ignore[attr-defined]
-    check_tracking_store(uri)  # unusable: one line, before anything is written or Ray starts
+    check_tracking_store(uri)  # unusable: one line, before any input is read, anything written or Ray starts
+    checked = job.preflight(config)
     with own_dir(out, job.name, job.identity(config), inputs=job.inputs(config)):
         from pipelines.ray_runtime import ensure_ray
 
