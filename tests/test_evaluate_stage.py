@@ -54,6 +54,7 @@ def test_select_takes_every_kth_and_the_last():
     assert select([1, 2, 3, 4], 2) == [2, 4]
 
 
+@pytest.mark.slow  # the default run's 30-minute budget; run with -m slow
 def test_curves_along_a_run_are_cached_per_checkpoint(ray_local, datasets_dir, vocab_txt, tmp_path):
     assert cli(["run", str(write_spec(tmp_path, datasets_dir, vocab_txt, every=2))]) == 0
     work = tmp_path / "work"

@@ -173,6 +173,7 @@ def test_several_seeds_report_mean_and_std_with_nested_runs(ray_local, datasets_
     assert not (out / "_ray").exists() and not any((out / f"seed-{s}" / "_best").exists() for s in (1, 2))
 
 
+@pytest.mark.slow  # the default run's 30-minute budget; run with -m slow
 def test_a_seed_trained_after_another_in_one_job_matches_it_trained_alone(ray_local, datasets_dir, minilm_dir,
                                                                            tmp_path):
     """Sharing a worker with an earlier seed changes nothing in a seed's numerics: same dev metrics, predictions."""

@@ -90,6 +90,7 @@ def test_fp32_finetune_step_is_plain_float32_code(minilm_dir, mrpc):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow  # the default run's 30-minute budget; run with -m slow
 def test_bf16_finetune_steps_match_fp32_within_tolerance(minilm_dir, mrpc):
     spec, prepared = mrpc
     fp32_model, fp32_losses = finetune_steps(minilm_dir, spec, prepared, FP32)

@@ -52,7 +52,7 @@ def runs_for(out: Path) -> list:
     return client.search_runs([experiment], filter_string=f"tags.`bertflow.out` = '{out.resolve()}'")
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])  # bf16: -m slow (budget)
 def test_resume_is_exact_with_two_workers(small_shards, tmp_path, precision):
     """Stopped at step k and resumed, a run reaches step 2k with the weights of an uninterrupted run (per precision)."""
     common = dict(TINY_RUN, shards=str(small_shards), max_steps=6, precision=precision)

@@ -179,6 +179,7 @@ def test_finetune_driver_killed_after_an_epoch_resumes_there(ray_local, datasets
     assert not (out / "_ray").exists() and not (out / "_best").exists()
 
 
+@pytest.mark.slow  # the default run's 30-minute budget; run with -m slow
 def test_finetune_seeds_killed_in_the_second_seed_resume_it_and_keep_the_first(ray_local, datasets_dir, minilm_dir,
                                                                               tmp_path):
     """The seeds of one job share a Ray Train run; killed during seed 2, the re-run leaves seed 1's finished

@@ -215,6 +215,7 @@ def predicting(psutil) -> bool:
     return False
 
 
+@pytest.mark.slow  # the default run's 30-minute budget; run with -m slow
 def test_sigterm_in_the_middle_of_pretrain_then_resume(ray_local, small_shards, tmp_path):
     """The probe: SIGTERM (what a scheduler or `kill` sends) exited 134 with Ray's C++ stack dump."""
     out = tmp_path / "run"

@@ -194,6 +194,7 @@ def mlflow_trial_runs(out: Path) -> dict[str, int]:
     return {n: names.count(n) for n in sorted(set(names))}
 
 
+@pytest.mark.slow  # the default run's 30-minute budget; run with -m slow
 @pytest.mark.integration
 def test_sweep_killed_after_a_finished_trial_resumes_without_training_it_again(tmp_path, datasets_dir, minilm_dir):
     out = tmp_path / "out"
