@@ -272,3 +272,41 @@ def test_two_runs_of_one_workdir_at_once(cluster):
     finally:
         out, _ = first.communicate(timeout=300)
     assert first.returncode == 0, out[-3000:]
+
+
+def test_submitted_job_whose_driver_dies_is_submitted_again_and_resumes(cluster):
+    """Driver loss: the driver of a `bertflow submit` job (the job's entrypoint, `bertflow run` on the head) is
+    killed mid-pretraining; the job ends FAILED and what it had done stays. Submitting the same spec again is
+    what the user does: the finished stages are cache hits and pretraining resumes from its newest checkpoint."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    work = cluster["workdir"].with_name("work-driver")
+    longer = [*FAST, "--set", "pretrain_phase1.max_steps=60", "--set", "pretrain_phase1.checkpoint_every=10"]
+    plan = bertflow(cluster, "run", SPEC, "--workdir", str(work), *longer, "--until", "pretrain_phase1", "--dry-run")
+    key = next(re.search(r"\b([0-9a-f]{16})\b", line).group(1) for line in plan.stdout.splitlines()
+               if line.startswith("pretrain_phase1 "))
+    steps = work / "pretrain" / (key + ".work") / "run" / "_ray" / "train"
+    submitted = bertflow(cluster, "submit", SPEC, "--address", cluster["address"], "--workdir", str(work), *longer)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    job_id = re.search(r"submitted job (\S+) to", submitted.stdout).group(1)
+    client = JobSubmissionClient(cluster["address"])
+    wait_for(lambda: any((d / "train_state.json").is_file() for d in steps.glob("step-*"))
+             or client.get_job_status(job_id).is_terminal(), 900, "the first pretraining checkpoint")
+    assert not client.get_job_status(job_id).is_terminal(), client.get_job_logs(job_id)[-4000:]
+    os.kill(int(client.get_job_info(job_id).driver_info.pid), signal.SIGKILL)
+    wait_for(lambda: client.get_job_status(job_id).is_terminal(), 120, "the job to end")
+    assert client.get_job_status(job_id) == JobStatus.FAILED
+    killed_at = max(json.loads((d / "train_state.json").read_text())["step"]
+                    for d in steps.glob("step-*") if (d / "train_state.json").is_file())
+
+    again = bertflow(cluster, "submit", SPEC, "--address", cluster["address"], "--workdir", str(work), *longer,
+                     "--wait", timeout=1200)
+    assert again.returncode == 0 and "SUCCEEDED" in again.stdout, again.stdout[-6000:] + again.stderr[-3000:]
+    match = re.search(r"\[pretrain\] resuming from \S+ \(step (\d+)\)", again.stdout)
+    assert match and int(match.group(1)) >= killed_at, again.stdout[-4000:]
+    manifest = json.loads((work / "pretrain" / key / "pretrain_manifest.json").read_text())
+    assert manifest["complete"] and manifest["step"] == 60
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(manifest["mlflow"]["tracking_uri"]).get_metric_history(manifest["mlflow"]["run_id"], "loss")
+    assert len({m.step for m in history}) == len(history)  # no step logged twice across the two drivers

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +21,7 @@ from bert.config import BertConfig
 from bert.errors import InputError
 from bert.model import BertForPreTraining
 from pipelines.jobs.pretrain import PretrainConfig, latest_checkpoint, run_pretraining
+from loopback import LoopbackCluster
 from pipelines.jobs.shards import load_tokenizer
 
 pytestmark = pytest.mark.integration
@@ -135,55 +133,6 @@ def test_killed_worker_is_replaced_and_training_completes(small_shards, small_va
     assert "checkpoint/model.safetensors" in artifacts
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LoopbackCluster:
-    """`ray start` nodes on 127.0.0.1, each with `--block` in a process group of its own that the test alone
-    stops (or kills, to lose the node); a temp dir of its own (short: Ray's socket paths have a length limit),
-    so the head is not recorded in /tmp/ray where it would outlive the test."""
-
-    def __init__(self, name: str):
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        self.temp_dir = Path("/tmp") / f"{name}-{os.getpid()}"
-        self.nodes: list[subprocess.Popen] = []
-
-    def start(self, *args: str, nodes: int) -> subprocess.Popen:
-        """Start a node (the head first), and wait until the cluster has `nodes` alive."""
-        head = ["--head", f"--port={self.port}", "--include-dashboard=false"] if not self.nodes else [
-            f"--address={self.address}"]
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", *head, *args, "--block",
-                                 "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={self.temp_dir}"],
-                                env=self.env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        self.nodes.append(proc)
-        wait_for_nodes(self.address, nodes, self.env)
-        return proc
-
-    def bertflow(self, *args: str, **popen) -> subprocess.Popen:
-        return subprocess.Popen([str(Path(sys.executable).parent / "bertflow"), *args],
-                                env={**self.env, "RAY_ADDRESS": self.address}, **popen)
-
-    def __enter__(self) -> LoopbackCluster:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for proc in reversed(self.nodes):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.nodes:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
 def test_two_ray_nodes_run_ddp_with_one_worker_each(small_shards, tmp_path):
     """Two `ray start` processes on loopback form a two-node cluster; DDP places one worker per node."""
     with LoopbackCluster("rayn") as cluster:
@@ -200,21 +149,6 @@ def test_two_ray_nodes_run_ddp_with_one_worker_each(small_shards, tmp_path):
         worker_nodes = {json.loads((out / "_workers" / f"rank{r}.json").read_text())["node_id"] for r in (0, 1)}
         assert len(worker_nodes) == 2
         assert json.loads((out / "_manifest.json").read_text())["step"] == 4
-
-
-def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 120) -> None:
-    """Block until the cluster at `address` has `count` alive nodes (asked from a separate process)."""
-    probe = (
-        "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-        "print(sum(n['Alive'] for n in ray.nodes()))"
-    )
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        done = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
-        if done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == [str(count)]:
-            return
-        time.sleep(2)
-    raise AssertionError(f"Ray cluster at {address} did not reach {count} nodes")
 
 
 # ----------------------------------------------------------------------------- bad input (no worker starts)

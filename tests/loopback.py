@@ -1,0 +1,79 @@
+"""Ray clusters of several nodes on this machine, for the tests that lose a node: every node a `ray start
+--block` process on 127.0.0.1 in a process group of its own, so a test loses a node by killing that group
+(its raylet and every worker on it), as a preempted machine goes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopbackCluster:
+    """`ray start` nodes on 127.0.0.1, each with `--block` in a process group of its own that the test alone
+    stops (or kills, to lose the node); a temp dir of its own (short: Ray's socket paths have a length limit),
+    so the head is not recorded in /tmp/ray where it would outlive the test."""
+
+    def __init__(self, name: str):
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.temp_dir = Path("/tmp") / f"{name}-{os.getpid()}"
+        self.nodes: list[subprocess.Popen] = []
+
+    def start(self, *args: str, nodes: int) -> subprocess.Popen:
+        """Start a node (the head first), and wait until the cluster has `nodes` alive."""
+        head = ["--head", f"--port={self.port}", "--include-dashboard=false"] if not self.nodes else [
+            f"--address={self.address}"]
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", *head, *args, "--block",
+                                 "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={self.temp_dir}"],
+                                env=self.env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        self.nodes.append(proc)
+        wait_for_nodes(self.address, nodes, self.env)
+        return proc
+
+    def bertflow(self, *args: str, **popen) -> subprocess.Popen:
+        return subprocess.Popen([str(Path(sys.executable).parent / "bertflow"), *args],
+                                env={**self.env, "RAY_ADDRESS": self.address}, **popen)
+
+    def __enter__(self) -> LoopbackCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for proc in reversed(self.nodes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.nodes:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 120) -> None:
+    """Block until the cluster at `address` has `count` alive nodes (asked from a separate process)."""
+    probe = (
+        "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+        "print(sum(n['Alive'] for n in ray.nodes()))"
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
+        if done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(2)
+    raise AssertionError(f"Ray cluster at {address} did not reach {count} nodes")
