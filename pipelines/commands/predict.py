@@ -1,4 +1,4 @@
-"""`bertflow predict`: run a fine-tuned checkpoint on new text (TSV or JSONL) with Ray Data."""
+"""`bertflow predict`: run a fine-tuned checkpoint on new text (JSONL, TSV, CSV, parquet), streamed through Ray Data."""
 
 from __future__ import annotations
 
@@ -11,20 +11,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     q = sub.add_parser(
         "predict",
-        help="run a fine-tuned checkpoint on new text (TSV or JSONL) with Ray Data",
-        description="Predict with a fine-tuned checkpoint; writes JSONL, one line per input row, in input order, "
-        "to the new file --output (never the input, never an existing file; written atomically). Each line has "
-        "row (and id) and the fields an MLflow model of the checkpoint answers: label and probabilities "
-        "(classification), score (regression), answer, start, end and score (QA), entities (NER).",
+        help="run a fine-tuned checkpoint on new text (JSONL, TSV, CSV, parquet), streamed through Ray Data",
+        description="Predict with a fine-tuned checkpoint, streaming the input through Ray Data (the driver's memory "
+        "does not grow with it). Writes the new dir --out (a local path or an s3:// URI; never the input, never an "
+        "existing path, except on an object store this job's unfinished run): part-<first row>.jsonl files, one JSON "
+        "line per input row, in input order, and _manifest.json, written last (locally the dir is renamed into "
+        "place when complete). Each line has row (and id) and the fields an MLflow model of the checkpoint "
+        "answers: label and probabilities (classification), score (regression), answer, start, end and score "
+        "(QA), entities (NER).",
     )
     add_dataclass_arguments(
         q,
         PredictConfig,
-        required=("checkpoint", "input", "output"),
+        required=("checkpoint", "input", "out"),
         help={
             "checkpoint": "a fine-tuned checkpoint dir (or a `bertflow finetune` output dir)",
-            "input": "TSV with a header line, or JSONL (.jsonl)",
-            "output": "output JSONL file to create: must not exist, nor be the input or lie inside the checkpoint",
+            "input": "JSONL (.jsonl), CSV (.csv) or TSV (else) with a header line (.gz too), or parquet (.parquet); "
+            "a local path or an s3:// URI",
+            "out": "output dir to create (local or s3://): must not exist, nor be the input or lie inside the checkpoint",
+            "block_rows": "rows per Ray Data block: per model-actor call and per output part",
             "pair_column": "second text of pair tasks (default: text_pair)",
             "tokens_column": "NER: a list of words per row (JSONL); else --text-column is split into words",
             "concurrency": "number of model actors",
@@ -38,5 +43,6 @@ def run_predict_command(args: argparse.Namespace) -> int:
     from pipelines.jobs.predict import PredictConfig, run_predict
 
     summary = run_predict(dataclass_from_args(PredictConfig, args))
-    print(f"[predict] {summary['rows']} predictions ({summary['task']}) written to {summary['output']}")
+    print(f"[predict] {summary['rows']} predictions ({summary['task']}) written to {summary['output']} "
+          f"({summary['parts']} parts)")
     return 0

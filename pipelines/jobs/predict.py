@@ -1,202 +1,221 @@
-"""`bertflow predict`: run a fine-tuned checkpoint on new text with Ray Data.
+"""`bertflow predict`: run a fine-tuned checkpoint on new text, streamed through Ray Data.
 
-The driver reads the input (TSV with a header, or JSONL), checks that every row has the
-columns the task needs (naming file and line otherwise), and checks the checkpoint, before
-anything runs on Ray. Rows then go through `ray.data.from_items(...).map_batches(...)` with a
-callable class that holds one `Predictor` (the model) per actor; `concurrency` actors, `batch_size`
-rows per call. The output is JSONL, one line per input row, in input order:
-    {"row": 0-based row index, "id": the input's id column if it has one, ...the prediction's fields}
-where the fields are those the MLflow model answers (`bert.inference.Predictor.predict_records`):
-label and probabilities (classification), score (regression), answer, start, end and score (QA),
-entities with spans and scores (NER).
-The output is a new file (pipelines/outdir.py, `atomic_output(..., directory=False)`): an
-existing output, or one that is the input or lies inside the input or the checkpoint, is
-refused before anything is read; it is written under a temporary name, locked, and renamed
-into place when complete. There is no default output path: a command never writes next to
-its inputs unless told to.
+    check       --out new (or, on an object store, this job's unfinished run with the same settings), the
+                checkpoint a fine-tuned one, the input's first row readable and holding the model's columns:
+                each refused with one line naming the file (and line) before any work starts
+    claim       local: a temporary sibling `.<out>.tmp-<id>/`, locked, renamed to --out when complete
+                (`pipelines/outdir.atomic_output`); object store: the one-writer lease and `_job.json`
+                (`pipelines/outdir.claim_dir`), a killed run's parts removed
+    stream      read the input (one read task, `pipelines/jobs/predict_data.PredictInput`) -> blocks of
+                `block_rows` rows (`repartition(target_num_rows_per_block=...)`) -> `map_batches` over
+                `concurrency` actors, one `Predictor` each -> each block written as one part by the actor
+                pool's successor, a write task (`PartsSink`); `preserve_order` keeps blocks in input order
+    publish     the parts checked to tile rows 0..n-1, then `_manifest.json`, written last (the rename of
+                the local temporary follows it)
+
+The driver holds no rows: its memory does not grow with the input (`benchmarks/predict.py` measures it).
+
+The output is a dir:
+    part-000000000000.jsonl, part-000000010000.jsonl, ...   one JSON line per input row, in input order
+                                                             (the names sort in row order: `cat part-*`)
+    _manifest.json                                           rows, parts (name, first row, rows), task,
+                                                             checkpoint, input, settings; written last
+Each line is {"row": 0-based row index, "id": the input's id column if the row has one, ...the prediction's
+fields}, the fields an MLflow model of the checkpoint answers (`bert.inference.Predictor.predict_records`):
+label and probabilities (classification), score (regression), answer, start, end and score (QA), entities
+with spans and scores (NER). `read_predictions(out)` yields them in order.
+
+Inputs: JSONL, TSV or CSV with a header (`.gz` too), or parquet; a local path or an object-store URI
+(`bert.storage`). The checkpoint is a local dir (every actor loads it). There is no default output path: a
+command never writes next to its inputs unless told to.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
+import dataclasses
 import json
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bert import storage
 from bert.errors import InputError
 from bert.inference import TASK_FILE
 
 JOB = "predict"
+MANIFEST = "_manifest.json"
+FORMAT = "bertflow-predictions/1"
+RUN_ONLY = ("concurrency", "cpus_per_actor", "threads_per_actor")  # settings that do not change the output
 
 
 @dataclass(frozen=True)
 class PredictConfig:
     checkpoint: str
     input: str
-    output: str  # a new JSONL file: never the input, never an existing file
+    out: str  # a new output dir: never the input, never an existing path
     text_column: str = "text"
     pair_column: str | None = None  # default: "text_pair" for pair tasks
     question_column: str = "question"
     context_column: str = "context"
     tokens_column: str = "tokens"
     id_column: str | None = "id"  # copied to the output when present
-    batch_size: int = 64
+    batch_size: int = 64  # rows per forward pass (an actor sorts its block by length first)
+    block_rows: int = 10_000  # rows per Ray Data block: per actor call, and per output part
     concurrency: int = 1
     cpus_per_actor: int = 1
     threads_per_actor: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "concurrency", "cpus_per_actor"):
+        for name in ("batch_size", "block_rows", "concurrency", "cpus_per_actor"):
             if getattr(self, name) <= 0:
                 raise InputError(f"predict: {name} must be positive, got {getattr(self, name)}")
 
-
-def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) for every row of a TSV file with a header, or of a JSONL file."""
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    rows: list[tuple[int, dict[str, Any]]] = []
-    if path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{line_no}: not valid JSON: {exc.msg}") from None
-                if not isinstance(row, dict):
-                    raise InputError(f"{path}:{line_no}: expected a JSON object per line")
-                rows.append((line_no, row))
-    else:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(reader, None)
-            if header is None:
-                raise InputError(f"{path}: empty file, expected a header line")
-            for fields in reader:
-                if not fields:
-                    continue
-                if len(fields) != len(header):
-                    raise InputError(f"{path}:{reader.line_num}: expected {len(header)} tab-separated fields "
-                                     f"(as in the header), found {len(fields)}")
-                rows.append((reader.line_num, dict(zip(header, fields))))
-    if not rows:
-        raise InputError(f"{path}: no rows to predict")
-    return rows
-
-
-def task_columns(config: PredictConfig, kind: str, pair: bool) -> dict[str, str]:
-    """Model input field -> input column."""
-    if kind == "span":
-        return {"question": config.question_column, "context": config.context_column}
-    if kind == "token_classification":
-        return {"tokens": config.tokens_column, "text": config.text_column}
-    columns = {"text": config.text_column}
-    if pair:
-        columns["text_pair"] = config.pair_column or "text_pair"
-    return columns
-
-
-def build_items(config: PredictConfig, rows, kind: str, pair: bool) -> list[dict[str, Any]]:
-    path = config.input
-    columns = task_columns(config, kind, pair)
-    items = []
-    for row_index, (line, row) in enumerate(rows):
-        item: dict[str, Any] = {"row": row_index}
-        if config.id_column and config.id_column in row:
-            item["id"] = str(row[config.id_column])
-        if kind == "token_classification":
-            tokens = row.get(columns["tokens"])
-            if isinstance(tokens, list) and tokens:
-                item["tokens"] = [str(t) for t in tokens]
-            elif columns["text"] in row:
-                item["text"] = str(row[columns["text"]])
-            else:
-                raise InputError(f"{path}:{line}: needs a {columns['tokens']!r} list or a {columns['text']!r} column")
-        else:
-            for field, column in columns.items():
-                if column not in row or row[column] is None:
-                    raise InputError(f"{path}:{line}: no {column!r} column (the model reads {field!r} from it); "
-                                     f"columns found: {sorted(row)}")
-                item[field] = str(row[column])
-        items.append(item)
-    return items
-
-
-class PredictBatch:
-    """Ray Data callable class: one model per actor, loaded once."""
-
-    def __init__(self, checkpoint: str, batch_size: int, threads: int | None):
-        from bert.inference import Predictor
-
-        self.predictor = Predictor(checkpoint, batch_size=batch_size, threads=threads)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        n = len(batch["row"])
-        fields = [k for k in ("text", "text_pair", "question", "context", "tokens") if k in batch]
-        records = [{k: _plain(batch[k][i]) for k in fields} for i in range(n)]
-        predictions = self.predictor.predict_records(records)
-        return {"row": batch["row"], "prediction": [json.dumps(p) for p in predictions],
-                **({"id": batch["id"]} if "id" in batch else {})}
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return value
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_ONLY}
 
 
 def run_predict(config: PredictConfig) -> dict[str, Any]:
-    """Check the output and the inputs, predict with Ray Data, write the JSONL output. Returns a summary."""
+    """Check, claim --out, stream the input through the model into parts, publish. Returns a summary."""
+    from pipelines.config_args import resolve_paths
+    from pipelines.outdir import check_disjoint
+
+    config = resolve_paths(config, ("checkpoint", "input", "out"))
+    check_disjoint(config.out, [config.input, config.checkpoint], "--out")
+    check_output(config)
+    checkpoint, spec = find_checkpoint(config.checkpoint)
+    columns = task_columns(config, spec.kind, len(spec.text_fields) == 2)
+    from pipelines.jobs.predict_data import first_item
+
+    in_fs, in_path = storage.resolve(config.input)
+    first_item(in_fs, in_path, config.input, columns)
+    started = time.time()
+    with claimed_output(config) as (out_fs, directory, publish):
+        parts = stream_predictions(config, checkpoint, columns, out_fs, directory)
+        from pipelines.jobs.predict_data import check_tiling
+
+        rows = check_tiling(parts)
+        publish({"format": FORMAT, "job": JOB, "rows": rows, "task": spec.name, "checkpoint": config.checkpoint,
+                 "input": config.input, "identity": config.identity(), "seconds": round(time.time() - started, 3),
+                 "parts": [{"name": name, "first_row": first, "rows": n} for name, first, n in parts]})
+    return {"rows": rows, "parts": len(parts), "output": config.out, "task": spec.name}
+
+
+def check_output(config: PredictConfig) -> None:
+    """Refuse an --out that is not new (or, on an object store, this job's unfinished run), before any work."""
+    from pipelines.outdir import check_new_output, check_remote_job_dir
+
+    if not storage.is_remote(config.out):
+        check_new_output(Path(config.out), JOB)
+        return
+    if storage.exists(storage.join(config.out, MANIFEST)):
+        raise InputError(f"{config.out} already holds a finished output ({MANIFEST}); `bertflow {JOB}` writes only "
+                         "a new output: choose another --out (nothing was changed)")
+    check_remote_job_dir(config.out, JOB, config.identity())
+
+
+def find_checkpoint(location: str):
+    """(checkpoint dir, its task row): a fine-tuned checkpoint dir, or a `bertflow finetune` output dir."""
     from bert.checkpoint import read_checkpoint_info
     from bert.tasks import get_task
-    from pipelines.outdir import atomic_output, check_disjoint, check_new_output
 
-    output = Path(config.output)
-    input_path = Path(config.input).resolve()
-    check_disjoint(output, [config.input, config.checkpoint], "--output")
-    check_new_output(output, JOB)
-    checkpoint = Path(config.checkpoint).resolve()
+    if storage.is_remote(location):
+        raise InputError(f"{location}: the checkpoint must be a local dir (every model actor loads it)")
+    checkpoint = Path(location)
     if not (checkpoint / TASK_FILE).is_file():
-        if (checkpoint / "checkpoint" / TASK_FILE).is_file():  # a fine-tune output dir
-            checkpoint = checkpoint / "checkpoint"
-        else:
+        if not (checkpoint / "checkpoint" / TASK_FILE).is_file():
             raise InputError(f"{checkpoint}: not a fine-tuned bertflow checkpoint ({TASK_FILE} is missing)")
+        checkpoint = checkpoint / "checkpoint"
     read_checkpoint_info(checkpoint)
-    spec = get_task(json.loads((checkpoint / TASK_FILE).read_text())["task"])
-    rows = read_rows(input_path)
-    items = build_items(config, rows, spec.kind, len(spec.text_fields) == 2)
-    with atomic_output(output, JOB, directory=False, inputs=[config.input, config.checkpoint]) as tmp:
-        results = _predict(config, checkpoint, items)
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in results:
-                line = {"row": int(r["row"]), **({"id": str(r["id"])} if "id" in r else {}),
-                        **json.loads(r["prediction"])}
-                f.write(json.dumps(line) + "\n")
-    return {"rows": len(results), "output": str(output), "task": spec.name}
+    return checkpoint, get_task(json.loads((checkpoint / TASK_FILE).read_text())["task"])
 
 
-def _predict(config: PredictConfig, checkpoint: Path, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The model's output rows for `items`, in input order, computed by Ray Data actors."""
+def task_columns(config: PredictConfig, kind: str, pair: bool):
+    """Model input field -> input column, for the task's kind."""
+    from pipelines.jobs.predict_data import Columns
+
+    if kind == "span":
+        fields = (("question", config.question_column), ("context", config.context_column))
+    elif kind == "token_classification":
+        fields = (("tokens", config.tokens_column), ("text", config.text_column))
+    else:
+        fields = (("text", config.text_column),) + ((("text_pair", config.pair_column or "text_pair"),) if pair else ())
+    return Columns(kind, fields, config.id_column)
+
+
+@contextlib.contextmanager
+def claimed_output(config: PredictConfig) -> Iterator[tuple[Any, str, Any]]:
+    """(file system, dir to write the parts into, publish(manifest)) while --out is held (module docstring)."""
+    from pipelines.outdir import atomic_output, claim_dir
+
+    inputs = [config.input, config.checkpoint]
+    if not storage.is_remote(config.out):
+        with atomic_output(config.out, JOB, directory=True, inputs=inputs) as tmp:
+            yield storage.LOCAL, str(tmp), lambda manifest: storage.write_json(tmp / MANIFEST, manifest)
+        return
+    from pipelines.lease import clear_unfinished
+    from pipelines.outdir import JOB_FILE
+
+    with claim_dir(config.out, JOB, config.identity(), inputs) as (resuming, lease):
+        if resuming:
+            removed = clear_unfinished(lease, keep=(JOB_FILE,))
+            print(f"[{JOB}] {config.out}: an unfinished run of the same settings; removed {len(removed)} of its "
+                  "entries, predicting again", flush=True)
+        fs, directory = storage.resolve(config.out)
+        yield fs, directory, lambda manifest: lease.commit(storage.join(config.out, MANIFEST), manifest)
+
+
+def stream_predictions(config: PredictConfig, checkpoint: Path, columns, out_fs, directory: str) -> list:
+    """Read -> blocks -> model actors -> parts, in input order; [(part name, first row, rows)] sorted by row."""
     import ray
 
+    from pipelines.jobs.predict_data import PartsSink, PredictBatch, PredictInput
     from pipelines.ray_runtime import ensure_ray
 
     ensure_ray()
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    dataset = ray.data.from_items(items).map_batches(
+    in_fs, in_path = storage.resolve(config.input)
+    dataset = ray.data.read_datasource(PredictInput(in_fs, in_path, config.input, columns), override_num_blocks=1)
+    dataset.context.execution_options.preserve_order = True  # this dataset's own context, not the process's
+    dataset = dataset.repartition(target_num_rows_per_block=config.block_rows).map_batches(
         PredictBatch,
         fn_constructor_kwargs={"checkpoint": str(checkpoint), "batch_size": config.batch_size,
-                               "threads": config.threads_per_actor},
-        batch_size=config.batch_size,
-        concurrency=config.concurrency,
+                               "threads": config.threads_per_actor, "fields": tuple(f for f, _ in columns.fields)},
+        batch_size=None,  # a whole block per call: the actor sorts it by length, little padding
+        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
         num_cpus=config.cpus_per_actor,
-        batch_format="numpy",
+        batch_format="pyarrow",
     )
-    results = sorted(dataset.take_all(), key=lambda r: int(r["row"]))
-    if [int(r["row"]) for r in results] != list(range(len(items))):
-        raise RuntimeError(f"predict: {len(results)} predictions for {len(items)} rows")
-    return results
+    sink = PartsSink(out_fs, directory)
+    try:
+        dataset.write_datasink(sink)
+    except Exception as exc:
+        named = input_error(exc)
+        if named is None:
+            raise
+        raise named from None
+    return sink.parts
+
+
+def input_error(exc: BaseException) -> InputError | None:
+    """The InputError (bad input, named by file and line) a Ray task raised, as one plain error; None if none."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError
+        if isinstance(cause, InputError):
+            return InputError(str(cause.args[0]) if cause.args else str(cause))
+        if isinstance(exc, InputError) and exc.args:
+            return InputError(str(exc.args[0]))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def read_predictions(out: str) -> Iterator[dict[str, Any]]:
+    """The lines of a finished predict output, in input order (its manifest's parts)."""
+    manifest = storage.read_json(storage.join(out, MANIFEST))
+    for part in manifest["parts"]:
+        with storage.open_read(storage.join(out, part["name"]), "r") as f:
+            for line in f:
+                yield json.loads(line)
