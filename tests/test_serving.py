@@ -164,11 +164,12 @@ def stop(process: subprocess.Popen) -> None:
 
 def bertflow_predict(checkpoint: Path, rows: list[dict], tmp_path: Path, name: str) -> list[dict]:
     from pipelines.cli import main
+    from pipelines.jobs.predict import read_predictions
 
     (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(tmp_path / f"{name}.jsonl"),
-                 "--output", str(tmp_path / f"{name}.out.jsonl")]) == 0
-    lines = [json.loads(line) for line in (tmp_path / f"{name}.out.jsonl").read_text().splitlines()]
+                 "--out", str(tmp_path / f"{name}.out")]) == 0
+    lines = list(read_predictions(str(tmp_path / f"{name}.out")))
     assert [line.pop("row") for line in lines] == list(range(len(rows)))
     return lines
 
