@@ -50,8 +50,9 @@ HF_ARCHITECTURES: dict[str | None, str] = {
     "token_classification": "BertForTokenClassification",
     "question_answering": "BertForQuestionAnswering",
 }
-_ARCHITECTURE_HEADS = {v: k for k, v in HF_ARCHITECTURES.items()}
-_ARCHITECTURE_HEADS["BertForMaskedLM"] = "pretraining"  # MLM weights, NSP initialised
+HF_ARCHITECTURE_ALIASES = {"BertForMaskedLM": "pretraining"}  # MLM weights, NSP initialised
+# heads with one output per named label (saved as `labels` / HF `id2label`); they are built with num_labels
+LABELLED_HEADS = ("sequence_classification", "token_classification")
 
 # parameter groups that belong to one head; a group is loaded whole or initialised whole
 HEAD_GROUPS = ("cls.predictions.", "cls.seq_relationship.", "classifier.", "qa_outputs.")
@@ -135,10 +136,10 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         )
     config = BertConfig.from_dict(raw, source=str(config_path))
     architectures = raw.get("architectures") or []
-    head = _ARCHITECTURE_HEADS.get(architectures[0]) if architectures else None
+    head = _head_of_architecture(architectures[0]) if architectures else None
     labels = None
     id2label = raw.get("id2label")
-    if head in ("sequence_classification", "token_classification") and isinstance(id2label, dict):
+    if head in LABELLED_HEADS and isinstance(id2label, dict):
         labels = tuple(id2label[k] for k in sorted(id2label, key=int))
     return CheckpointInfo(path, "huggingface", config, head, labels, _weights_path(path, allow_pickle=True))
 
@@ -210,11 +211,17 @@ def canonical_state_dict(state: dict[str, Tensor], source: Path) -> dict[str, Te
 # ----------------------------------------------------------------------------- loading into a model
 
 
+def _head_of_architecture(architecture: str) -> str | None:
+    """Our head name for a Hugging Face architecture class name (None: an encoder, or one we do not know)."""
+    heads = {arch: head for head, arch in HF_ARCHITECTURES.items()} | HF_ARCHITECTURE_ALIASES
+    return heads.get(architecture)
+
+
 def build_model(config: BertConfig, head: str | None, num_labels: int | None = None) -> nn.Module:
     if head not in HEADS:
         raise CheckpointError(f"unknown head {head!r}; known heads: {[h for h in HEADS if h]}")
     cls = HEADS[head]
-    if head in ("sequence_classification", "token_classification"):
+    if head in LABELLED_HEADS:
         if num_labels is None:
             raise CheckpointError(f"head {head!r} needs num_labels (or labels) to build its classifier")
         return cls(config, num_labels)
@@ -310,7 +317,7 @@ def from_pretrained(
             raise CheckpointError(f"num_labels={num_labels} but {len(labels)} labels were given")
         num_labels = len(labels)
     requested_labels = num_labels is not None
-    if num_labels is None and head in ("sequence_classification", "token_classification"):
+    if num_labels is None and head in LABELLED_HEADS:
         if info.labels is not None and info.head == head:
             labels, num_labels = info.labels, len(info.labels)
         else:
@@ -326,7 +333,7 @@ def from_pretrained(
             model = build_model(config, head, num_labels)
     state = canonical_state_dict(read_weights(info.weights_file), info.weights_file)
     model.load_report = load_state(model, state, info.weights_file, reinit_mismatched=requested_labels)
-    if head in ("sequence_classification", "token_classification"):
+    if head in LABELLED_HEADS:
         if labels is None and info.head == head and info.labels and len(info.labels) == num_labels:
             labels = info.labels
         model.labels = labels
@@ -381,7 +388,7 @@ def hf_config(model: nn.Module) -> dict[str, Any]:
         "position_embedding_type": "absolute",
         "tie_word_embeddings": True,
     }
-    if head in ("sequence_classification", "token_classification"):
+    if head in LABELLED_HEADS:
         labels = getattr(model, "labels", None) or tuple(f"LABEL_{i}" for i in range(model.num_labels))
         out["id2label"] = {str(i): name for i, name in enumerate(labels)}
         out["label2id"] = {name: i for i, name in enumerate(labels)}

@@ -34,7 +34,8 @@ from bert.optim import clip_grad_norm, lr_multiplier, param_groups
 from bert.precision import Precision
 from bert.pretrain import step_seed
 from bert.run_state import OPTIMIZER_STATE, RunState  # noqa: F401 - OPTIMIZER_STATE re-exported
-from bert.tasks import TaskSpec, collate, length_grouped_batches
+from bert.tasks import TaskSpec, collate, feature_length, length_grouped_batches
+from bert.tasks.featurize import json_number  # noqa: F401 - re-exported for the fine-tune job
 from bert.tokenizer import Tokenizer
 
 FINETUNE_STATE = "finetune_state.json"
@@ -115,9 +116,9 @@ def prepare(spec: TaskSpec, data_dir: str | Path, tokenizer: Tokenizer, tokenize
     if primary_split not in evals:
         raise InputError(f"task {spec.name}: primary metric {spec.primary_metric} needs eval split "
                          f"{primary_split!r}, found {sorted(evals)}")
-    if spec.kind in ("classification", "token_classification") and len(data.labels) < 2:
+    if len(data.labels) < spec.kind_spec.min_labels:
         raise InputError(f"task {spec.name}: the train file of {data_dir} has {len(data.labels)} label(s) "
-                         f"{list(data.labels)}; classification needs at least 2")
+                         f"{list(data.labels)}; {spec.kind} needs at least {spec.kind_spec.min_labels}")
     if spec.positive_label is not None and spec.positive_label not in data.labels:
         raise InputError(f"task {spec.name}: F1 is of the class {spec.positive_label!r}, but the train file of "
                          f"{data_dir} has labels {list(data.labels)} (name the positive class: positive=LABEL)")
@@ -235,29 +236,15 @@ def probe_loss(features: Sequence[Any], pad_id: int, device: torch.device):
 # ----------------------------------------------------------------------------- evaluation
 
 
-def json_number(value: float | None) -> float | None:
-    """Finite floats as they are; NaN and +-inf as null (JSON has no such numbers)."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+def prediction_records(spec: TaskSpec, split: str, examples: Sequence[Any], predictions: Sequence[Any]) -> list[dict]:
+    """One JSON-ready line per eval example: split, id, and the kind's prediction and gold fields."""
+    record = spec.kind_spec.prediction_record
+    return [{"split": split, "id": ex.id, **record(ex, p)} for ex, p in zip(examples, predictions)]
 
 
-def prediction_records(kind: str, split: str, examples: Sequence[Any], predictions: Sequence[Any]) -> list[dict]:
-    """One JSON-ready line per eval example: split, id, prediction and gold."""
-    records = []
-    for ex, p in zip(examples, predictions):
-        if kind == "span":
-            records.append({"split": split, "id": ex.id, "prediction": p.answer, "best_span": p.text,
-                            "score": json_number(p.score), "null_odds": json_number(p.null_odds),
-                            "answers": [a.text for a in ex.answers]})
-        elif kind == "token_classification":
-            records.append({"split": split, "id": ex.id, "prediction": list(p), "label": list(ex.tags)})
-        elif kind == "regression":
-            records.append({"split": split, "id": ex.id, "prediction": float(p), "label": float(ex.label)})
-        else:
-            records.append({"split": split, "id": ex.id, "prediction": p, "label": ex.label})
-    return records
+def train_lengths(prepared: Prepared) -> list[int]:
+    """The length of every training feature, as its kind measures it (what length grouping sorts on)."""
+    return [feature_length(f) for f in prepared.train_features]
 
 
 def eval_splits(spec: TaskSpec, prepared: Prepared) -> list[str]:
@@ -281,7 +268,7 @@ def score(spec: TaskSpec, prepared: Prepared, outputs: dict[str, list[np.ndarray
                 metrics[f"{primary}/threshold"] = threshold  # reported, and saved with the checkpoint
             predictions = spec.apply_threshold(predictions, threshold)
         metrics |= spec.score(split, predictions, examples)
-        records += prediction_records(spec.kind, split, examples, predictions)
+        records += prediction_records(spec, split, examples, predictions)
     return metrics, records
 
 
@@ -290,7 +277,7 @@ def majority_baseline(spec: TaskSpec, prepared: Prepared) -> dict[str, float] | 
 
     What a model that learned nothing about the inputs scores: the floor a fine-tuned model is read against.
     """
-    if spec.kind != "classification":
+    if not spec.kind_spec.majority_baseline:
         return None
     counts = np.bincount([int(f.label) for f in prepared.train_features], minlength=len(prepared.labels))
     constant = np.eye(len(prepared.labels), dtype=np.float32)[int(np.argmax(counts))]  # ties: the first label

@@ -1,11 +1,11 @@
 """MLflow models of fine-tuned checkpoints: logging (signature, input example, pinned requirements) and registration.
 
 Every fine-tuned model a job logs is an `mlflow.pyfunc` model (`pipelines/pyfunc_model.py`) with
-- a signature per task kind: the input columns `Predictor` reads (required, so a frame without them is
-  refused by MLflow's schema enforcement before the model runs) and the output columns it answers
-  (`bert.inference.OUTPUT_FIELDS`: label + probabilities, score, answer + start + end + score, entities);
-- an input example per task kind (MLflow stores it as `serving_input_example.json`, the body of a
-  request to `mlflow models serve`);
+- a signature from the task's kind (`bert.tasks.kinds`): the input columns `Predictor` reads (required, so a
+  frame without them is refused by MLflow's schema enforcement before the model runs) and the output columns
+  it answers (label + probabilities, score, answer + start + end + score, entities);
+- the kind's input example (MLflow stores it as `serving_input_example.json`, the body of a request to
+  `mlflow models serve`);
 - pip requirements pinned to the versions installed where it was trained (a local version label
   such as torch's "+cpu" is dropped: pip accepts the plain version for it, and it is what PyPI has);
 - the `bert` and `pipelines` source trees (`code_paths`), so it loads where bertflow is not installed.
@@ -31,17 +31,6 @@ RUN_TAG = "bertflow.run_id"  # a registered version's tag: the MLflow run (the s
 # Distributions the logged model imports when it loads and predicts (the pyfunc wrapper and `bert.inference`).
 REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "safetensors", "sentencepiece", "tokenizers")
 
-# One input row per task kind (the pair variant adds text_pair).
-INPUT_EXAMPLES: dict[str, dict[str, Any]] = {
-    "classification": {"text": "The film was a delight from start to finish."},
-    "regression": {"text": "A man is playing a guitar."},
-    "span": {"question": "Who gave their name to Normandy?",
-             "context": "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy."},
-    "token_classification": {"text": "Peter Blackburn reports from Brussels for the European Commission."},
-}
-PAIR_EXAMPLE = "The movie delighted its audience from the first scene to the last."
-
-
 def pinned_requirements() -> list[str]:
     """`name==version` of every distribution in REQUIREMENTS, as installed in this process."""
     pins = []
@@ -64,38 +53,36 @@ def task_of(checkpoint: str | Path) -> tuple[Any, tuple[str, ...]]:
 
 
 def model_signature(spec, labels: tuple[str, ...]):
-    """The `ModelSignature` of a task row's model: input columns and output columns (module docstring)."""
+    """The `ModelSignature` of a task row's model: input columns and output columns (its kind's `inputs` and
+    `outputs`, `bert.tasks.kinds`). An input with alternatives (NER: tokens or text) is optional in each of them."""
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, Object, Property, Schema
+    from mlflow.types.schema import ColSpec, Schema
 
-    kind = spec.kind
-    if kind == "span":
-        inputs = [ColSpec("string", "question"), ColSpec("string", "context")]
-        outputs = [ColSpec("string", "answer"), ColSpec("long", "start"), ColSpec("long", "end"),
-                   ColSpec("double", "score")]
-    elif kind == "token_classification":  # words, or a text split into words: either one
-        inputs = [ColSpec("string", "text", required=False), ColSpec(Array("string"), "tokens", required=False)]
-        entity = Object([Property("type", "string"), Property("start", "long"), Property("end", "long"),
-                         Property("text", "string"), Property("score", "double")])
-        outputs = [ColSpec(Array(entity), "entities")]
-    else:
-        inputs = [ColSpec("string", "text")] + ([ColSpec("string", "text_pair")] if len(spec.text_fields) == 2 else [])
-        if kind == "regression":
-            outputs = [ColSpec("double", "score")]
-        else:
-            outputs = [ColSpec("string", "label"),
-                       ColSpec(Object([Property(label, "double") for label in labels]), "probabilities")]
+    inputs = [ColSpec(mlflow_type(f.type, labels), f.name, required=len(slot) == 1)
+              for slot in spec.inputs for f in slot]
+    outputs = [ColSpec(mlflow_type(f.type, labels), f.name) for f in spec.kind_spec.outputs]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
 
 
+def mlflow_type(field_type: Any, labels: tuple[str, ...]):
+    """An MLflow schema type for a kind's field type: "string" / "long" / "double", ("array", T),
+    ("object", ((name, T), ...)), or ("per_label", T) (an object with one T per label)."""
+    from mlflow.types.schema import Array, Object, Property
+
+    if isinstance(field_type, str):
+        return field_type
+    shape, inner = field_type
+    if shape == "array":
+        return Array(mlflow_type(inner, labels))
+    members = inner if shape == "object" else tuple((label, inner) for label in labels)
+    return Object([Property(name, mlflow_type(t, labels)) for name, t in members])
+
+
 def input_example(spec):
-    """One input row of the task row's kind, as a DataFrame."""
+    """One input row for the task row's model, as a DataFrame."""
     import pandas as pd
 
-    row = dict(INPUT_EXAMPLES[spec.kind])
-    if spec.kind in ("classification", "regression") and len(spec.text_fields) == 2:
-        row["text_pair"] = PAIR_EXAMPLE
-    return pd.DataFrame([row])
+    return pd.DataFrame([spec.input_example()])
 
 
 def log_finetuned_model(checkpoint: str | Path, name: str = MODEL_NAME) -> str:

@@ -3,8 +3,8 @@ a model imports MLflow; logging and registering are `pipelines/models.py`).
 
 `mlflow.pyfunc.load_model(uri).predict(pandas.DataFrame)` takes the columns that
 `bert.inference.Predictor` reads (`text` / `text_pair`, `question` / `context`, `tokens` or `text`)
-and returns a DataFrame, one row per input row, with the columns of `bert.inference.OUTPUT_FIELDS`
-for the task's kind: label and probabilities, score, answer / start / end / score, or entities.
+and returns a DataFrame, one row per input row, with the output fields of the task's kind
+(`bert.tasks.kinds`): label and probabilities, score, answer / start / end / score, or entities.
 `mlflow models serve` answers `{"predictions": [one object per row with those fields]}`.
 """
 
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import mlflow.pyfunc
 
-from bert.inference import OUTPUT_FIELDS, Predictor
+from bert.inference import Predictor
 
 with warnings.catch_warnings():  # mlflow asks for type hints; inputs are DataFrames, dicts or lists of dicts
     warnings.simplefilter("ignore", UserWarning)
@@ -36,4 +36,4 @@ with warnings.catch_warnings():  # mlflow asks for type hints; inputs are DataFr
             else:
                 records = list(model_input)
             rows = self.predictor.predict_records(records)
-            return pd.DataFrame(rows, columns=list(OUTPUT_FIELDS[self.predictor.spec.kind]))
+            return pd.DataFrame(rows, columns=list(self.predictor.output_fields))

@@ -1,8 +1,10 @@
 """Sentence(-pair) features, batching and the post-processing of sequence-level outputs.
 
-Features are unpadded: padding is the collator's business. `collate` pads one batch to its
-longest sequence (dynamic padding) for any task kind, and `length_grouped_batches` groups
-examples of similar length so that little of each batch is padding.
+Features are unpadded: padding is the collator's business. `pad_inputs` pads one batch to its
+longest sequence (dynamic padding), each kind's collator adds its targets (`collate_pairs` here),
+and `length_grouped_batches` groups examples of similar length so that little of each batch is
+padding. The sentence kinds' rows in `bert.tasks.kinds` take their collator, prediction records
+and raw-input adapters from this module.
 
 The fine-tune job runs the model over features in order and hands back one output array per
 feature (the head's output for that sequence; padded positions past the feature's length are
@@ -11,17 +13,16 @@ allowed and ignored), which the post-processing functions turn into one predicti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from bert.errors import InputError
-from bert.model import IGNORE_INDEX
-from bert.tasks.ner import TokenFeature
 from bert.tasks.readers import TextExample
-from bert.tasks.squad import SpanFeature
 from bert.tokenizer import Tokenizer
 
 ENCODE_CHUNK = 8192  # texts per tokenizer call: bounds the memory of full encodings
@@ -103,21 +104,8 @@ def regression_predictions(
     return [float(np.asarray(value).reshape(-1)[0]) for value in outputs]
 
 
-Feature = PairFeature | TokenFeature | SpanFeature
-
-
-def collate(features: Sequence[Feature], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest sequence and stack it into the model's keyword arguments.
-
-    Always `input_ids`, `token_type_ids`, `attention_mask` (B, T); then the training targets:
-    `labels` (B,) for sentence tasks (long, or float for regression), `labels` (B, T) padded
-    with IGNORE_INDEX for token tasks, `start_positions` / `end_positions` (B,) for spans.
-    """
-    if not features:
-        raise InputError("collate: empty batch")
-    kinds = {type(f) for f in features}
-    if len(kinds) != 1:
-        raise InputError(f"collate: a batch mixes feature types {sorted(k.__name__ for k in kinds)}")
+def pad_inputs(features: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
+    """`input_ids`, `token_type_ids`, `attention_mask` (B, T) of features with (T_i,) inputs, padded to the longest."""
     B, T = len(features), max(len(f.input_ids) for f in features)
     input_ids = np.full((B, T), pad_id, dtype=np.int64)
     token_type_ids = np.zeros((B, T), dtype=np.int64)
@@ -127,24 +115,79 @@ def collate(features: Sequence[Feature], pad_id: int) -> dict[str, torch.Tensor]
         input_ids[i, :n] = f.input_ids
         token_type_ids[i, :n] = f.token_type_ids
         attention_mask[i, :n] = 1
-    batch = {
+    return {
         "input_ids": torch.from_numpy(input_ids),
         "token_type_ids": torch.from_numpy(token_type_ids),
         "attention_mask": torch.from_numpy(attention_mask),
     }
-    first = features[0]
-    if isinstance(first, PairFeature):
-        dtype = torch.float32 if isinstance(first.label, float) else torch.long
-        batch["labels"] = torch.tensor([f.label for f in features], dtype=dtype)
-    elif isinstance(first, TokenFeature):
-        labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
-        for i, f in enumerate(features):
-            labels[i, : len(f.labels)] = f.labels
-        batch["labels"] = torch.from_numpy(labels)
-    else:
-        batch["start_positions"] = torch.tensor([f.start_position for f in features], dtype=torch.long)
-        batch["end_positions"] = torch.tensor([f.end_position for f in features], dtype=torch.long)
+
+
+def collate_pairs(features: Sequence[PairFeature], pad_id: int) -> dict[str, torch.Tensor]:
+    """The padded inputs and `labels` (B,): class ids (long), or target values (float) for regression."""
+    batch = pad_inputs(features, pad_id)
+    dtype = torch.float32 if isinstance(features[0].label, float) else torch.long
+    batch["labels"] = torch.tensor([f.label for f in features], dtype=dtype)
     return batch
+
+
+# ----------------------------------------------------------------------------- records and raw input
+
+
+def class_record(example: TextExample, prediction: str) -> dict[str, Any]:
+    return {"prediction": prediction, "label": example.label}
+
+
+def value_record(example: TextExample, prediction: float) -> dict[str, Any]:
+    return {"prediction": float(prediction), "label": float(example.label)}
+
+
+def text_examples(records: Sequence[Mapping[str, Any]], fields: Sequence[str],
+                  labels: Sequence[str]) -> tuple[list[TextExample], list]:
+    """Examples of raw `text` records (and `text_pair`, when the task's `fields` name it); the label is a
+    placeholder (the first label, or 0.0 for regression)."""
+    placeholder: str | float = labels[0] if labels else 0.0
+    pair = "text_pair" in fields
+    return [TextExample(str(i), record_text(r, "text", i), record_text(r, "text_pair", i) if pair else None,
+                        placeholder) for i, r in enumerate(records)], []
+
+
+def label_answers(run, records: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[dict[str, Any]]:
+    """{"label", "probabilities": {label: p}} (softmax over the logits, sums to 1) per record."""
+    return [{"label": label, "probabilities": dict(zip(labels, map(float, softmax(run.outputs[i]))))}
+            for i, label in enumerate(run.predictions)]
+
+
+def score_answers(run, records: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[dict[str, Any]]:
+    """{"score"} per record (regression)."""
+    return [{"score": float(value)} for value in run.predictions]
+
+
+def plain_predictions(run, records: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[Any]:
+    """The task's predictions as they are: a label or a float per record."""
+    return list(run.predictions)
+
+
+def json_number(value: float | None) -> float | None:
+    """Finite floats as they are; NaN and +-inf as null (JSON has no such numbers)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities over the last axis, computed in float64 (they sum to 1 to rounding)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def record_text(record: Mapping[str, Any], field: str, index: int) -> str:
+    """A record's text field as a string; a missing (None, NaN) value names the record and field."""
+    value = record.get(field)
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        raise InputError(f"input row {index}: missing {field!r}")
+    return str(value)
 
 
 MEGA_BATCH_FACTOR = 4  # batches per mega-batch: see `length_grouped_batches`

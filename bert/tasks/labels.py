@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from bert.errors import InputError
-from bert.tasks.readers import conll_tags, tsv_labels
+from bert.tasks.readers import conll_tags, read_conll_task, read_tsv_task, tsv_labels
 from bert.tasks.table import TSV_PREFIX, TaskSpec
 
 _BINARY = ("0", "1")
@@ -41,21 +41,22 @@ SHOWN_LINES = 5
 def check_task_labels(spec: TaskSpec, task_dir: str | Path, allow_new_labels: bool = False) -> None:
     """Refuse labels outside `spec`'s label set in the files of `task_dir` (see the module docstring)."""
     task_dir = Path(task_dir)
-    if spec.kind == "span":
-        return
-    if spec.kind == "token_classification":
+    reader = getattr(spec.reader, "func", spec.reader)  # the label files are the reader's: CoNLL or TSV
+    if reader is read_conll_task:
         known = KNOWN_LABELS.get(spec.name)
         if known is not None:
             for name in ("train.txt", "valid.txt", "test.txt"):
                 if (task_dir / name).is_file():
                     _refuse_outside(task_dir / name, conll_tags(task_dir / name), known, f"{spec.name}'s tag set")
         return
-    reader = spec.reader.keywords  # a TSV row: partial(read_tsv_task, columns=..., train_file=..., eval_files=...)
-    columns, train_file, eval_files = reader["columns"], reader["train_file"], reader["eval_files"]
+    if reader is not read_tsv_task:
+        return  # SQuAD: no label set (the reader checks answers against contexts)
+    tsv = spec.reader.keywords  # partial(read_tsv_task, columns=..., kind=..., train_file=..., eval_files=...)
+    columns, train_file, eval_files = tsv["columns"], tsv["train_file"], tsv["eval_files"]
     files = [task_dir / train_file] + [task_dir / name for name in eval_files]
     if any(not f.is_file() for f in files):
         return  # the reader names the missing file
-    if spec.kind == "regression":
+    if tsv["kind"] == "regression":
         if spec.name in KNOWN_RANGES:
             for path in files:
                 _refuse_out_of_range(path, tsv_labels(path, columns), *KNOWN_RANGES[spec.name], spec.name)

@@ -13,15 +13,22 @@ A word that tokenizes to nothing (e.g. a lone control character) becomes [UNK].
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 
 from bert.errors import InputError
 from bert.model import IGNORE_INDEX
+from bert.tasks.featurize import pad_inputs, record_text, softmax
+from bert.tasks.metrics import conll_chunks
 from bert.tasks.readers import TokenExample
 from bert.tokenizer import Tokenizer
+
+_WORD = re.compile(r"\w+|[^\w\s]", re.UNICODE)  # words and single punctuation marks, as BERT's basic tokenizer
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,3 +128,79 @@ def word_predictions(
         if None in sentence:
             raise InputError(f"sentence {ex.id}: no feature covers word {sentence.index(None)}")
     return tags
+
+
+# ----------------------------------------------------------------------------- batches, records and raw input
+
+
+def collate_tokens(features: Sequence[TokenFeature], pad_id: int) -> dict[str, torch.Tensor]:
+    """The padded inputs and `labels` (B, T): tag ids on first pieces, IGNORE_INDEX elsewhere and on padding."""
+    batch = pad_inputs(features, pad_id)
+    labels = np.full(tuple(batch["input_ids"].shape), IGNORE_INDEX, dtype=np.int64)
+    for i, f in enumerate(features):
+        labels[i, : len(f.labels)] = f.labels
+    batch["labels"] = torch.from_numpy(labels)
+    return batch
+
+
+def tags_record(example: TokenExample, prediction: Sequence[str]) -> dict[str, Any]:
+    return {"prediction": list(prediction), "label": list(example.tags)}
+
+
+def words_with_offsets(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """Split raw text into CoNLL-style words (punctuation separate) with their character spans."""
+    matches = list(_WORD.finditer(text))
+    return [m.group() for m in matches], [(m.start(), m.end()) for m in matches]
+
+
+def word_examples(records: Sequence[Mapping[str, Any]], fields: Sequence[str],
+                  labels: Sequence[str]) -> tuple[list[TokenExample], list]:
+    """Examples of records with `tokens` (a list of words) or `text` (split into words and punctuation), and
+    each record's word character spans (None where it gave words)."""
+    examples, offsets = [], []
+    for i, r in enumerate(records):
+        tokens = r.get("tokens")
+        if tokens is not None and not isinstance(tokens, str) and len(tokens) > 0:
+            words, spans = [str(t) for t in tokens], None
+        else:
+            words, spans = words_with_offsets(record_text(r, "text", i))
+        offsets.append(spans)
+        examples.append(TokenExample(str(i), tuple(words) or ("[UNK]",), ("O",) * max(len(words), 1)))
+    return examples, offsets
+
+
+def entity_answers(run, records: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[dict[str, Any]]:
+    """{"entities": [{"type", "start", "end", "text", "score"}]} per record; `score` is the mean probability of
+    the entity's predicted word tags; start/end (end exclusive) are character offsets into `text`, or word
+    indices when the record gave `tokens`."""
+    confidence = [[0.0] * len(ex.words) for ex in run.examples]
+    for feature, logits in zip(run.features, run.outputs):
+        word_ids = feature.word_ids
+        first_piece = (word_ids >= 0) & np.concatenate([[True], word_ids[1:] != word_ids[:-1]])
+        positions = np.flatnonzero(first_piece)
+        probabilities = softmax(np.asarray(logits)[positions])
+        for w, p in zip(word_ids[positions], probabilities.max(axis=-1)):
+            confidence[feature.example_index][int(w)] = float(p)
+    return [{"entities": _entities(ex, tags, spans, r, conf)} for ex, tags, spans, r, conf in
+            zip(run.examples, run.predictions, run.extras, records, confidence)]
+
+
+def plain_entities(run, records: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[list[dict[str, Any]]]:
+    """Per record its entities [{"type", "start", "end", "text"}] (`entity_answers` without scores)."""
+    return [[{k: e[k] for k in ("type", "start", "end", "text")} for e in answer["entities"]]
+            for answer in entity_answers(run, records, labels)]
+
+
+def _entities(example: TokenExample, tags: Sequence[str], spans, record: Mapping[str, Any],
+              confidence: Sequence[float]) -> list[dict[str, Any]]:
+    entities = []
+    for kind, first, last in conll_chunks(list(tags)):
+        score = float(np.mean(confidence[first : last + 1]))
+        if spans is None:  # word indices into the given tokens
+            entities.append({"type": kind, "start": first, "end": last + 1,
+                             "text": " ".join(example.words[first : last + 1]), "score": score})
+        else:  # character offsets into the given text
+            start, end = spans[first][0], spans[last][1]
+            entities.append({"type": kind, "start": start, "end": end, "text": str(record["text"])[start:end],
+                             "score": score})
+    return entities

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 
 from bert.errors import InputError
+from bert.tasks.featurize import json_number, pad_inputs, record_text, softmax
 from bert.tasks.readers import SquadExample
 from bert.tokenizer import Encoding, Tokenizer
 
@@ -222,3 +225,67 @@ def with_null_threshold(predictions: Sequence[SpanPrediction], threshold: float)
     return [
         SpanPrediction(p.text, p.score, p.null_odds, "" if p.null_odds > threshold else p.text) for p in predictions
     ]
+
+
+# ----------------------------------------------------------------------------- batches, records and raw input
+
+
+def collate_spans(features: Sequence[SpanFeature], pad_id: int) -> dict[str, torch.Tensor]:
+    """The padded inputs and the answer's `start_positions` / `end_positions` (B,) token indices."""
+    batch = pad_inputs(features, pad_id)
+    batch["start_positions"] = torch.tensor([f.start_position for f in features], dtype=torch.long)
+    batch["end_positions"] = torch.tensor([f.end_position for f in features], dtype=torch.long)
+    return batch
+
+
+def span_record(example: SquadExample, prediction: SpanPrediction) -> dict[str, Any]:
+    return {"prediction": prediction.answer, "best_span": prediction.text, "score": json_number(prediction.score),
+            "null_odds": json_number(prediction.null_odds), "answers": [a.text for a in example.answers]}
+
+
+def question_examples(records: Sequence[Mapping[str, Any]], fields: Sequence[str],
+                      labels: Sequence[str]) -> tuple[list[SquadExample], list]:
+    """Examples of raw `question` + `context` records (no gold answers)."""
+    return [SquadExample(str(i), "", record_text(r, "context", i), record_text(r, "question", i), ())
+            for i, r in enumerate(records)], []
+
+
+def answer_spans(run, records: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[dict[str, Any]]:
+    """{"answer", "start", "end", "score"} per record (`_answer_span`)."""
+    by_example: dict[int, list[int]] = defaultdict(list)
+    for i, feature in enumerate(run.features):
+        by_example[feature.example_index].append(i)
+    return [_answer_span(ex, [run.features[i] for i in by_example[n]], [run.outputs[i] for i in by_example[n]], p)
+            for n, (ex, p) in enumerate(zip(run.examples, run.predictions))]
+
+
+def plain_answers(run, records: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[str]:
+    """The answer text per record ("" for no answer)."""
+    return [p.answer for p in run.predictions]
+
+
+def _answer_span(example: SquadExample, features: Sequence[SpanFeature], outputs: Sequence[np.ndarray],
+                 prediction: SpanPrediction) -> dict[str, Any]:
+    """The answer with its character span in the context (end exclusive) and its probability.
+
+    The span is the one `postprocess_squad` chose: the window and token pair whose start + end logits
+    give its score and whose text is its text. `score` is softmax(start logits)[start] x
+    softmax(end logits)[end] over that window's tokens. No answer (SQuAD 2.0 below the threshold,
+    or no valid span): start = end = -1, and `score` is the probability of the null span ([CLS],
+    [CLS]) in the first window.
+    """
+    if prediction.answer:
+        for feature, output in zip(features, outputs):
+            logits = np.asarray(output, dtype=np.float64)[: len(feature.input_ids)]
+            chars = feature.token_to_char
+            sums = logits[:, 0][:, None] + logits[:, 1][None, :]
+            for s, e in np.argwhere(sums == prediction.score):
+                if (chars[s, 0] >= 0 and chars[e, 0] >= 0 and e >= s
+                        and example.context[chars[s, 0] : chars[e, 1]] == prediction.text):
+                    score = softmax(logits[:, 0])[s] * softmax(logits[:, 1])[e]
+                    return {"answer": prediction.answer, "start": int(chars[s, 0]), "end": int(chars[e, 1]),
+                            "score": float(score)}
+        raise RuntimeError(f"question {example.id}: the chosen answer {prediction.text!r} is in none of its windows")
+    logits = np.asarray(outputs[0], dtype=np.float64)[: len(features[0].input_ids)]
+    return {"answer": "", "start": -1, "end": -1,
+            "score": float(softmax(logits[:, 0])[0] * softmax(logits[:, 1])[0])}

@@ -30,11 +30,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from bert.errors import InputError
 from bert.tasks import metrics
 from bert.tasks.featurize import class_predictions, featurize_pairs, regression_predictions
+from bert.tasks.kinds import KINDS, Field, KindSpec
 from bert.tasks.ner import featurize_ner, word_predictions
 from bert.tasks.readers import (
     SquadExample,
@@ -48,17 +49,6 @@ from bert.tasks.readers import (
     read_tsv_task,
 )
 from bert.tasks.squad import SpanPrediction, featurize_squad, postprocess_squad, with_null_threshold
-
-Kind = Literal["classification", "regression", "token_classification", "span"]
-KINDS: tuple[str, ...] = get_args(Kind)
-
-# The model head each kind of task trains (names of `bert.model.HEADS`).
-HEAD_OF_KIND: dict[str, str] = {
-    "classification": "sequence_classification",
-    "regression": "sequence_classification",
-    "token_classification": "token_classification",
-    "span": "question_answering",
-}
 
 # The SQuAD 2.0 "no answer" margin (null score - best span score) before one is chosen on dev.
 SQUAD_V2_NULL_THRESHOLD = 0.0
@@ -80,7 +70,7 @@ class TaskSpec:
     """
 
     name: str
-    kind: Kind
+    kind: str  # a row of `bert.tasks.kinds.KINDS`
     subdir: str
     reader: Callable[[str | Path], TaskData]
     text_fields: tuple[str | int, ...]
@@ -94,30 +84,43 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise InputError(f"task {self.name}: kind {self.kind!r} is not one of {KINDS}")
+            raise InputError(f"task {self.name}: kind {self.kind!r} is not one of {tuple(KINDS)}")
         if "/" not in self.primary_metric:
             raise InputError(f"task {self.name}: primary_metric {self.primary_metric!r} must be '<split>/<metric>'")
 
     @property
+    def kind_spec(self) -> KindSpec:
+        """The row of this task's kind: head, collate, records, inference adapters (`bert.tasks.kinds`)."""
+        return KINDS[self.kind]
+
+    @property
     def head(self) -> str:
         """The model head this task trains (`bert.model.HEADS`)."""
-        return HEAD_OF_KIND[self.kind]
+        return self.kind_spec.head
 
     def head_arguments(self, labels: Sequence[str]) -> dict[str, Any]:
         """What `bert.checkpoint.from_pretrained` needs to build the head: the labels, or its width."""
-        if self.kind in ("classification", "token_classification"):
-            return {"labels": tuple(labels)}
-        if self.kind == "regression":
-            return {"num_labels": 1}
-        return {}
+        return self.kind_spec.head_arguments(labels)
 
     def num_outputs(self, labels: Sequence[str]) -> int:
         """Width of the task head: one logit per label, 1 for regression, 2 (start, end) for spans."""
-        if self.kind == "regression":
-            return 1
-        if self.kind == "span":
-            return 2
-        return len(labels)
+        return self.kind_spec.num_outputs(labels)
+
+    @property
+    def inputs(self) -> tuple[tuple[Field, ...], ...]:
+        """The record fields this task's model reads (each a tuple of alternatives): the kind's, less the
+        second text of a single-sentence task."""
+        pair = len(self.text_fields) == 2
+        return tuple(slot for slot in self.kind_spec.inputs if pair or not slot[0].pair)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """Every input field name this task's model may read."""
+        return tuple(f.name for slot in self.inputs for f in slot)
+
+    def input_example(self) -> dict[str, Any]:
+        """One input record for this task (the kind's example, the fields this task reads)."""
+        return {k: v for k, v in self.kind_spec.input_example.items() if k in self.input_names}
 
     def apply_threshold(self, predictions: Sequence[Any], threshold: float) -> list[Any]:
         """Predictions re-decided at `threshold` (only for rows with `choose_threshold`)."""

@@ -55,6 +55,7 @@ from bert.finetune import (
     probe_loss,
     score,
     task_model,
+    train_lengths,
     train_step,
 )
 from bert.inference import head_outputs, length_sorted_chunks, write_task_file
@@ -318,7 +319,7 @@ class _SeedRun:
     def train_epoch(self, epoch: int) -> None:
 
         config, prepared, state, (rank, world) = self.config, self.prepared, self.state, (self.worker.rank, self.worker.world)
-        lengths = [len(f.input_ids) for f in prepared.train_features]
+        lengths = train_lengths(prepared)
         started, window, losses = time.time(), [], []
         for batch in epoch_batches(lengths, config.batch_size, self.seed, epoch, world, self.length_grouping):
             if state.step == self.schedule.total:
@@ -413,7 +414,7 @@ class _SeedRun:
 
 def _probe(config: FinetuneConfig, model, prepared: Prepared, worker):
     """The precision probe's step: a real batch of the longest training sequences (this rank's share)."""
-    features = prepared.train_features
-    longest = sorted(range(len(features)), key=lambda i: -len(features[i].input_ids))
+    features, lengths = prepared.train_features, train_lengths(prepared)
+    longest = sorted(range(len(features)), key=lambda i: -lengths[i])
     sample = [features[i] for i in longest[len(longest) // 4:][: max(1, config.batch_size // worker.world)]]
     return probe_step(model, probe_loss(sample, prepared.pad_id, worker.device))
