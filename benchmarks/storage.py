@@ -15,8 +15,13 @@ client path, not of a region's network). Measured:
   `_lease.json`, then the manifest PUT) against a bare manifest PUT, and acquire + release of the
   lease (once per job); locally: `storage.write_json` (temp file + rename). Milliseconds, median of
   `--commits`.
+* **Pretraining** (`--pretrain-steps N`, 0 to skip) — the same `bertflow pretrain` job (model
+  `tiny`, one worker, a checkpoint every `--checkpoint-every` steps) with shards and `--out` on
+  local disk, then with both on S3, in the same run: tokens/s (median of the logged windows, which
+  include the checkpoint saves), the job's wall time, and the time of one checkpoint save measured
+  in the job's worker (`report_checkpoint`: write, upload, fenced commit of the record) on each.
 
-    python benchmarks/storage.py [--shards DIR] [--files N] [--repeats 3] [--commits 50]
+    python benchmarks/storage.py [--shards DIR] [--files N] [--repeats 3] [--commits 50] [--pretrain-steps 40]
 
 Without `--shards`, shards are built first from the first `--files` Wikipedia files (Ray).
 """
@@ -139,6 +144,32 @@ def commits(n: int, scratch: Path) -> dict:
     return out
 
 
+def pretraining(local: Path, remote: str, steps: int, every: int, scratch: Path) -> dict:
+    """The same tiny pretraining job on local disk and on S3 (shards and --out); see the module docstring."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.jobs.configs import PretrainConfig
+    from pipelines.jobs.pretrain import run_pretraining
+    from pipelines.ray_runtime import start_local_ray
+
+    start_local_ray(4, {"PYTHONPATH": str(ROOT)}, configure_logging=False)
+    common = dict(model="tiny", num_workers=1, global_batch_size=32, micro_batch_size=32, warmup_steps=2,
+                  learning_rate=1e-3, log_every=every, checkpoint_every=every, max_steps=steps, precision="fp32")
+    result = {"steps": steps, "checkpoint_every": every}
+    for where, shards, out in (("local", str(local), str(scratch / "pretrain")), ("s3", remote, "s3://bench/pretrain")):
+        started = time.perf_counter()
+        manifest = run_pretraining(PretrainConfig(**common, shards=shards, out=out))
+        wall = time.perf_counter() - started
+        client = MlflowClient(manifest["mlflow"]["tracking_uri"])
+        history = client.get_metric_history(manifest["mlflow"]["run_id"], "tokens_per_s")
+        saves = client.get_metric_history(manifest["mlflow"]["run_id"], "checkpoint_seconds")
+        result[where] = {"tokens_per_s": round(statistics.median(m.value for m in history)),
+                         "wall_s": round(wall, 1), "tokens_seen": manifest["tokens_seen"],
+                         "checkpoint_save_s": round(statistics.median(m.value for m in saves), 3) if saves else None}
+    result["s3_over_local_tokens_per_s"] = round(result["s3"]["tokens_per_s"] / result["local"]["tokens_per_s"], 3)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=Path, help="an existing local shards dir (default: build one)")
@@ -146,11 +177,15 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=4, help="Wikipedia files to build shards from")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--commits", type=int, default=50)
+    parser.add_argument("--pretrain-steps", type=int, default=40, help="0: no pretraining runs")
+    parser.add_argument("--checkpoint-every", type=int, default=10)
     args = parser.parse_args()
     if args.build_only:
         print(json.dumps({"built": str(build(args.files, args.build_only))}))
         return
     server, endpoint = start_s3_server()
+    os.environ.setdefault("BERTFLOW_CACHE", tempfile.mkdtemp(prefix="bertflow-bench-cache-"))
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
         with tempfile.TemporaryDirectory(prefix="bertflow-bench-storage-") as scratch:
             scratch = Path(scratch)
@@ -165,6 +200,8 @@ def main() -> None:
                       "shards_bytes": size, "upload_mb_per_s": round(size / upload_s / 1e6, 1),
                       "reading": reading(local, "s3://bench/shards", args.repeats, scratch),
                       "commit_protocol": commits(args.commits, scratch),
+                      "pretraining": pretraining(local, "s3://bench/shards", args.pretrain_steps, args.checkpoint_every,
+                                                 scratch) if args.pretrain_steps else None,
                       "load_average": os.getloadavg(), "cpus": os.cpu_count()}
     finally:
         server.terminate()

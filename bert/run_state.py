@@ -9,6 +9,11 @@ file of the checkpoint, so a save killed half-way is never taken for a complete 
     State.complete(directory)       every listed file exists at its recorded size
     State.latest(directories)       the newest complete one of an ordered list (None if none)
 
+A checkpoint is written in a local dir; it may be read (`read`, `complete`, `latest`) where it
+was stored, a local dir or an object-store prefix (`bert/storage.py`). On a store the record is
+the checkpoint's manifest: uploaded after every other file, so a listing that shows it with all
+its files at their sizes is a complete checkpoint, whatever a killed upload left beside it.
+
 Also the optimizer state both training loops restore (`load_optimizer_state`).
 """
 
@@ -22,6 +27,9 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
+
+from bert import storage
+from bert.errors import InputError
 
 OPTIMIZER_STATE = "optimizer.pt"
 
@@ -39,8 +47,8 @@ class RunState:
     NULL_FLOATS: ClassVar[dict[str, float]] = {}
 
     @classmethod
-    def read(cls: type[S], directory: Path) -> S:
-        data = json.loads((Path(directory) / cls.STATE_FILE).read_text())
+    def read(cls: type[S], directory: storage.Location) -> S:
+        data = json.loads(storage.read_text(storage.join(directory, cls.STATE_FILE)))
         for name, value in cls.NULL_FLOATS.items():
             if data.get(name) is None:
                 data[name] = value
@@ -56,18 +64,17 @@ class RunState:
         (directory / self.STATE_FILE).write_text(json.dumps(data, indent=2, allow_nan=False))
 
     @classmethod
-    def complete(cls, directory: Path) -> bool:
+    def complete(cls, directory: storage.Location) -> bool:
         """True when the record exists and every file it lists is there at its recorded size."""
-        directory = Path(directory)
         try:
             files: dict[str, Any] = cls.read(directory).files
-        except (OSError, ValueError, TypeError):
+            present = dict(storage.walk_files(directory))
+        except (OSError, ValueError, TypeError, InputError):
             return False
-        return bool(files) and all((directory / name).is_file() and (directory / name).stat().st_size == size
-                                   for name, size in files.items())
+        return bool(files) and all(present.get(name) == size for name, size in files.items())
 
     @classmethod
-    def latest(cls, directories: Iterable[Path]) -> Path | None:
+    def latest(cls, directories: Iterable[storage.Location]) -> storage.Location | None:
         """The last complete checkpoint of `directories` (given oldest first); a torn save is skipped."""
         return next((d for d in reversed(list(directories)) if cls.complete(d)), None)
 

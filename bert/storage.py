@@ -221,6 +221,19 @@ def exists(location: Location) -> bool:
     return info(location).type != pafs.FileType.NotFound
 
 
+def check_bucket(location: Location) -> None:
+    """Refuse (one line) a URI whose bucket does not exist, or whose store cannot be reached or refuses the
+    credentials, before anything is written there; nothing to check for a local path."""
+    if not is_remote(location):
+        return
+    fs, path = resolve(location)
+    bucket = path.split("/")[0]
+    with _errors(location, "read"):
+        found = fs.get_file_info(bucket)
+    if found.type == pafs.FileType.NotFound:
+        raise InputError(f"{os.fspath(location)}: bucket {bucket} does not exist")
+
+
 def is_file(location: Location) -> bool:
     return info(location).type == pafs.FileType.File
 
@@ -428,3 +441,89 @@ def remove(location: Location) -> None:
                 fs.delete_dir(path)
         elif kind == pafs.FileType.File:
             fs.delete_file(path)
+
+
+def copy(source: Location, destination: Location) -> None:
+    """Copy a file or a directory's files from `source` to `destination`, on one store or across two
+    (a copy inside one S3 bucket is a server-side copy per object: no bytes pass through this machine)."""
+    src_fs, src = resolve(source)
+    dst_fs, dst = resolve(destination)
+    kind = info(source).type
+    if kind == pafs.FileType.NotFound:
+        raise _missing(os.fspath(source))
+    files = [("", 0)] if kind == pafs.FileType.File else walk_files(source)
+    with _errors(destination, "write"):
+        for rel, _ in files:
+            target = f"{dst}/{rel}" if rel else dst
+            if src_fs is LOCAL and dst_fs is LOCAL:
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+            if src_fs is dst_fs:
+                src_fs.copy_file(f"{src}/{rel}" if rel else src, target)
+            else:
+                pafs.copy_files(f"{src}/{rel}" if rel else src, target, source_filesystem=src_fs,
+                                destination_filesystem=dst_fs, chunk_size=8 << 20)
+
+
+# ----------------------------------------------------------------------------- the local side of a remote location
+
+ENVIRONMENT = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_EC2_METADATA_DISABLED", "BERTFLOW_CACHE")
+
+
+def environment() -> dict[str, str]:
+    """The variables that say which store and credentials this process uses (for worker processes that
+    must see the same store: a Ray Train run's `worker_runtime_env`)."""
+    return {name: os.environ[name] for name in ENVIRONMENT if os.environ.get(name)}
+
+
+def cache_dir(kind: str, location: Location) -> Path:
+    """A local dir for a copy of (or the local side of) the remote `location`: `$BERTFLOW_CACHE/<kind>/<hash>`
+    (default `~/.cache/bertflow`), the same for the same URI on one machine."""
+    root = Path(os.environ.get("BERTFLOW_CACHE") or Path.home() / ".cache" / "bertflow")
+    digest = hashlib.sha256(os.fspath(location).rstrip("/").encode()).hexdigest()[:16]
+    return root / kind / f"{name(location)}-{digest}"
+
+
+@contextlib.contextmanager
+def named(location: Location, local: Location) -> Iterator[None]:
+    """Errors raised while reading `local`, the local copy of `location`, name `location` (the URI the user gave)."""
+    try:
+        yield
+    except InputError as exc:
+        text, here = str(exc), os.fspath(local)
+        if not is_remote(location) or here not in text:
+            raise
+        raise type(exc)(text.replace(here, os.fspath(location).rstrip("/"))) from None
+
+
+def local_copy(location: Location, kind: str = "inputs") -> Path:
+    """A local path holding `location`: itself when it is local, else a copy in the cache (for libraries
+    that need files on disk: safetensors, tokenizers, torch.load).
+
+    The copy is named by the remote listing (names and sizes), so an unchanged location is downloaded
+    once, a changed one into a new copy, and a copy in use is never replaced under its reader; processes
+    racing for one location each download, and the first copy in place stays.
+    """
+    local = local_path(location)
+    if local is not None:
+        return local
+    directory = is_dir(location)
+    listing = walk_files(location) if directory else [("", size(location))]
+    version = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:12]
+    base = cache_dir(kind, location)
+    target = base.with_name(f"{base.name}-{version}")  # a file keeps its name inside it
+    found = target if directory else target / name(location)
+    if found.exists():
+        return found
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        download(location, tmp if directory else tmp / name(location))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process put its copy in place meanwhile: use that one
+            if not target.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return found

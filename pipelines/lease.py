@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -288,7 +290,7 @@ class S3Lease:
 
 
 class LocalLease:
-    """A local output's lock: outdir.lock's flock, which cannot lapse while its holder lives."""
+    """A local output's lock: `lock`'s flock, which cannot lapse while its holder lives."""
 
     generation = 0
     previous = None
@@ -306,11 +308,74 @@ class LocalLease:
         storage.write_json(location, data)
 
 
+# ----------------------------------------------------------------------------- the local flock
+
+
+def lock_holder(lock_file: Path) -> str | None:
+    """Who holds `lock_file` ("pid 123 on host since ..."), or None if nobody does."""
+    if not lock_file.is_file():
+        return None
+    with open(lock_file, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            f.seek(0)
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
+
+@contextlib.contextmanager
+def lock(lock_file: Path, what: str, *, wait: bool = False, hint: str = "", remove: bool = False,
+         user: str = "run") -> Iterator[None]:
+    """Hold an exclusive lock on `lock_file`; refuse at once (or wait, with `wait`) if another process holds it.
+
+    `what` names the locked thing and `user` who holds it in the refusal ("/x/out is in use by
+    another run (pid ...)").
+    With `remove`, the lock file is deleted (while still held) when the block ends; a process
+    that locked the deleted file meanwhile sees that it is no longer the file at that path and
+    tries again, so two processes never both hold the lock.
+    """
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(lock_file, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as exc:
+            f.close()
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = lock_holder(lock_file) or "another process"
+            raise InputError(f"{what} is in use by another {user} ({holder}){hint}") from None
+        try:
+            same = os.stat(lock_file).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # the holder removed it as we locked it: lock the file now at that path
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if remove:
+                lock_file.unlink()
+            else:
+                f.seek(0)
+                f.truncate()
+        f.close()  # releases the lock
+
+
+
 @contextlib.contextmanager
 def acquire(output_uri: storage.Location, *, job: str = "run", ttl_s: float = DEFAULT_TTL_S) -> Iterator[S3Lease | LocalLease]:
     """Hold the one-writer lease on `output_uri` while the block runs; refuse (InputError) if another writer holds it."""
-    from pipelines.outdir import lock
-
     local = storage.local_path(output_uri)
     if local is not None:
         local = local.absolute()

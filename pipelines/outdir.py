@@ -31,6 +31,15 @@ object storage the equivalent is a lease with a fencing generation, `pipelines/l
 
 Inputs and outputs may not coincide: `check_disjoint` refuses an output that is an input, or
 lies inside one, or contains one.
+
+**On an object store** (`--out s3://...`, DESIGN.md principle 11) there is no flock and no rename:
+a job dir is claimed by the output's lease (`pipelines/lease.py`: a conditional PUT, renewed while
+the job runs, refused to a second writer), `_job.json` is read and written through `bert/storage.py`
+under it, and the lease's fence stands in for `.writers`: a worker of an earlier run commits nothing
+(a checkpoint's record, a manifest) once a later run holds the lease. A one-piece output is built in
+a local temporary dir and uploaded, `_manifest.json` last (written by the command, or by
+`atomic_output` listing the files and their sizes): the output exists only once its manifest does,
+and objects a killed upload left under the prefix are removed by the next writer, under the lease.
 """
 
 from __future__ import annotations
@@ -42,17 +51,20 @@ import hashlib
 import json
 import os
 import shutil
-import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from bert import storage
 from bert.errors import InputError
 from bert.fsutil import write_json_atomic
+from pipelines.lease import LEASE_FILE, LocalLease, acquire, clear_unfinished, lock, lock_holder  # noqa: F401 (the flock lives there)
 
 JOB_FILE = "_job.json"
+MANIFEST = "_manifest.json"  # written last into a one-piece output on an object store (and by some commands)
 LOCK_FILE = ".lock"
 WRITERS_FILE = ".writers"
 WRITERS_WAIT_S = 120.0  # how long a claim waits for the processes of an earlier run to exit
@@ -61,67 +73,6 @@ _writer_files: dict[str, Any] = {}  # out dir -> the open `.writers` file this p
 
 
 # ----------------------------------------------------------------------------- locks
-
-
-def lock_holder(lock_file: Path) -> str | None:
-    """Who holds `lock_file` ("pid 123 on host since ..."), or None if nobody does."""
-    if not lock_file.is_file():
-        return None
-    with open(lock_file, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            f.seek(0)
-            return f.read().strip() or "another process"
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return None
-
-
-@contextlib.contextmanager
-def lock(lock_file: Path, what: str, *, wait: bool = False, hint: str = "", remove: bool = False,
-         user: str = "run") -> Iterator[None]:
-    """Hold an exclusive lock on `lock_file`; refuse at once (or wait, with `wait`) if another process holds it.
-
-    `what` names the locked thing and `user` who holds it in the refusal ("/x/out is in use by
-    another run (pid ...)").
-    With `remove`, the lock file is deleted (while still held) when the block ends; a process
-    that locked the deleted file meanwhile sees that it is no longer the file at that path and
-    tries again, so two processes never both hold the lock.
-    """
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        f = open(lock_file, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError as exc:
-            f.close()
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = lock_holder(lock_file) or "another process"
-            raise InputError(f"{what} is in use by another {user} ({holder}){hint}") from None
-        try:
-            same = os.stat(lock_file).st_ino == os.fstat(f.fileno()).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        f.close()  # the holder removed it as we locked it: lock the file now at that path
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            if remove:
-                lock_file.unlink()
-            else:
-                f.seek(0)
-                f.truncate()
-        f.close()  # releases the lock
 
 
 # ----------------------------------------------------------------------------- what a folder holds
@@ -161,17 +112,23 @@ def _is_empty_dir(path: Path) -> bool:
 
 def check_disjoint(out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None], flag: str = "--out") -> None:
     """Refuse an output that is one of the inputs, lies inside one, or contains one."""
-    target = Path(out).resolve()
     for item in inputs:
         if item is None:
             continue
-        source = Path(item).resolve()
+        target, source = _where(out), _where(item)
         if target == source:
             raise InputError(f"{flag} {out} is also an input: choose an output path that is not {item}")
-        if source in target.parents:
+        if target.startswith(source.rstrip("/") + "/"):
             raise InputError(f"{flag} {out} lies inside the input {item}: a command never writes next to its inputs")
-        if target in source.parents:
+        if source.startswith(target.rstrip("/") + "/"):
             raise InputError(f"{flag} {out} contains the input {item}: choose an output outside it")
+
+
+def _where(location: str | os.PathLike[str]) -> str:
+    """A location as one comparable string: a local path resolved, a URI without its trailing slash."""
+    if storage.is_remote(location):
+        return os.fspath(location).rstrip("/")
+    return str(storage.local_path(location).resolve())
 
 
 # ----------------------------------------------------------------------------- job dirs
@@ -204,6 +161,11 @@ def check_job_dir(out: Path, job: str, identity: Mapping[str, Any]) -> bool:
         recorded = json.loads(job_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"{job_file}: unreadable ({exc}); refusing to write into {out}") from None
+    return _same_job(out, job, identity, recorded)
+
+
+def _same_job(out: Any, job: str, identity: Mapping[str, Any], recorded: Mapping[str, Any]) -> bool:
+    """Refuse unless the `_job.json` found in `out` records `job` with `identity`; True."""
     if recorded.get("job") != job:
         raise InputError(f"{out} holds a `bertflow {recorded.get('job')}` run, not a `bertflow {job}` run; "
                          "choose another --out (nothing was changed)")
@@ -214,6 +176,25 @@ def check_job_dir(out: Path, job: str, identity: Mapping[str, Any]) -> bool:
     return True
 
 
+def check_remote_job_dir(out: str, job: str, identity: Mapping[str, Any]) -> bool:
+    """`check_job_dir` for a prefix on an object store (its bucket must exist)."""
+    storage.check_bucket(out)
+    names = [n for n in (storage.list_dir(out) if storage.is_dir(out) else []) if n != LEASE_FILE]
+    if not names:
+        return False
+    if JOB_FILE not in names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise InputError(f"{out} already holds {len(names)} entr{'y' if len(names) == 1 else 'ies'} ({shown}), not "
+                         f"written by `bertflow {job}`; refusing to write into it: choose another --out "
+                         "(nothing was changed)")
+    return _same_job(out, job, identity, storage.read_json(storage.join(out, JOB_FILE)))
+
+
+def _job_record(job: str, identity: Mapping[str, Any]) -> dict[str, Any]:
+    return {"job": job, "identity": dict(identity), "identity_sha256": identity_digest(identity),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 @contextlib.contextmanager
 def own_dir(out: str | os.PathLike[str], job: str, identity: Mapping[str, Any],
             inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Iterator[bool]:
@@ -221,19 +202,35 @@ def own_dir(out: str | os.PathLike[str], job: str, identity: Mapping[str, Any],
 
     Everything is checked before the dir is created or touched.
     """
-    out = Path(out)
+    with claim_dir(out, job, identity, inputs) as (resuming, _):
+        yield resuming
+
+
+@contextlib.contextmanager
+def claim_dir(out: str | os.PathLike[str], job: str, identity: Mapping[str, Any],
+              inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Iterator[tuple[bool, Any]]:
+    """`own_dir`, yielding (resuming, the output's lease): a local dir's flock (`LocalLease`), or on an object
+    store the `S3Lease` whose `fence()` the job hands to the processes that commit into `out`."""
     check_disjoint(out, inputs)
+    if storage.is_remote(out):
+        out = os.fspath(out).rstrip("/")
+        check_remote_job_dir(out, job, identity)
+        with acquire(out, job=job) as lease:
+            resuming = check_remote_job_dir(out, job, identity)  # again, under the lease
+            if not resuming:
+                lease.commit(storage.join(out, JOB_FILE), _job_record(job, identity))
+            yield resuming, lease
+        return
+    out = Path(out)
     check_job_dir(out, job, identity)
     out.mkdir(parents=True, exist_ok=True)
     with lock(out / LOCK_FILE, str(out), hint="; wait for it to finish, or choose another --out"):
         resuming = check_job_dir(out, job, identity)  # again, under the lock: another run may have claimed it
         if not resuming:
-            write_json_atomic(out / JOB_FILE, {"job": job, "identity": dict(identity),
-                                               "identity_sha256": identity_digest(identity),
-                                               "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+            write_json_atomic(out / JOB_FILE, _job_record(job, identity))
         wait_for_earlier_writers(out)
         remove_temporaries(out)
-        yield resuming
+        yield resuming, LocalLease(out)
 
 
 def hold_writer(out: str | os.PathLike[str]) -> None:
@@ -300,8 +297,13 @@ def atomic_output(out: str | os.PathLike[str], job: str, *, directory: bool = Tr
                   inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Iterator[Path]:
     """Yield a temporary sibling of the new output `out` (a dir, or a file path with `directory=False`).
 
-    Renamed to `out` when the block finishes; removed if it raises. `out` must not exist.
+    Renamed to `out` when the block finishes; removed if it raises. `out` must not exist. On an object
+    store: a local temporary, uploaded when the block finishes (see the module docstring).
     """
+    if storage.is_remote(out):
+        with _atomic_remote_output(os.fspath(out).rstrip("/"), job, directory, inputs) as tmp:
+            yield tmp
+        return
     out = Path(out)
     check_disjoint(out, inputs, "output")
     check_new_output(out, job)
@@ -324,3 +326,58 @@ def atomic_output(out: str | os.PathLike[str], job: str, *, directory: bool = Tr
             else:
                 tmp.unlink(missing_ok=True)
             raise
+
+
+def check_new(out: str | os.PathLike[str], job: str) -> None:
+    """Refuse an existing one-piece output, local or on an object store, before any input is read."""
+    if storage.is_remote(out):
+        check_new_remote_output(os.fspath(out).rstrip("/"), job)
+    else:
+        check_new_output(Path(out), job)
+
+
+def check_new_remote_output(out: str, job: str) -> bool:
+    """Refuse a URI that holds a complete output (its manifest, or an object of that name); True when it
+    holds objects a killed writer left (no manifest), which the next writer removes under the lease."""
+    storage.check_bucket(out)
+    if storage.is_file(out) or storage.is_file(storage.join(out, MANIFEST)):
+        what = "an object" if storage.is_file(out) else f"a finished output ({MANIFEST})"
+        raise InputError(f"{out} already exists and holds {what}; `bertflow {job}` writes only a new output: "
+                         "choose another path (nothing was changed)")
+    return storage.is_dir(out) and any(n != LEASE_FILE for n in storage.list_dir(out))
+
+
+@contextlib.contextmanager
+def _atomic_remote_output(out: str, job: str, directory: bool,
+                          inputs: Iterable[str | os.PathLike[str] | None]) -> Iterator[Path]:
+    """`atomic_output` on an object store: built locally, uploaded under the output's lease, manifest last.
+
+    A single file (`directory=False`) is one PUT, visible only whole; two writers racing for one file
+    name both succeed and the later one's file stays (S3's conditional create is not reached through
+    pyarrow): a dir output is claimed by its lease, a file output is not.
+    """
+    check_disjoint(out, inputs, "output")
+    check_new_remote_output(out, job)
+    with contextlib.ExitStack() as stack:
+        spool = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bertflow-output-")))
+        if not directory:
+            yield spool / storage.name(out)
+            check_new_remote_output(out, job)
+            storage.copy(spool / storage.name(out), out)
+            return
+        lease = stack.enter_context(acquire(out, job=job))
+        if check_new_remote_output(out, job):  # again, under the lease
+            removed = clear_unfinished(lease)
+            print(f"[{job}] removed {len(removed)} unfinished object(s) a killed run left in {out}", flush=True)
+        tmp = spool / "out"
+        tmp.mkdir()
+        yield tmp
+        files = {rel: size for rel, size in storage.walk_files(tmp) if rel != MANIFEST}
+        for rel in sorted(files):
+            storage.copy(tmp / rel, storage.join(out, rel))
+        if (tmp / MANIFEST).is_file():  # the command's own manifest, byte for byte
+            lease.check()
+            storage.copy(tmp / MANIFEST, storage.join(out, MANIFEST))  # written last: the output now exists
+        else:
+            lease.commit(storage.join(out, MANIFEST), {"job": job, "files": files,
+                                                       "written": time.strftime("%Y-%m-%d %H:%M:%S")})

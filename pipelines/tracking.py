@@ -14,7 +14,13 @@ temporary name, then linked into place), so a Ctrl-C during its creation leaves 
 A server that fails in the middle of a job turns logging off with one warning (the job goes on).
 
 Default tracking store: SQLite under the job's output (or pipeline work) dir, since MLflow 3
-deprecates the plain `./mlruns` file store. `MLFLOW_TRACKING_URI` overrides it.
+deprecates the plain `./mlruns` file store. `MLFLOW_TRACKING_URI` overrides it. An output on an
+object store cannot hold a SQLite database: its default store is a SQLite file in this machine's
+cache (`storage.cache_dir("tracking", out)`), and the runs' artifacts go to the store, under
+`<out>/mlartifacts/<experiment>` (MLflow's S3 client is boto3, which reads AWS_ENDPOINT_URL(_S3)
+and the credentials from the environment itself; MLFLOW_S3_ENDPOINT_URL, if set, takes precedence).
+A resume from another machine then opens a new run there: give a tracking server
+(MLFLOW_TRACKING_URI) to keep one run per job across machines.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bert import storage
 from bert.errors import InputError
 from bert.fsutil import write_json_atomic
 
@@ -47,19 +54,32 @@ _MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 _MAX_PARAM_LENGTH = 6000
 
 
+ARTIFACT_ROOT_FILE = "artifact_root.txt"  # beside the local SQLite store of an output on an object store
+
+
 def default_tracking_uri(root: str | Path) -> str:
-    """`MLFLOW_TRACKING_URI` if set, else a SQLite store `mlflow.db` under `root`."""
+    """`MLFLOW_TRACKING_URI` if set, else a SQLite store `mlflow.db` under `root` (for a `root` on an object
+    store: in this machine's cache, its artifacts under `<root>/mlartifacts`; see the module docstring)."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
+    if storage.is_remote(root):
+        local = storage.cache_dir("tracking", root)
+        local.mkdir(parents=True, exist_ok=True)
+        (local / ARTIFACT_ROOT_FILE).write_text(str(storage.join(root, "mlartifacts")))
+        return f"sqlite:///{local / 'mlflow.db'}"
     return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"  # the dir must exist before the store is opened
 
 
 def default_artifact_location(tracking_uri: str, experiment: str) -> str | None:
-    """Artifacts of a SQLite store live beside the database, not in the current directory."""
+    """Artifacts of a SQLite store live beside the database, not in the current directory (or on the object
+    store, for the store `default_tracking_uri` keeps for an output there)."""
     if not tracking_uri.startswith("sqlite:///"):
         return None  # a tracking server decides where artifacts go
     database = Path(tracking_uri.removeprefix("sqlite:///"))
+    remote = database.parent / ARTIFACT_ROOT_FILE
+    if remote.is_file():
+        return str(storage.join(remote.read_text().strip(), experiment))
     return (database.parent / "mlartifacts" / experiment).as_uri()
 
 
@@ -281,16 +301,16 @@ def open_job_run(out: Path, tracking_uri: str | None, experiment: str, *, run_na
     run (one job, one run). A different tracking store starts a new run there.
     """
     uri = tracking_uri or default_tracking_uri(out)
-    run_file = out / RUN_FILE
+    run_file = storage.join(out, RUN_FILE)
     previous = None
-    if run_file.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            previous = json.loads(run_file.read_text())
+    if storage.is_file(run_file):
+        with contextlib.suppress(OSError, ValueError, InputError):
+            previous = storage.read_json(run_file)
     run_id = previous["run_id"] if previous and previous.get("tracking_uri") == uri else None
     handle = open_run(uri, experiment, run_name=run_name, run_id=run_id, parent_run_id=parent_run_id,
                       tags={**(tags or {}), "bertflow.out": str(out)})
     if handle is not None and handle.run_id != run_id:
-        write_json_atomic(run_file, {"tracking_uri": handle.tracking_uri, "run_id": handle.run_id})
+        storage.write_json(run_file, {"tracking_uri": handle.tracking_uri, "run_id": handle.run_id})
     return handle
 
 
@@ -344,13 +364,13 @@ def finish_run(handle: RunHandle | None, status: str = "FINISHED") -> None:
 def close_if_running(directory: Path, status: str = "FINISHED") -> bool:
     """End the MLflow run recorded in `<directory>/mlflow_run.json` if it is still RUNNING (a job killed
     after its output was complete, before it closed its run). True if it was ended."""
-    run_file = Path(directory) / RUN_FILE
-    if not run_file.is_file():
-        return False
+    run_file = storage.join(directory, RUN_FILE)
     try:
+        if not storage.is_file(run_file):
+            return False
         from mlflow.tracking import MlflowClient
 
-        run = json.loads(run_file.read_text())
+        run = storage.read_json(run_file)
         client = MlflowClient(run["tracking_uri"])
         if client.get_run(run["run_id"]).info.status != "RUNNING":
             return False

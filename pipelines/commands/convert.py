@@ -31,22 +31,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from bert import storage
     from bert.checkpoint import load_for_convert, read_checkpoint_info, write_checkpoint
     from bert.tokenizer import Tokenizer
-    from pipelines.outdir import atomic_output, check_disjoint, check_new_output
+    from pipelines.outdir import atomic_output, check_disjoint, check_new
 
     src = args.to_hf or args.from_hf
     to_hf = args.to_hf is not None
-    out = Path(args.out)
+    out = args.out  # a local path or an object-store URI (bert/storage.py), as is the input
     check_disjoint(out, [src], "--out")
-    check_new_output(out, JOB)
-    model = load_for_convert(src, to_hf=to_hf)  # the whole input is read before anything is created
+    check_new(out, JOB)
+    local = storage.local_copy(src, "inputs")
+    with storage.named(src, local):
+        model = load_for_convert(local, to_hf=to_hf)  # the whole input is read before anything is created
     with atomic_output(out, JOB, inputs=[src]) as tmp:
-        write_checkpoint(model, tmp, hf=to_hf, tokenizer_dir=src)
+        write_checkpoint(model, tmp, hf=to_hf, tokenizer_dir=local)
         if to_hf and Tokenizer.is_tokenizer_dir(tmp):  # AutoTokenizer loads it, SentencePiece included
             Tokenizer.load(tmp).save_for_transformers(tmp, model.config.max_position_embeddings)
-    info = read_checkpoint_info(out)
+        info = read_checkpoint_info(tmp)
     print(f"wrote {info.kind} checkpoint {out} (head: {info.head or 'encoder only'})")
     return 0

@@ -69,14 +69,15 @@ def _progress(message: str) -> None:
 def run_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from bert import storage
     from bert.corpus import CorpusConfig, expand_inputs
     from bert.tokenizer import VOCAB_MULTIPLE, Tokenizer
-    from pipelines.outdir import atomic_output, check_disjoint, check_new_output
+    from pipelines.outdir import atomic_output, check_disjoint, check_new
 
     job = "tokenizer train"
-    out = Path(args.out)
+    out = args.out if storage.is_remote(args.out) else Path(args.out)  # a URI: built locally, uploaded
     check_disjoint(out, args.corpus, "--out")
-    check_new_output(out, job)
+    check_new(out, job)
     corpus_config = CorpusConfig(skip_unreadable=args.skip_unreadable)
     expand_inputs(args.corpus, corpus_config)  # a missing corpus path is refused before anything is created
     sample = {} if args.sample_sentences is None else {"sample_sentences": args.sample_sentences}
@@ -111,14 +112,17 @@ def run_train(args: argparse.Namespace) -> int:
 def run_from_vocab(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from bert import storage
     from bert.tokenizer import Tokenizer
-    from pipelines.outdir import atomic_output, check_disjoint, check_new_output
+    from pipelines.outdir import atomic_output, check_disjoint, check_new
 
     job = "tokenizer from-vocab"
-    out = Path(args.out)
+    out = args.out if storage.is_remote(args.out) else Path(args.out)  # a URI: built locally, uploaded
     check_disjoint(out, [args.vocab], "--out")
-    check_new_output(out, job)
-    tokenizer = Tokenizer.from_vocab_file(args.vocab, lowercase=not args.cased)  # the input is read first
+    check_new(out, job)
+    vocab = storage.local_copy(args.vocab, "inputs")
+    with storage.named(args.vocab, vocab):
+        tokenizer = Tokenizer.from_vocab_file(vocab, lowercase=not args.cased)  # the input is read first
     with atomic_output(out, job, inputs=[args.vocab]) as tmp:
         tokenizer.save(tmp)
     print(f"wrote {out}: {tokenizer!r}")

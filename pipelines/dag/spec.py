@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,6 +158,10 @@ def _parse(raw: dict[str, Any], path: Path, overrides: tuple[str, ...]) -> Spec:
     max_concurrent = raw.get("max_concurrent", 4)
     if max_concurrent < 1:
         raise InputError(f"{path}: max_concurrent must be at least 1, got {max_concurrent}")
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(raw["workdir"])) and not str(raw["workdir"]).startswith("file://"):
+        raise InputError(f"{path}: workdir {raw['workdir']}: a pipeline's workdir must be a local path for now (its "
+                         "stages publish by rename under a flock; issue 27); a job's --out may be s3://... "
+                         "(nothing was written)")
     return Spec(
         path=path.resolve(),
         name=raw["name"],

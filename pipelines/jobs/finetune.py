@@ -24,6 +24,12 @@ Output dir (DESIGN.md, "Fine-tune output dir"):
 With `--seeds 1,2,3`: one such dir per seed under `seed-<n>/`, and at the top a metrics.json with
 the mean and sample standard deviation over seeds and copies of the best seed's predictions and
 checkpoint. MLflow: with several seeds a parent run and one nested run per seed.
+
+`--out` may be an object-store URI: the same layout lives under it (`bert/storage.py`). Epoch
+checkpoints go to the store through Ray Train's storage, each committed by its run-state record
+behind the output lease's fence (`pipelines/jobs/launch.py`); `_best/epoch-N/` is uploaded with
+its `eval.json` last; metrics.json, written last, is the fenced commit of a seed's outputs. Staging
+is a local temporary dir. `--checkpoint` and `--tokenizer` may be URIs (downloaded into the cache).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +46,7 @@ from typing import Any
 
 import ray
 
-from bert import finetune
+from bert import finetune, storage
 from bert.checkpoint import from_pretrained, save_pretrained, write_checkpoint
 from bert.finetune import (
     PREDICTIONS,
@@ -71,6 +78,7 @@ from pipelines.jobs.launch import (
     agree_precision,
     gather_to_rank0,
     record_worker,
+    remove_torn_checkpoints,
     report_checkpoint,
     restore_dir,
     train_on_ray,
@@ -88,9 +96,11 @@ STAGING = "_tmp"
 def preflight(config: FinetuneConfig) -> Prepared:
     """Everything checkable, before any worker starts: the checkpoint, its tokenizer, the task's data, featurized."""
     spec = get_task(config.task)  # an unknown task lists the known ones
-    tokenizer_dir = config.tokenizer or config.checkpoint
-    tokenizer, max_seq_length = finetune.check_model_inputs(config.checkpoint, tokenizer_dir, spec,
-                                                            config.max_seq_length, config.freeze_layers)
+    tokenizer_dir = config.tokenizer or config.checkpoint  # a URI stays one: each worker copies it to its node
+    checkpoint, tokenizer_copy = (storage.local_copy(p, "checkpoints") for p in (config.checkpoint, tokenizer_dir))
+    with storage.named(config.checkpoint, checkpoint), storage.named(tokenizer_dir, tokenizer_copy):
+        tokenizer, max_seq_length = finetune.check_model_inputs(checkpoint, tokenizer_copy, spec,
+                                                                config.max_seq_length, config.freeze_layers)
     return finetune.prepare(spec, config.data, tokenizer, tokenizer_dir, max_seq_length,
                             config.max_train_examples, config.max_eval_examples)
 
@@ -113,7 +123,7 @@ class FinetuneJob(Job[FinetuneConfig]):
         self.ray_callbacks = ray_callbacks
 
     def finished(self, config: FinetuneConfig) -> dict[str, Any] | None:
-        return _finished(Path(config.out) / METRICS, config)
+        return _finished(storage.join(config.out, METRICS), config)
 
     def preflight(self, config: FinetuneConfig) -> Prepared:
         return preflight(config)
@@ -131,19 +141,20 @@ class FinetuneJob(Job[FinetuneConfig]):
         """Every seed still to train, in one Ray Train run; then the seeds' summary (several seeds)."""
         config, out, parent = claimed.config, claimed.out, claimed.run
         seeds = config.seed_list
-        dirs = {seed: out if len(seeds) == 1 else out / f"seed-{seed}" for seed in seeds}
+        dirs = {seed: out if len(seeds) == 1 else storage.join(out, f"seed-{seed}") for seed in seeds}
         pending = []
         for seed in seeds:
-            if _finished(dirs[seed] / METRICS, config.for_seed(seed)) is not None:
+            if _finished(storage.join(dirs[seed], METRICS), config.for_seed(seed)) is not None:
                 print(f"[finetune] {dirs[seed]} is complete (seed {seed}); nothing to do", flush=True)
                 close_if_running(dirs[seed])  # killed after its outputs, before closing its MLflow run
             else:
                 pending.append(seed)
         if pending:
             _train_seeds(config, [(seed, str(dirs[seed])) for seed in pending], ray.put(prepared),
-                         claimed.tracking_uri, parent.run_id if parent else config.parent_run_id, self.ray_callbacks)
-        runs = [json.loads((dirs[seed] / METRICS).read_text()) for seed in seeds]
-        return runs[0] if len(seeds) == 1 else summarize(config, prepared, runs, parent)
+                         claimed.tracking_uri, parent.run_id if parent else config.parent_run_id, self.ray_callbacks,
+                         claimed.lease.fence() if claimed.lease is not None else None)
+        runs = [storage.read_json(storage.join(dirs[seed], METRICS)) for seed in seeds]
+        return runs[0] if len(seeds) == 1 else summarize(config, prepared, runs, parent, claimed.lease)
 
 
 def run_finetune(config: FinetuneConfig, ray_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -158,56 +169,59 @@ def run_finetune(config: FinetuneConfig, ray_callbacks: Sequence[Any] = ()) -> d
     return maybe_register(config, run_job(FinetuneJob(ray_callbacks), config))
 
 
-def _finished(metrics_file: Path, config: FinetuneConfig) -> dict[str, Any] | None:
+def _finished(metrics_file: storage.Location, config: FinetuneConfig) -> dict[str, Any] | None:
     """A finished run of the same job and settings at `metrics_file` (its content), else None."""
-    if not metrics_file.is_file():
+    if not storage.is_file(metrics_file):
         return None
-    done = json.loads(metrics_file.read_text())
+    done = storage.read_json(metrics_file)
     return done if done.get("identity") == config.identity() else None
 
 
 def _train_seeds(config: FinetuneConfig, seeds: list[tuple[int, str]], prepared_ref, tracking_uri: str,
-                 parent_run_id: str | None, ray_callbacks: Sequence[Any]) -> None:
+                 parent_run_id: str | None, ray_callbacks: Sequence[Any], fence=None) -> None:
     """One Ray Train run that trains `seeds` [(seed, its output dir)] in turn; the workers write each seed's outputs.
 
     A run that fails for good marks the MLflow run of every seed it left unfinished FAILED.
     """
-    storage = Path(config.out) / RAY_STORAGE
+    ray_storage = storage.join(config.out, RAY_STORAGE)
     for seed, seed_dir in seeds:
-        Path(seed_dir).mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(Path(seed_dir) / STAGING, ignore_errors=True)
+        if not storage.is_remote(seed_dir):
+            Path(seed_dir).mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(Path(seed_dir) / STAGING, ignore_errors=True)
+        remove_torn_checkpoints(seed_storage(config, seed), FinetuneState)  # a killed save, on an object store
         resume = latest_epoch_checkpoint(seed_storage(config, seed))
         if resume is not None:
             print(f"[finetune] seed {seed}: resuming after epoch {FinetuneState.read(resume).epoch} from {resume}",
                   flush=True)
     loop_config = {"config": config, "seeds": seeds, "prepared": prepared_ref,
-                   "tracking_uri": tracking_uri, "parent_run_id": parent_run_id}
+                   "tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "fence": fence}
     try:
-        train_on_ray(train_loop, loop_config, name=RAY_RUN, storage=storage, num_workers=config.num_workers,
+        train_on_ray(train_loop, loop_config, name=RAY_RUN, storage=ray_storage, num_workers=config.num_workers,
                      use_gpu=config.use_gpu, cpus_per_worker=config.cpus_per_worker, max_failures=config.max_failures,
                      keep_checkpoints=1, callbacks=ray_callbacks)
     except Exception:
         for seed, seed_dir in seeds:
-            unfinished = _finished(Path(seed_dir) / METRICS, config.for_seed(seed)) is None
-            if unfinished and (Path(seed_dir) / RUN_FILE).is_file():
-                finish_run(_seed_run(config, seed, Path(seed_dir), tracking_uri, parent_run_id), "FAILED")
+            unfinished = _finished(storage.join(seed_dir, METRICS), config.for_seed(seed)) is None
+            if unfinished and storage.is_file(storage.join(seed_dir, RUN_FILE)):
+                finish_run(_seed_run(config, seed, seed_dir, tracking_uri, parent_run_id), "FAILED")
         raise
-    shutil.rmtree(storage, ignore_errors=True)
+    storage.remove(ray_storage)
 
 
-def _seed_run(config: FinetuneConfig, seed: int, seed_dir: Path, tracking_uri: str, parent_run_id: str | None):
+def _seed_run(config: FinetuneConfig, seed: int, seed_dir: storage.Location, tracking_uri: str,
+              parent_run_id: str | None):
     """The seed's MLflow run: created on its first start, re-opened (RUNNING again) by every later one."""
     return open_job_run(seed_dir, tracking_uri, config.experiment, run_name=f"{config.task}-seed{seed}",
                         parent_run_id=parent_run_id, tags={"bertflow.stage": "finetune", "bertflow.task": config.task,
                                                            "bertflow.seed": str(seed)})
 
 
-def seed_storage(config: FinetuneConfig, seed: int) -> Path:
+def seed_storage(config: FinetuneConfig, seed: int) -> storage.Location:
     """Where a seed's epoch checkpoints live: inside the Ray Train run's dir, as Ray Train requires."""
-    return Path(config.out) / RAY_STORAGE / RAY_RUN / f"seed-{seed}"
+    return storage.join(config.out, RAY_STORAGE, RAY_RUN, f"seed-{seed}")
 
 
-def latest_epoch_checkpoint(directory: Path) -> Path | None:
+def latest_epoch_checkpoint(directory: storage.Location) -> storage.Location | None:
     """The newest complete epoch checkpoint of a seed's Ray storage (a killed save is never taken)."""
     return latest_in(directory, FinetuneState)
 
@@ -221,18 +235,18 @@ def train_loop(loop_config: dict) -> None:
 
     config: FinetuneConfig = loop_config["config"]  # typed and checked once, on the driver
     worker = Worker.current(config.threads_per_worker)
-    record_worker(Path(config.out), worker.rank)
+    record_worker(config.out, worker.rank)
     prepared = ray.get(loop_config["prepared"])
     measured = None  # the first seed's precision probe serves the next ones: same model shape, same batches
     for seed, seed_dir in loop_config["seeds"]:
-        seed_config, seed_dir = config.for_seed(seed), Path(seed_dir)
-        if _finished(seed_dir / METRICS, seed_config) is not None:  # done before a lost worker restarted the run
+        seed_config = config.for_seed(seed)
+        if _finished(storage.join(seed_dir, METRICS), seed_config) is not None:  # done before a lost worker restarted the run
             continue
         handle = (_seed_run(config, seed, seed_dir, loop_config["tracking_uri"], loop_config["parent_run_id"])
                   if worker.rank == 0 else None)
         start = time.time()
         try:
-            run = _SeedRun.build(config, seed, seed_dir, prepared, worker, handle, measured)
+            run = _SeedRun.build(config, seed, seed_dir, prepared, worker, handle, measured, loop_config["fence"])
             measured = run.precision
             for epoch in range(run.state.epoch, math.ceil(config.epochs)):
                 if run.state.final:
@@ -242,9 +256,11 @@ def train_loop(loop_config: dict) -> None:
             run.logger.close()
             if worker.rank == 0:
                 last = latest_epoch_checkpoint(seed_storage(config, seed))
-                write_seed_outputs(seed_config, prepared, seed_dir, last, handle, time.time() - start)
-                shutil.rmtree(seed_dir / BEST, ignore_errors=True)
-                shutil.rmtree(seed_dir / STAGING, ignore_errors=True)
+                write_seed_outputs(seed_config, prepared, seed_dir, last, handle, time.time() - start,
+                                   loop_config["fence"])
+                storage.remove(storage.join(seed_dir, BEST))
+                if not storage.is_remote(seed_dir):
+                    shutil.rmtree(Path(seed_dir) / STAGING, ignore_errors=True)
                 finish_run(handle)
         except BaseException:
             finish_run(handle, "FAILED")  # re-opened (RUNNING) if Ray Train restarts the workers
@@ -267,7 +283,8 @@ class _SeedRun:
     schedule: Any
     state: FinetuneState
     logger: Any
-    best_root: Path
+    best_root: storage.Location  # _best/ of the seed's dir (a prefix on an object store)
+    fence: Any = None  # the output lease's fence (pipelines/lease.py), checked before a checkpoint is committed
     epoch_loss: float = 0.0
     epoch_seconds: float = 0.0
 
@@ -277,17 +294,18 @@ class _SeedRun:
         return self.config.length_grouping or MEGA_BATCH_FACTOR
 
     @classmethod
-    def build(cls, config: FinetuneConfig, seed: int, seed_dir: Path, prepared: Prepared, worker, handle,
-              measured: Precision | None) -> _SeedRun:
+    def build(cls, config: FinetuneConfig, seed: int, seed_dir: storage.Location, prepared: Prepared, worker, handle,
+              measured: Precision | None, fence=None) -> _SeedRun:
         """`handle`: the seed's MLflow run (rank 0); `measured`: the precision an earlier seed of the job probed."""
-        spec, best_root = get_task(prepared.task), seed_dir / BEST
+        spec, best_root = get_task(prepared.task), storage.join(seed_dir, BEST)
         resume = restore_dir(seed_storage(config, seed), FinetuneState)  # ---- restore
         state = FinetuneState.read(resume) if resume else FinetuneState()
-        model = from_pretrained(resume) if resume else task_model(config.checkpoint, spec, prepared.labels, seed)
-        if worker.rank == 0 and best_root.is_dir():  # best models of epochs the restored state has not seen
-            for stale in best_root.glob("epoch-*"):
-                if int(stale.name.split("-")[1]) > state.epoch:
-                    shutil.rmtree(stale, ignore_errors=True)
+        model = from_pretrained(resume) if resume else task_model(storage.local_copy(config.checkpoint, "checkpoints"),
+                                                                  spec, prepared.labels, seed)
+        if worker.rank == 0 and storage.is_dir(best_root):  # best models of epochs the restored state has not seen
+            for stale in storage.list_dir(best_root):
+                if stale.startswith("epoch-") and int(stale.split("-")[1]) > state.epoch:
+                    storage.remove(storage.join(best_root, stale))
         freeze(model, encoder=config.freeze_encoder, layers=config.freeze_layers)  # ---- build
         model = model.to(worker.device)
         if state.precision is None and measured is not None and config.precision == "auto":  # no second probe
@@ -303,7 +321,7 @@ class _SeedRun:
             load_optimizer_state(optimizer, resume, worker.device)
         trainable = [p for g in optimizer.param_groups for p in g["params"]]
         schedule = Schedule.of(len(prepared.train_features), config.batch_size, config.epochs, config.warmup_ratio,
-                               worker.world)
+                               worker.world, peak=config.learning_rate)
         logger = MetricLogger(handle, logged_through=last_logged_step(handle, "train/loss") if resume else None)
         if resume is None:
             logger.log_params({"finetune": config.for_seed(seed).to_dict(), "seed": seed, "world_size": worker.world,
@@ -314,7 +332,7 @@ class _SeedRun:
                                "precision_reason": precision.reason})
         model.train()
         return cls(config, seed, worker, prepared, spec, model, raw, optimizer, trainable, precision, schedule, state,
-                   logger, best_root)
+                   logger, best_root, fence)
 
     def train_epoch(self, epoch: int) -> None:
 
@@ -324,7 +342,7 @@ class _SeedRun:
         for batch in epoch_batches(lengths, config.batch_size, self.seed, epoch, world, self.length_grouping):
             if state.step == self.schedule.total:
                 break
-            lr = self.schedule.lr(config.learning_rate, state.step)
+            lr = self.schedule.lr(state.step)
             loss, grad_norm = train_step(self.model, self.optimizer, [prepared.train_features[i] for i in batch[rank::world]],
                                          prepared.pad_id, lr=lr, max_grad_norm=config.max_grad_norm,
                                          precision=self.precision, dropout_seed=dropout_seed(self.seed, rank, state.step),
@@ -363,10 +381,10 @@ class _SeedRun:
             self.progress(f"epoch {state.epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items()))
             report |= {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
         self.save_checkpoint(report)
-        if self.worker.rank == 0:  # best models older than the best one are no longer needed
-            for old in self.best_root.glob("epoch-*"):
-                if old.name != f"epoch-{state.best_epoch:03d}":
-                    shutil.rmtree(old, ignore_errors=True)
+        if self.worker.rank == 0 and storage.is_dir(self.best_root):  # older best models are no longer needed
+            for old in storage.list_dir(self.best_root):
+                if old.startswith("epoch-") and old != f"epoch-{state.best_epoch:03d}":
+                    storage.remove(storage.join(self.best_root, old))
 
     def evaluate(self) -> tuple[dict[str, float], list[dict]]:
         """Every rank scores its share of the dev batches; rank 0 gathers them and computes metrics and records."""
@@ -385,15 +403,28 @@ class _SeedRun:
         return score(self.spec, self.prepared, outputs) if rank == 0 else ({}, [])
 
     def save_best(self, entry: dict, metrics: dict, records: list[dict]) -> None:
-        """The best model so far, with its predictions: `_best/epoch-N` (kept until the run ends)."""
-        directory = save_pretrained(self.raw_model, self.best_root / f"epoch-{entry['epoch']:03d}",
-                                    tokenizer_dir=self.prepared.tokenizer_dir)
+        """The best model so far, with its predictions: `_best/epoch-N` (kept until the run ends; on an object
+        store written locally, then uploaded with its eval.json last)."""
+        target = storage.join(self.best_root, f"epoch-{entry['epoch']:03d}")
+        if not storage.is_remote(target):
+            self._write_best(Path(target), entry, metrics, records)
+            return
+        with tempfile.TemporaryDirectory(prefix="bertflow-best-") as tmp:
+            directory = self._write_best(Path(tmp) / "best", entry, metrics, records)
+            storage.remove(target)
+            for item in sorted(directory.iterdir(), key=lambda p: p.name == EVAL_FILE):  # eval.json last
+                storage.copy(item, storage.join(target, item.name))
+
+    def _write_best(self, path: Path, entry: dict, metrics: dict, records: list[dict]) -> Path:
+        directory = save_pretrained(self.raw_model, path,
+                                    tokenizer_dir=storage.local_copy(self.prepared.tokenizer_dir, "checkpoints"))
         write_task_file(directory, self.prepared.task, self.prepared.max_seq_length,
                         threshold=metrics.get(f"{self.spec.primary_metric.split('/')[0]}/threshold"),
                         precision=self.precision.name)
         with open(directory / PREDICTIONS, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(record, allow_nan=False) + "\n" for record in records)
         (directory / EVAL_FILE).write_text(json.dumps(entry, indent=2, allow_nan=False))
+        return directory
 
     def save_checkpoint(self, report: dict[str, Any]) -> None:
         """Weights, optimizer and state after this epoch (rank 0 writes), reported to Ray Train as epoch-N."""
@@ -402,9 +433,9 @@ class _SeedRun:
             save_optimizer_state(self.optimizer, directory)
             self.state.write(directory)
 
-        report_checkpoint(report, self.worker.rank, self.best_root.with_name(STAGING),
-                          seed_storage(self.config, self.seed), f"epoch-{self.state.epoch:03d}",
-                          write)
+        staging = Path(self.best_root).with_name(STAGING) if not storage.is_remote(self.best_root) else Path()
+        report_checkpoint(report, self.worker.rank, staging, seed_storage(self.config, self.seed),
+                          f"epoch-{self.state.epoch:03d}", write, state=FinetuneState, fence=self.fence)
 
     def progress(self, message: str) -> None:
         if self.worker.rank == 0:

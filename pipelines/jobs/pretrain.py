@@ -18,12 +18,19 @@ Output dir:
     mlflow_run.json     the MLflow run this dir logs into
     checkpoint/         the final checkpoint, copied out when training completes
     _manifest.json      written last: marks the job done
+
+`--out` may be an object-store URI (`s3://bucket/runs/x`): the same layout lives under it. Ray Train
+stores there (`storage_filesystem`), bertflow uploads each checkpoint itself with its run-state record
+last, behind the output lease's fence (`pipelines/jobs/launch.py` says why); a worker resumes from the
+newest complete checkpoint on the store, downloaded into its node's cache, so a resume from the store
+is bit-exact as one from disk. `_tmp/` is then a local temporary dir, and a killed run's torn
+checkpoints are removed by the next run before its workers start. `--shards` and `--model` may be
+URIs too (shards stream through `bert/shards.py`'s bounded cache; a checkpoint is downloaded once).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -33,10 +40,10 @@ from typing import Any
 
 import torch
 
+from bert import storage
 from bert.checkpoint import from_pretrained, read_checkpoint_info, tokenizer_mismatch
 from bert.config import PRESETS, BertConfig, preset
 from bert.errors import InputError
-from bert.fsutil import write_json_atomic
 from bert.model import BertForPreTraining, flops_per_token
 from bert.optim import build_optimizer
 from bert.precision import probe_step
@@ -64,6 +71,7 @@ from pipelines.jobs.launch import (
     any_rank,
     copy_checkpoint_out,
     record_worker,
+    remove_torn_checkpoints,
     report_checkpoint,
     restore_dir,
     train_on_ray,
@@ -82,19 +90,20 @@ STAGING = "_tmp"
 # ----------------------------------------------------------------------------- checks (driver)
 
 
-def resolve_model_config(config: PretrainConfig, shards: ShardSet) -> tuple[BertConfig, Path | None]:
-    """The model to train, checked against the shards. Returns (config, init checkpoint dir or None)."""
+def resolve_model_config(config: PretrainConfig, shards: ShardSet) -> tuple[BertConfig, storage.Location | None]:
+    """The model to train, checked against the shards. Returns (config, init checkpoint dir or URI, or None)."""
     vocab = shards.tokenizer.vocab_size
     if config.model in PRESETS:
         model_config, init = preset(config.model, vocab_size=vocab), None
     else:
-        init = Path(config.model)
-        model_config = read_checkpoint_info(init).config  # a clear error if it is neither a preset nor a checkpoint
+        init = config.model if storage.is_remote(config.model) else Path(config.model)
+        with storage.named(init, local := storage.local_copy(init, "checkpoints")):
+            model_config = read_checkpoint_info(local).config  # a clear error if it is neither a preset nor a checkpoint
         if model_config.vocab_size != vocab:
             raise InputError(f"shards {shards.path} were built with a {vocab}-token vocabulary but checkpoint "
                              f"{init} has vocab_size {model_config.vocab_size}: build the shards with the "
                              "checkpoint's tokenizer")
-        mismatch = tokenizer_mismatch(init, shards.tokenizer_dir())  # vocabulary and casing
+        mismatch = tokenizer_mismatch(local, shards.tokenizer_dir())  # vocabulary and casing
         if mismatch:
             raise InputError(f"shards {shards.path} were built with a different tokenizer than checkpoint {init}: "
                              f"{mismatch}; build them with --tokenizer {init}")
@@ -102,7 +111,7 @@ def resolve_model_config(config: PretrainConfig, shards: ShardSet) -> tuple[Bert
     return model_config, init
 
 
-def preflight(config: PretrainConfig) -> tuple[ShardSet, ShardSet | None, BertConfig, Path | None]:
+def preflight(config: PretrainConfig) -> tuple[ShardSet, ShardSet | None, BertConfig, storage.Location | None]:
     """Everything checkable, before any worker starts: (shards, validation shards, model config, init checkpoint)."""
     shards = ShardSet.open(config.shards)  # every worker reads the one global order (bert/example_order.py)
     model_config, init = resolve_model_config(config, shards)
@@ -118,9 +127,14 @@ def preflight(config: PretrainConfig) -> tuple[ShardSet, ShardSet | None, BertCo
 # ----------------------------------------------------------------------------- checkpoints on disk
 
 
-def latest_checkpoint(out: Path) -> Path | None:
+def checkpoints(out: storage.Location) -> storage.Location:
+    """Where the training checkpoints of output `out` live (a dir, or a prefix on an object store)."""
+    return storage.join(out, RAY_STORAGE, RUN_NAME)
+
+
+def latest_checkpoint(out: storage.Location) -> storage.Location | None:
     """The newest complete training checkpoint under `out` (a killed save is never taken)."""
-    return latest_in(Path(out) / RAY_STORAGE / RUN_NAME, TrainState)
+    return latest_in(checkpoints(out), TrainState)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -137,7 +151,7 @@ class PretrainJob(Job[PretrainConfig]):
         return self.paths + (() if config.model in PRESETS else ("model",))  # a checkpoint dir, not a preset
 
     def finished(self, config: PretrainConfig) -> dict[str, Any] | None:
-        return _finished(Path(config.out), config)
+        return _finished(config.out, config)
 
     def preflight(self, config: PretrainConfig):
         return preflight(config)
@@ -146,13 +160,16 @@ class PretrainJob(Job[PretrainConfig]):
         return [config.shards, config.val_shards, None if config.model in PRESETS else config.model]
 
     def run_name(self, config: PretrainConfig) -> str:
-        return f"pretrain-{Path(config.out).name}"
+        return f"pretrain-{storage.name(config.out)}"
 
     def run(self, claimed: Claimed[PretrainConfig], checked) -> dict[str, Any]:
         """Train with Ray Train from the newest checkpoint, then export the final checkpoint."""
         config, out, handle = claimed.config, claimed.out, claimed.run
         shards, val, model_config, init = checked
-        shutil.rmtree(out / STAGING, ignore_errors=True)
+        _clear_staging(out)
+        torn = remove_torn_checkpoints(checkpoints(out), TrainState)  # an object store's leftovers of a killed save
+        if torn:
+            print(f"[pretrain] removed {len(torn)} unfinished checkpoint(s) of a killed run: {', '.join(torn)}", flush=True)
         resume = latest_checkpoint(out)
         start = TrainState.read(resume) if resume else TrainState()
         if resume:
@@ -160,17 +177,18 @@ class PretrainJob(Job[PretrainConfig]):
         loop_config = {
             "config": config, "model_config": model_config, "init_checkpoint": init, "start_step": start.step,
             "mlflow": handle, "logged_through": last_logged_step(handle, "loss") if resume else None,
+            "fence": claimed.lease.fence() if claimed.lease is not None else None,
         }
         try:
             low, high = config.worker_range
-            train_on_ray(train_loop, loop_config, name=RUN_NAME, storage=out / RAY_STORAGE,
+            train_on_ray(train_loop, loop_config, name=RUN_NAME, storage=storage.join(out, RAY_STORAGE),
                          num_workers=low if low == high else (low, high), use_gpu=config.use_gpu, cpus_per_worker=config.cpus_per_worker,
                          max_failures=config.max_failures, keep_checkpoints=config.keep_checkpoints,
                          placement_strategy=config.placement_strategy)
         finally:
-            shutil.rmtree(out / STAGING, ignore_errors=True)
+            _clear_staging(out)
         baseline = most_frequent_token_baseline(val, config.eval_examples, config.seed) if val else None
-        return _finish(out, config, model_config, handle, baseline)
+        return _finish(out, config, model_config, handle, baseline, claimed.lease)
 
 
 def run_pretraining(config: PretrainConfig) -> dict[str, Any]:
@@ -188,11 +206,16 @@ def run_progress(worker, message: str) -> None:
         worker_progress(f"[pretrain] {message}")
 
 
-def _finished(out: Path, config: PretrainConfig) -> dict[str, Any] | None:
+def _clear_staging(out: storage.Location) -> None:
+    if not storage.is_remote(out):  # on an object store, checkpoints are staged in local temporary dirs
+        shutil.rmtree(Path(out) / STAGING, ignore_errors=True)
+
+
+def _finished(out: storage.Location, config: PretrainConfig) -> dict[str, Any] | None:
     """The manifest of a finished run of this config in `out` (nothing to do), else None."""
-    if not (out / MANIFEST).is_file():
+    if not storage.is_file(storage.join(out, MANIFEST)):
         return None
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = storage.read_json(storage.join(out, MANIFEST))
     skip = run_only_fields(PretrainConfig)
     recorded = {k: v for k, v in manifest.get("config", {}).items() if k not in skip}
     if recorded != config.identity():
@@ -200,8 +223,10 @@ def _finished(out: Path, config: PretrainConfig) -> dict[str, Any] | None:
     return manifest
 
 
-def _finish(out: Path, config: PretrainConfig, model_config: BertConfig, handle, baseline: float | None) -> dict:
-    """After training: export the final checkpoint and write the manifest (or report where it stopped)."""
+def _finish(out: storage.Location, config: PretrainConfig, model_config: BertConfig, handle, baseline: float | None,
+            lease) -> dict:
+    """After training: export the final checkpoint and write the manifest, last and behind the output's lease
+    (or report where it stopped)."""
     last = latest_checkpoint(out)
     state = TrainState.read(last)
     if handle is not None and baseline is not None:  # a property of the held-out data: logged however training ended
@@ -211,15 +236,15 @@ def _finish(out: Path, config: PretrainConfig, model_config: BertConfig, handle,
     if not state.final:
         finish_run(handle, "KILLED")
         return {"complete": False, "step": state.step, "checkpoint": str(last), "val_mlm_majority_baseline": baseline}
-    copy_checkpoint_out(last, out / "checkpoint")
+    final = copy_checkpoint_out(last, storage.join(out, "checkpoint"))
     manifest = {
         "complete": True, "config": config.to_dict(), "model": model_config.to_dict(), "step": state.step,
-        "tokens_seen": state.tokens_seen, "precision": state.precision, "checkpoint": str(out / "checkpoint"),
+        "tokens_seen": state.tokens_seen, "precision": state.precision, "checkpoint": str(final),
         "val_mlm_majority_baseline": baseline,
         "mlflow": dataclasses.asdict(handle) if handle else None,
         "final_metrics": final_metric_values(handle, ("val_mlm_accuracy", "val_nsp_accuracy", "val_mlm_loss", "loss")),
     }
-    write_json_atomic(out / MANIFEST, manifest)
+    lease.commit(storage.join(out, MANIFEST), manifest)
     finish_run(handle)
     return manifest
 
@@ -290,13 +315,14 @@ class _WorkerRun:
     tokenizer_dir: Path
     flops_per_token: float
     peak_flops: float
+    fence: Any = None  # the output lease's fence (pipelines/lease.py), checked before a checkpoint is committed
 
     @classmethod
     def build(cls, config: PretrainConfig, model_config: BertConfig, loop_config: dict, worker) -> _WorkerRun:
 
-        out, shards = Path(config.out), ShardSet.open(config.shards)
+        out, shards = config.out, ShardSet.open(config.shards)
         record_worker(out, worker.rank)
-        resume = restore_dir(out / RAY_STORAGE / RUN_NAME, TrainState)  # ---- restore
+        resume = restore_dir(checkpoints(out), TrainState)  # ---- restore (downloaded, from a store)
         state = TrainState.read(resume) if resume else TrainState()
         if resume is not None:
             model = from_pretrained(resume, head="pretraining")
@@ -304,7 +330,8 @@ class _WorkerRun:
                 run_progress(worker, f"resuming step {state.step} of a run on {state.world_size} worker(s) on "
                                      f"{worker.world}: same global batches (bert/example_order.py)")
         elif loop_config.get("init_checkpoint"):
-            model = from_pretrained(loop_config["init_checkpoint"], head="pretraining", init_seed=config.seed)
+            model = from_pretrained(storage.local_copy(loop_config["init_checkpoint"], "checkpoints"), head="pretraining",
+                                    init_seed=config.seed)
         else:
             torch.manual_seed(config.seed)
             model = BertForPreTraining(model_config)
@@ -341,7 +368,7 @@ class _WorkerRun:
         return cls(config, worker, model, raw, optimizer, precision, steps, state, batches, masker, evaluator, logger,
                    shards.tokenizer_dir(),
                    flops_per_token(raw.config, shards.data.max_seq_length, shards.data.max_predictions_per_seq),
-                   measure_peak_flops(worker.device, precision.dtype or torch.float32))
+                   measure_peak_flops(worker.device, precision.dtype or torch.float32), loop_config.get("fence"))
 
     def step(self):
 
@@ -389,9 +416,11 @@ class _WorkerRun:
             if final and self.logger.active:
                 self.logger.log_artifacts(directory, "checkpoint")
 
-        out = Path(self.config.out)
-        report_checkpoint({"step": state.step, "tokens_seen": state.tokens_seen}, self.worker.rank, out / STAGING,
-                          out / RAY_STORAGE / RUN_NAME, f"step-{state.step:08d}", write)
+        out, started = self.config.out, time.time()
+        report_checkpoint({"step": state.step, "tokens_seen": state.tokens_seen}, self.worker.rank,
+                          Path(out) / STAGING if not storage.is_remote(out) else Path(), checkpoints(out),
+                          f"step-{state.step:08d}", write, state=TrainState, fence=self.fence)
+        self.logger.log_metrics({"checkpoint_seconds": time.time() - started}, state.step)  # write, store, commit
 
     def progress(self, message: str) -> None:
         if self.worker.rank == 0:

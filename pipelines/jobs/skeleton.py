@@ -7,10 +7,17 @@
                 (an MLflow run such a run left RUNNING, killed just before closing it, is ended)
     tracking    the store checked (`check_tracking_store`: one rule for every job), in seconds
     preflight   everything checkable, before anything is written or any worker starts
-    claim       --out owned and locked (`pipelines/outdir.own_dir`): absent, or this job's unfinished run;
-                the processes of an earlier run that wrote into it have exited
+    claim       --out owned and locked (`pipelines/outdir.claim_dir`): absent, or this job's unfinished run;
+                the processes of an earlier run that wrote into it have exited; on an object store
+                the output's lease (`pipelines/lease.py`), whose fence the job hands to its workers
     tracking    the job's MLflow run (`pipelines/tracking.open_job_run`): created once, re-opened by a resume
     run         the job's own work (`Job.run`); if it raises, the MLflow run ends FAILED
+
+`--out` may be a local path or an object-store URI (DESIGN.md, principle 11): `Claimed.out` is then
+the URI string (`bert/storage.py` reads and writes it), the tracking store is local to this machine
+unless `--tracking-uri` / MLFLOW_TRACKING_URI names a server, and MLflow's artifacts go under the
+URI (`pipelines/tracking.default_tracking_uri`). A job that cannot write to a store says so
+(`Job.remote_out = False`) and a URI `--out` is refused before anything is read.
 
 A job is a subclass of `Job` that fills in the steps that differ (what is required, how a
 finished run is found, what preflight checks, what the run does); the order above, the output
@@ -27,7 +34,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from bert.errors import InputError
 from pipelines.config_args import resolve_paths
-from pipelines.outdir import check_disjoint, own_dir
+from bert import storage
+from pipelines.outdir import check_disjoint, claim_dir
 from pipelines.tracking import (
     RunHandle,
     check_tracking_store,
@@ -45,9 +53,10 @@ class Claimed(Generic[C]):
     """What a job holds while it runs: its settings (paths resolved), its output dir, its MLflow store and run."""
 
     config: C
-    out: Path
+    out: Path | str  # a URI string for an output on an object store
     tracking_uri: str
     run: RunHandle | None
+    lease: Any = None  # pipelines.lease.S3Lease / LocalLease: `fence()` for the workers that commit into out
 
 
 class Job(Generic[C]):
@@ -56,6 +65,7 @@ class Job(Generic[C]):
     name: ClassVar[str]  # the kind of output dir ("pretrain"), and the prefix of every message
     required: ClassVar[tuple[str, ...]]  # config fields a run needs, e.g. ("shards", "out")
     paths: ClassVar[tuple[str, ...]]  # config fields holding paths, made absolute before anything else
+    remote_out: ClassVar[bool] = True  # False: --out must be a local path (the job cannot write to a store yet)
 
     def path_fields(self, config: C) -> tuple[str, ...]:
         return self.paths
@@ -99,17 +109,18 @@ def run_job(job: Job[C], config: C) -> dict[str, Any]:
         raise InputError(f"{job.name}: {names} {'is' if len(missing) == 1 else 'are'} required")
     config = resolve_paths(config, job.path_fields(config))
     job.settle(config)
-    out = Path(config.out)  # type: ignore[attr-defined]
+    out = _output(job, config.out)  # type: ignore[attr-defined]
     check_disjoint(out, job.inputs(config))  # first: an output that is an input is refused as such
     done = job.finished(config)
     if done is not None:
         print(f"[{job.name}] {out} is complete; nothing to do", flush=True)
         close_if_running(out)  # a run killed between its last output and closing its MLflow run
         return done
+    storage.check_bucket(out)  # a missing bucket, bad credentials, an unreachable store: one line, in seconds
     uri = config.tracking_uri or default_tracking_uri(out)  # type: ignore[attr-defined]
     check_tracking_store(uri)  # unusable: one line, before any input is read, anything written or Ray starts
     checked = job.preflight(config)
-    with own_dir(out, job.name, job.identity(config), inputs=job.inputs(config)):
+    with claim_dir(out, job.name, job.identity(config), inputs=job.inputs(config)) as (_, lease):
         from pipelines.ray_runtime import ensure_ray
 
         ensure_ray()
@@ -119,7 +130,17 @@ def run_job(job: Job[C], config: C) -> dict[str, Any]:
             handle = open_job_run(out, uri, config.experiment, run_name=name,  # type: ignore[attr-defined]
                                   parent_run_id=config.parent_run_id, tags=job.tags(config))  # type: ignore[attr-defined]
         try:
-            return job.run(Claimed(config, out, uri, handle), checked)
+            return job.run(Claimed(config, out, uri, handle, lease), checked)
         except BaseException:
             finish_run(handle, "FAILED")
             raise
+
+
+def _output(job: Job[Any], out: str) -> Path | str:
+    """--out as the job uses it: a `Path`, or the URI string of an output on an object store."""
+    if not storage.is_remote(out):
+        return Path(out)
+    if not job.remote_out:
+        raise InputError(f"{job.name}: --out {out}: this job writes to a local path only for now; "
+                         "give a local --out (nothing was written)")
+    return out.rstrip("/")

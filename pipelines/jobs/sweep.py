@@ -100,6 +100,7 @@ class SweepJob(Job[FinetuneConfig]):
     name = "sweep"
     required = ("data", "checkpoint", "out")
     paths = ("data", "checkpoint", "out", "tokenizer")
+    remote_out = False  # Ray Tune's trials, their table and plot are written by path (issue 27: not routed yet)
 
     def __init__(self, options: SweepOptions, space=None):
         self.options, self.space, self.plans = options, space, []

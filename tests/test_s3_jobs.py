@@ -1,0 +1,193 @@
+"""Jobs whose inputs and outputs live on an object store: a real S3 API (moto on loopback, tests/s3server.py),
+real Ray, real MLflow. Nothing mocked: the jobs reach the server through bert/storage.py (pyarrow's S3
+client), pipelines/lease.py (boto3) and MLflow's S3 artifact repository (boto3), as they would reach AWS."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file
+
+from bert import storage
+from bert.errors import InputError
+from pipelines.jobs.configs import PretrainConfig
+from pipelines.jobs.pretrain import latest_checkpoint, run_pretraining
+
+pytestmark = pytest.mark.integration
+
+TINY = dict(model="tiny", num_workers=2, global_batch_size=16, micro_batch_size=4, warmup_steps=2,
+            learning_rate=1e-3, log_every=2, checkpoint_every=100, max_steps=4, precision="fp32")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    """The local side of remote outputs (tracking store, downloaded checkpoints) in the test's tmp dir."""
+    monkeypatch.setenv("BERTFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+@pytest.fixture(scope="module")
+def s3_shards(small_shards, s3_server) -> str:
+    """The session's small shards, uploaded: pretraining reads them from the store."""
+    uri = s3_server.uri("inputs", "shards")
+    storage.upload_dir(small_shards, uri)
+    return uri
+
+
+def s3_weights(uri: str) -> dict[str, torch.Tensor]:
+    return load_safetensors(storage.read_bytes(storage.join(uri, "checkpoint", "model.safetensors")))
+
+
+def test_pretraining_stopped_and_resumed_on_s3_ends_bit_identical_to_an_uninterrupted_run_on_disk(
+        small_shards, s3_shards, s3_uri, s3_server, tmp_path):
+    full = run_pretraining(PretrainConfig(**TINY, shards=str(small_shards), out=str(tmp_path / "full")))
+    assert full["complete"] and full["step"] == 4
+
+    out = f"{s3_uri}/resumed"
+    first = run_pretraining(PretrainConfig(**TINY, shards=s3_shards, out=out, stop_at_step=2))
+    assert not first["complete"] and first["step"] == 2
+    assert not storage.exists(storage.join(out, "checkpoint")) and not storage.exists(storage.join(out, "_manifest.json"))
+    # a save killed half-way: the weights of step 3 uploaded (and cut short), its run-state record never
+    torn = storage.join(out, "_ray", "train", "step-00000003")
+    storage.write_bytes(storage.join(torn, "model.safetensors"), b"\0" * 1000)
+    assert latest_checkpoint(out).endswith("step-00000002")  # never taken for a checkpoint
+
+    second = run_pretraining(PretrainConfig(**TINY, shards=s3_shards, out=out, stop_at_step=2))
+    assert second["complete"] and second["step"] == 4
+    assert not storage.exists(torn)  # cleaned by the run that resumed
+    a, b = load_file(tmp_path / "full" / "checkpoint" / "model.safetensors"), s3_weights(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    manifest = storage.read_json(storage.join(out, "_manifest.json"))  # written last
+    assert manifest["checkpoint"] == f"{out}/checkpoint" and manifest["step"] == 4
+    keys = s3_server.keys(out.split("/", 3)[3])
+    assert f"{out.split('/', 3)[3]}/checkpoint/train_state.json" in keys
+    assert any("/mlartifacts/" in k and k.endswith("model.safetensors") for k in keys)  # MLflow's copy, on the store
+    # a finished run is found finished on the store: nothing is done
+    assert run_pretraining(PretrainConfig(**TINY, shards=s3_shards, out=out, stop_at_step=2))["step"] == 4
+
+
+def test_finetune_from_an_s3_checkpoint_writes_its_outputs_and_mlflow_artifacts_to_s3_and_they_load_back(
+        datasets_dir, minilm_dir, s3_server, s3_uri, ray_local):
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from bert.checkpoint import from_pretrained
+    from pipelines.jobs.configs import FinetuneConfig
+    from pipelines.jobs.finetune import run_finetune
+    from pipelines.tracking import fluent_tracking_uri
+
+    checkpoint = f"{s3_uri}/minilm"  # the Hugging Face layout, as published
+    storage.upload_dir(minilm_dir, checkpoint)
+    out = f"{s3_uri}/sst2"
+    config = FinetuneConfig(task="sst2", data=str(datasets_dir), checkpoint=checkpoint, out=out, epochs=1,
+                            max_train_examples=48, max_eval_examples=32, batch_size=16, learning_rate=5e-5)
+    result = run_finetune(config)
+
+    names = {rel for rel, _ in storage.walk_files(out)}
+    assert {"metrics.json", "predictions.jsonl", "checkpoint/model.safetensors", "checkpoint/config.json",
+            "checkpoint/vocab.txt", "_job.json", "mlflow_run.json"} <= names
+    assert not any(n.startswith(("_ray/", "_best/")) for n in names)  # working state removed at the end
+    assert storage.read_json(f"{out}/metrics.json") == result
+    predictions = storage.read_text(f"{out}/predictions.jsonl").splitlines()
+    assert len(predictions) == result["num_eval_examples"]["dev"] == 32
+    # the fine-tuned checkpoint loads back from the store and predicts what predictions.jsonl says
+    model = from_pretrained(storage.local_copy(f"{out}/checkpoint"))
+    assert model.config.hidden_size == 384
+    # MLflow: artifacts and the pyfunc model live on the store (boto3, AWS_ENDPOINT_URL), and load back
+    run = result["mlflow"]
+    client = MlflowClient(run["tracking_uri"])
+    artifact_uri = client.get_run(run["run_id"]).info.artifact_uri
+    assert artifact_uri.startswith(f"{out}/mlartifacts/"), artifact_uri
+    assert {"metrics.json", "predictions.jsonl"} <= {a.path for a in client.list_artifacts(run["run_id"])}
+    key_prefix = artifact_uri.split("/", 3)[3]
+    assert any(k.endswith("predictions.jsonl") for k in s3_server.keys(key_prefix))
+    with fluent_tracking_uri(run["tracking_uri"]):
+        pyfunc = mlflow.pyfunc.load_model(run["model_uri"])
+    first = [json.loads(line) for line in predictions[:8]]
+    sentences = _sst2_dev_sentences(datasets_dir, {r["id"] for r in first})
+    predicted = list(pyfunc.predict(pd.DataFrame({"text": [sentences[r["id"]] for r in first]}))["label"])
+    assert predicted == [r["prediction"] for r in first]
+    assert run_finetune(config) == result  # finished: found on the store, nothing done
+
+
+def _sst2_dev_sentences(datasets_dir: Path, ids: set) -> dict:
+    import csv
+
+    path = next(p for p in (datasets_dir / "glue" / "SST-2" / "dev.tsv", datasets_dir / "SST-2" / "dev.tsv")
+                if p.is_file())
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return {str(i): row["sentence"] for i, row in enumerate(rows) if str(i) in ids}
+
+
+# ----------------------------------------------------------------------------- refusals: one line, nothing written
+
+
+def _tree(s3_server, uri: str) -> dict[str, str]:
+    return s3_server.keys(uri.split("/", 3)[3])
+
+
+def _refused(run, match: str, within_s: float = 20.0) -> str:
+    started = time.monotonic()
+    with pytest.raises(InputError, match=match) as caught:
+        run()
+    assert time.monotonic() - started < within_s
+    message = str(caught.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def test_a_second_writer_to_an_s3_output_is_refused_and_changes_nothing(small_shards, s3_server, s3_uri):
+    from pipelines import lease
+
+    out = f"{s3_uri}/run"
+    config = PretrainConfig(**TINY, shards=str(small_shards), out=out)
+    with lease.acquire(out, job="pretrain"):  # a live writer of this output (another machine, say), just starting
+        before = _tree(s3_server, out)
+        message = _refused(lambda: run_pretraining(config), "in use by another writer")
+        assert out in message and "_lease.json" in message
+        assert _tree(s3_server, out) == before  # same objects, same ETags
+    storage.write_json(f"{out}/_job.json", {"job": "finetune", "identity": {}, "identity_sha256": "y"})
+    before = _tree(s3_server, out)
+    _refused(lambda: run_pretraining(config), "holds a `bertflow finetune` run, not a `bertflow pretrain` run")
+    assert _tree(s3_server, out) == before
+
+
+def test_bad_credentials_a_missing_bucket_and_an_unreachable_endpoint_are_one_line_within_seconds(
+        small_shards, s3_server, s3_uri, monkeypatch, tmp_path):
+    from s3server import free_port
+
+    out = f"{s3_uri}/run"
+    run = lambda out=out: run_pretraining(PretrainConfig(**TINY, shards=str(small_shards), out=out))  # noqa: E731
+    with s3_server.checking_credentials():
+        _refused(run, rf"^{out}.*access denied: check the credentials")
+    assert _tree(s3_server, out) == {}
+    _refused(lambda: run("s3://no-such-bucket-bertflow/run"), "bucket no-such-bucket-bertflow does not exist")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    _refused(run, rf"^{out}.*cannot reach the object store at http://127\.0\.0\.1")
+    monkeypatch.undo()
+    assert _tree(s3_server, out) == {}
+    assert not (tmp_path / "cache").exists()  # not even the local side of the output was made
+
+
+def test_a_truncated_checkpoint_object_is_named_by_its_uri(datasets_dir, minilm_dir, s3_uri, tmp_path):
+    from pipelines.jobs.configs import FinetuneConfig
+    from pipelines.jobs.finetune import run_finetune
+
+    checkpoint = f"{s3_uri}/minilm"
+    storage.upload_dir(minilm_dir, checkpoint)
+    data = (minilm_dir / "model.safetensors").read_bytes()
+    storage.write_bytes(f"{checkpoint}/model.safetensors", data[: len(data) // 2])  # an upload cut short
+    out = f"{s3_uri}/sst2"
+    config = FinetuneConfig(task="sst2", data=str(datasets_dir), checkpoint=checkpoint, out=out, epochs=1,
+                            max_train_examples=16, max_eval_examples=16)
+    _refused(lambda: run_finetune(config), rf"^{checkpoint}/model\.safetensors: cannot read safetensors file \(truncated")
+    assert not storage.exists(out)
