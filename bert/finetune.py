@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from bert.errors import InputError
-from bert.optim import clip_grad_norm, lr_multiplier, param_groups
+from bert.optim import clip_grad_norm, lr_multiplier, param_groups, set_lr
 from bert.precision import Precision
 from bert.pretrain import step_seed
 from bert.run_state import OPTIMIZER_STATE, RunState  # noqa: F401 - OPTIMIZER_STATE re-exported
@@ -178,21 +178,27 @@ def layerwise_groups(model: nn.Module, weight_decay: float, decay: float) -> lis
 
 @dataclass(frozen=True)
 class Schedule:
-    """Global batches per epoch, total optimiser steps, warmup steps."""
+    """The fine-tune schedule: global batches per epoch, total optimiser steps, warmup steps, peak learning rate.
+
+    `lr(step)` is the peak times pretraining's multiplier (`bert.optim.lr_multiplier`: linear warmup, then
+    linear decay to 0); `train_step` gives each parameter group that times its `lr_scale` (`layerwise_groups`).
+    """
 
     per_epoch: int
     total: int
     warmup: int
+    peak: float
 
     @classmethod
-    def of(cls, num_train: int, batch_size: int, epochs: float, warmup_ratio: float, world: int) -> Schedule:
+    def of(cls, num_train: int, batch_size: int, epochs: float, warmup_ratio: float, world: int,
+           peak: float) -> Schedule:
         # a final batch smaller than the number of workers is dropped (each rank needs a row)
         per_epoch = num_train // batch_size + (1 if num_train % batch_size >= world else 0)
         total = max(1, round(epochs * per_epoch))
-        return cls(per_epoch, total, int(warmup_ratio * total))
+        return cls(per_epoch, total, int(warmup_ratio * total), peak)
 
-    def lr(self, peak: float, step: int) -> float:
-        return peak * lr_multiplier(step, warmup_steps=self.warmup, total_steps=self.total)
+    def lr(self, step: int) -> float:
+        return self.peak * lr_multiplier(step, warmup_steps=self.warmup, total_steps=self.total)
 
 
 def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, world: int,
@@ -210,8 +216,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, features: Seq
     """One optimiser step on one (local) batch; returns (loss, gradient norm before clipping)."""
     raw = getattr(model, "module", model)
     device = next(raw.parameters()).device
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
+    set_lr(optimizer, lr)
     inputs = {k: v.to(device) for k, v in collate(features, pad_id).items()}
     torch.manual_seed(dropout_seed)
     optimizer.zero_grad(set_to_none=True)

@@ -137,6 +137,13 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: s
     return remaining if schedule == "linear" else remaining**power
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The learning rate of this step into every parameter group, times the group's `lr_scale` (if it has one:
+    layer-wise LR decay, `bert.finetune.layerwise_groups`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def clip_grad_norm(parameters: Iterable[torch.Tensor], max_norm: float | None) -> float:
     """Clip to `max_norm` (if set) and return the total gradient norm before clipping."""
     params = [p for p in parameters if p.grad is not None]

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from bert.checkpoint import write_checkpoint
-from bert.optim import clip_grad_norm, lr_multiplier
+from bert.optim import clip_grad_norm, lr_multiplier, set_lr
 from bert.precision import Precision
 from bert.pretraining_data import PretrainingDataConfig
 from bert.pretraining_masking import MaskedBatch, SpecialTokens, mask_batch
@@ -167,9 +167,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, rows: Iterato
     """
     raw = getattr(model, "module", model)
     device = next(raw.parameters()).device
-    lr = config.lr(step)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, config.lr(step))
     optimizer.zero_grad(set_to_none=True)
     stats = torch.zeros(len(STATS), dtype=torch.float64)
     for micro in range(config.accumulation):

@@ -86,3 +86,22 @@ def test_adamw_is_fused_on_cpu_and_takes_the_same_steps_as_the_loop_implementati
             optimizer.step()
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_finetune_schedule_is_pretrainings_and_set_lr_scales_each_group():
+    """Fine-tuning's schedule (bert/finetune.py) and pretraining's (StepConfig.lr) are one function; `set_lr`
+    gives each parameter group the step's rate times its layer-wise `lr_scale`."""
+    from bert.finetune import Schedule
+    from bert.optim import set_lr
+    from bert.pretrain import StepConfig
+
+    schedule = Schedule.of(num_train=100, batch_size=10, epochs=3, warmup_ratio=0.1, world=1, peak=1e-3)
+    assert (schedule.per_epoch, schedule.total, schedule.warmup) == (10, 30, 3)
+    pretraining = StepConfig(accumulation=1, micro_batch_size=10, learning_rate=1e-3, warmup_steps=3, total_steps=30)
+    assert [schedule.lr(s) for s in range(31)] == [pretraining.lr(s) for s in range(31)]
+    assert schedule.lr(0) == pytest.approx(1e-3 / 3) and schedule.lr(3) == pytest.approx(1e-3)
+    assert schedule.lr(15) == pytest.approx(1e-3 * 15 / 27) and schedule.lr(30) == 0.0
+    head, layer = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW([{"params": head.parameters()}, {"params": layer.parameters(), "lr_scale": 0.25}])
+    set_lr(optimizer, schedule.lr(15))
+    assert [g["lr"] for g in optimizer.param_groups] == [schedule.lr(15), schedule.lr(15) * 0.25]
