@@ -26,6 +26,7 @@ from torch import nn
 from bert import checkpoint as ckpt
 from bert import model as bert_model
 from bert.checkpoint import from_pretrained, save_pretrained
+from bert.errors import InputError
 from bert.finetune import Schedule, layerwise_groups, prediction_records, prepare, score, task_model, train_lengths, train_step
 from bert.inference import Predictor, head_outputs, length_sorted_chunks, write_task_file
 from bert.optim import adamw
@@ -229,11 +230,11 @@ def test_the_head_matches_transformers_and_round_trips_both_checkpoint_layouts(m
 def test_training_evaluation_records_and_inference_serve_the_new_kind(multiple_choice, prepared, minilm_dir, tmp_path):
     model = task_model(minilm_dir, multiple_choice, prepared.labels, seed=1)
     optimizer = adamw(layerwise_groups(model, 0.01, 0.9), lr=5e-5)  # the job's groups: the new head at the top
-    schedule = Schedule.of(len(prepared.train_features), 4, 1, 0.1, 1)
+    schedule = Schedule.of(len(prepared.train_features), 4, 1, 0.5, 1, peak=5e-5)
     before = model.classifier.weight.detach().clone()
     for step, start in enumerate(range(0, 8, 4)):
         loss, _ = train_step(model, optimizer, prepared.train_features[start : start + 4], prepared.pad_id,
-                             lr=schedule.lr(5e-5, step), max_grad_norm=1.0, precision=Precision("fp32", "cpu"),
+                             lr=schedule.lr(step), max_grad_norm=1.0, precision=Precision("fp32", "cpu"),
                              dropout_seed=step, trainable=list(model.parameters()))
         assert np.isfinite(loss)
     assert not torch.equal(before, model.classifier.weight)
@@ -268,3 +269,14 @@ def test_mlflow_signature_and_predict_columns_serve_the_new_kind(multiple_choice
                                                                         ("choices", "array", True)]
     assert [(c["name"], c["type"]) for c in outputs] == [("choice", "long"), ("probabilities", "array")]
     assert list(input_example(multiple_choice).columns) == ["question", "choices"]
+
+    from pipelines.jobs.predict import PredictConfig, task_columns
+
+    columns = task_columns(PredictConfig(checkpoint="ck", input="in.jsonl", out="out", question_column="q"),
+                           multiple_choice)
+    row = {"q": "Where do penguins live?", "choices": ["Antarctica", "Sahara"], "id": 7}
+    assert columns.item(0, "in.jsonl:1", row) == {"row": 0, "id": "7", "question": row["q"],
+                                                  "choices": ["Antarctica", "Sahara"]}
+    assert str(columns.schema().field("choices").type) == "list<item: string>"
+    with pytest.raises(InputError, match=r"in.jsonl:2: no 'choices' column \(the model reads 'choices' from it\)"):
+        columns.item(1, "in.jsonl:2", {"q": "Why?", "choices": []})

@@ -86,7 +86,7 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     check_disjoint(config.out, [config.input, config.checkpoint], "--out")
     check_output(config)
     checkpoint, spec = find_checkpoint(config.checkpoint)
-    columns = task_columns(config, spec.kind, len(spec.text_fields) == 2)
+    columns = task_columns(config, spec)
     from pipelines.jobs.predict_data import first_item
 
     in_fs, in_path = storage.resolve(config.input)
@@ -120,6 +120,7 @@ def find_checkpoint(location: str):
     """(checkpoint dir, its task row): a fine-tuned checkpoint dir, or a `bertflow finetune` output dir."""
     from bert.checkpoint import read_checkpoint_info
     from bert.tasks import get_task
+    from bert.tokenizer import Tokenizer
 
     if storage.is_remote(location):
         raise InputError(f"{location}: the checkpoint must be a local dir (every model actor loads it)")
@@ -129,20 +130,25 @@ def find_checkpoint(location: str):
             raise InputError(f"{checkpoint}: not a fine-tuned bertflow checkpoint ({TASK_FILE} is missing)")
         checkpoint = checkpoint / "checkpoint"
     read_checkpoint_info(checkpoint)
+    Tokenizer.load(checkpoint)  # what every actor loads, checked once here
     return checkpoint, get_task(json.loads((checkpoint / TASK_FILE).read_text())["task"])
 
 
-def task_columns(config: PredictConfig, kind: str, pair: bool):
-    """Model input field -> input column, for the task's kind."""
+# Model input fields whose column option is not "<field>_column".
+COLUMN_OPTIONS = {"text_pair": "pair_column"}
+
+
+def task_columns(config: PredictConfig, spec):
+    """Model input field -> input column, for every input the task's kind reads (`TaskSpec.inputs`): the
+    `--<field>-column` option where there is one, else the field's own name."""
     from pipelines.jobs.predict_data import Columns
 
-    if kind == "span":
-        fields = (("question", config.question_column), ("context", config.context_column))
-    elif kind == "token_classification":
-        fields = (("tokens", config.tokens_column), ("text", config.text_column))
-    else:
-        fields = (("text", config.text_column),) + ((("text_pair", config.pair_column or "text_pair"),) if pair else ())
-    return Columns(kind, fields, config.id_column)
+    def column(name: str) -> str:
+        return getattr(config, COLUMN_OPTIONS.get(name, f"{name}_column"), None) or name
+
+    inputs = tuple(tuple((f.name, column(f.name), isinstance(f.type, tuple) and f.type[0] == "array") for f in slot)
+                   for slot in spec.inputs)
+    return Columns(inputs, config.id_column)
 
 
 @contextlib.contextmanager

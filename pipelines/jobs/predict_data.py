@@ -129,14 +129,21 @@ def _parquet_rows(fs, path: str, label: str) -> Iterator[tuple[str, dict[str, An
 
 @dataclass(frozen=True)
 class Columns:
-    """Which input column feeds which model field, for one task kind."""
+    """Which input column feeds which model field: the task's inputs (`TaskSpec.inputs`, from its kind), each
+    a tuple of alternatives (model field, input column, whether it is a list of strings); a row fills each
+    input from the first alternative it has (a list: non-empty)."""
 
-    kind: str  # the task kind: classification, regression, span, token_classification
-    fields: tuple[tuple[str, str], ...]  # (model field, input column)
+    inputs: tuple[tuple[tuple[str, str, bool], ...], ...]
     id_column: str | None
 
+    @property
+    def fields(self) -> tuple[tuple[str, str], ...]:
+        """(model field, input column) for every field the model may read."""
+        return tuple((field, column) for slot in self.inputs for field, column, _ in slot)
+
     def schema(self) -> pa.Schema:
-        model = [pa.field(f, pa.list_(pa.string()) if f == "tokens" else pa.string()) for f, _ in self.fields]
+        model = [pa.field(f, pa.list_(pa.string()) if is_list else pa.string())
+                 for slot in self.inputs for f, _, is_list in slot]
         return pa.schema([pa.field("row", pa.int64()), pa.field("id", pa.string()), *model])
 
     def item(self, index: int, where: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -144,20 +151,24 @@ class Columns:
         item: dict[str, Any] = {"row": index, "id": None}
         if self.id_column and row.get(self.id_column) is not None:
             item["id"] = str(row[self.id_column])
-        if self.kind == "token_classification":
-            (_, tokens), (_, text) = self.fields
-            words = row.get(tokens)
-            if isinstance(words, list) and words:
-                return item | {"tokens": [str(w) for w in words], "text": None}
-            if row.get(text) is None:
-                raise InputError(f"{where}: needs a {tokens!r} list or a {text!r} column; columns found: {sorted(row)}")
-            return item | {"tokens": None, "text": str(row[text])}
-        for field, column in self.fields:
-            if row.get(column) is None:
+        for slot in self.inputs:
+            item |= {field: None for field, _, _ in slot}
+            found = next(((f, c, is_list) for f, c, is_list in slot if _present(row.get(c), is_list)), None)
+            if found is None and len(slot) == 1:
+                (field, column, _), = slot
                 raise InputError(f"{where}: no {column!r} column (the model reads {field!r} from it); "
                                  f"columns found: {sorted(row)}")
-            item[field] = str(row[column])
+            if found is None:
+                wanted = " or ".join(f"a {c!r} {'list' if is_list else 'column'}" for _, c, is_list in slot)
+                raise InputError(f"{where}: needs {wanted}; columns found: {sorted(row)}")
+            field, column, is_list = found
+            item[field] = [str(w) for w in row[column]] if is_list else str(row[column])
         return item
+
+
+def _present(value: Any, is_list: bool) -> bool:
+    """A list input takes a non-empty list; any other input any value but null."""
+    return isinstance(value, list) and len(value) > 0 if is_list else value is not None
 
 
 class PredictInput(Datasource):
