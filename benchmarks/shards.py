@@ -10,28 +10,34 @@ input, bert-base-uncased WordPiece, the default `PretrainingDataConfig`: sequenc
   already in memory: every body line of every article (the paragraphs, as the files hold
   them), with `encode_batch` (ids, offsets, tokens: the library's usual call) and with
   `encode_batch_fast` (ids only: what the build asks for). Corpus tokens per second.
-* **The build** — `build_shards` end to end (reading and decompressing, sentence splitting,
+* **The build** — `build_shards` end to end (Ray Data: reading, decompressing, sentence splitting,
   tokenizing, buckets, pair drawing, masking, parquet), in a fresh process with its own local
   Ray runtime (`num_cpus` = max(4, CPUs), as `start_local_ray`, a worker per CPU booted before
-  the clock starts), at 1x with 1 and 2 workers
-  and with the default (as many tasks as Ray CPUs), and at 10x with the default. The 10x
-  corpus is the extract linked ten times under different directory names, so every document
-  id is distinct and the default shard count grows with the corpus.
+  the clock starts), at 1x with 1 and 2 workers and with the default, and at 10x with the
+  default. The Nx corpus is the extract linked N times under different directory names, so
+  every document id is distinct and the default shard count grows with the corpus.
+* **The peer** (`--peer-root DIR`: a checkout of another commit, e.g. `git worktree add
+  /tmp/base a8037b9`) — the same builds at 1x and 10x with that checkout's code (its driver
+  and its Ray workers import it), for `vs_peer`: its wall and CPU seconds over ours.
+* **The large run** (`--scale N`, e.g. 46 for a billion corpus tokens; `--dupe-factor`,
+  `--workdir` for the room it needs): a 1x and an Nx build of this code, nothing else, and
+  `scale_big`: the Nx build's wall, CPU and peak PSS over the 1x build's.
 
-Per build: wall seconds (and of each pass), corpus tokens per wall second per core (cores =
+Per build: wall seconds, corpus tokens per wall second per core (cores =
 the physical CPUs the build could use, at most its workers), the CPU seconds of the whole
 process tree (driver, Ray runtime, workers) and corpus tokens per CPU second, and memory: PSS
 (proportional set size, which splits shared pages among the processes mapping them, so the
 sum counts each page once) summed over the driver and every process below it, sampled every
 0.25 s: `peak_pss_mb` the largest sum during the build, `idle_pss_mb` the idle runtime just
-before it, `build_pss_mb` the difference.
+before it, `build_pss_mb` the difference; `ray_spilled`: what Ray spilled from its object store to
+disk (its memory summary), `output_bytes`: the part files' bytes.
 
 `fraction_of_bound`: the build's corpus tokens per second per core (default workers, 1x) over
 the bound's tokens per second; by wall time (what a user waits for, hurt by anything else the
 machine runs) and by CPU time (the work the build does per token). As a shared machine's speed
 drifts, the bound is also measured on the first 20 files just before and just after each
 build (`bound_nearby_tokens_per_s`, their mean), and each build's `fraction_of_nearby_bound`
-is against it. `scale_10x`: the 10x
+is against it. `scale_big`: the 10x (or Nx)
 build's wall time and peak PSS over the 1x build's. The machine's load average is recorded
 before and after: on a shared machine, read the wall-time figures with it.
 """
@@ -164,12 +170,56 @@ def child_bound(files: int | None) -> dict:
     return result
 
 
+# ----------------------------------------------------------------------------- levers, each alone
+
+
+def child_levers(files: int) -> dict:
+    """The reading levers alone, one thread, on the first `files` files: CPU seconds of each way.
+
+    * reading: `read_documents` streaming a file (gzip and UTF-8 line by line, before) against the
+      same function on the file's bytes (one `gzip.decompress`, one `decode`: what the build does);
+    * sentence splitting: sentencex per paragraph (what the build does) against one call per
+      document (its paragraphs joined by newlines), and how many documents come out the same.
+    """
+    sys.path.insert(0, str(ROOT))
+    from sentencex import segment
+
+    from bert.corpus import InputFile, ReadStats, _text_docs, _text_lines, read_documents
+
+    paths = sorted(WIKI.glob("wiki_*.gz"))[:files]
+    inputs = [InputFile(p, f"wiki/{p.name}") for p in paths]
+    data = [p.read_bytes() for p in paths]
+
+    def cpu(fn) -> tuple[float, object]:
+        best, out = float("inf"), None
+        for _ in range(2):
+            start = time.process_time()
+            out = fn()
+            best = min(best, time.process_time() - start)
+        return round(best, 3), out
+
+    stream_s, a = cpu(lambda: [d for f in inputs for d in read_documents(f, ReadStats())])
+    bytes_s, b = cpu(lambda: [d for f, raw in zip(inputs, data) for d in read_documents(f, ReadStats(), data=raw)])
+    docs = [texts for raw in data for _, texts in _text_docs(_text_lines(gzip.decompress(raw), ReadStats()))]
+    per_paragraph_s, x = cpu(lambda: [[s.strip() for p in t if p.strip() for s in segment("en", p) if s.strip()]
+                                      for t in docs])
+    per_document_s, y = cpu(lambda: [[s.strip() for s in segment("en", "\n".join(p for p in t if p.strip()))
+                                      if s.strip()] for t in docs])
+    return {
+        "files": files,
+        "read_streaming_cpu_s": stream_s, "read_bytes_cpu_s": bytes_s, "same_documents": a == b,
+        "split_per_paragraph_cpu_s": per_paragraph_s, "split_per_document_cpu_s": per_document_s,
+        "split_documents_agreeing": sum(p == q for p, q in zip(x, y)), "documents": len(docs),
+    }
+
+
 # ----------------------------------------------------------------------------- one build
 
 
-def child_build(scale: int, workers: int | None, files: int | None, workdir: Path) -> dict:
-    """Build one scale in this process (its own local Ray runtime) and return its measurements."""
-    sys.path.insert(0, str(ROOT))
+def child_build(scale: int, workers: int | None, files: int | None, workdir: Path, root: Path,
+                dupe_factor: int) -> dict:
+    """Build one scale in this process (its own local Ray runtime) with the code under `root`; its measurements."""
+    sys.path.insert(0, str(root))
     import ray
 
     from bert.pretraining_data import PretrainingDataConfig
@@ -177,7 +227,7 @@ def child_build(scale: int, workers: int | None, files: int | None, workdir: Pat
 
     corpus = workdir / f"corpus-{scale}x"
     corpus.mkdir()
-    for copy in range(scale):
+    for copy in range(scale):  # the extract's files under distinct names: every document id is distinct
         target = corpus / f"copy{copy}"
         if files is None:
             target.symlink_to(WIKI, target_is_directory=True)
@@ -186,54 +236,65 @@ def child_build(scale: int, workers: int | None, files: int | None, workdir: Pat
             for path in sorted(WIKI.glob("wiki_*.gz"))[:files]:
                 (target / path.name).symlink_to(path)
     num_cpus = max(4, os.cpu_count() or 1)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+    for attempt in range(3):  # a loaded machine may take longer than Ray's 30 s to start a raylet
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
+                     log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(root)}})
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(10)
     # the runtime's start is not the build's: boot a worker per CPU and let it settle before measuring
     ray.get([ray.remote(num_cpus=1)(_pause).remote(0.5) for _ in range(num_cpus)])
     time.sleep(2.0)
-    passes: dict[str, float] = {}
-    for name in ("_run_tokenize_pass", "_run_build_pass"):
-        original = getattr(job, name)
-
-        def timed(*args, _original=original, _name=name, **kwargs):
-            start = time.perf_counter()
-            try:
-                return _original(*args, **kwargs)
-            finally:
-                passes[_name] = round(time.perf_counter() - start, 1)
-
-        setattr(job, name, timed)
-    config = PretrainingDataConfig()
+    config = PretrainingDataConfig(dupe_factor=dupe_factor)
     with TreeMeter(os.getpid()) as meter:
         idle = meter.sample()
         start = time.perf_counter()
         manifest = job.build_shards([corpus], VOCAB, workdir / f"shards-{scale}x", config, num_workers=workers)
         wall = time.perf_counter() - start
+    spilled = spilled_mib()
     ray.shutdown()
-    cores = min(workers or num_cpus, num_cpus, len(os.sched_getaffinity(0)))
+    cores = min(workers or num_cpus, num_cpus, len(os.sched_getaffinity(0)))  # a default uses them all
     tokens = manifest["counts"]["tokens"]
     parts = manifest["parts"]
     return {
+        "code": str(root),
         "scale": scale,
-        "workers": workers or f"default ({num_cpus} Ray CPUs)",
+        "dupe_factor": dupe_factor,
+        "workers": workers or "default",
         "cores": cores,
         "documents": manifest["counts"]["documents"],
         "tokens": tokens,
         "examples": manifest["counts"]["examples"],
         "num_shards": len(parts),
+        "output_bytes": sum(p["bytes"] for p in parts),
         "part_mb_min_max": [round(min(p["bytes"] for p in parts) / 2**20, 1),
                             round(max(p["bytes"] for p in parts) / 2**20, 1)],
         "wall_s": round(wall, 1),
-        "tokenize_pass_s": passes.get("_run_tokenize_pass"),
-        "build_pass_s": passes.get("_run_build_pass"),
         "tokens_per_s_per_core": round(tokens / wall / cores),
         "cpu_s": round(meter.cpu_s, 1),
         "tokens_per_cpu_s": round(tokens / meter.cpu_s),
         "idle_pss_mb": round(idle / 2**20),
         "peak_pss_mb": round(meter.peak_pss / 2**20),
         "build_pss_mb": round((meter.peak_pss - idle) / 2**20),
+        "ray_spilled": spilled,
         "load_average_after": load_average(),
     }
+
+
+def spilled_mib() -> dict:
+    """What Ray spilled from its object store to disk during the runtime's life (its memory summary)."""
+    import re
+
+    import ray
+    from ray._private.internal_api import memory_summary
+
+    text = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
+    found = re.search(r"Spilled (\d+) MiB, (\d+) objects", text)
+    return {"mib": int(found.group(1)) if found else 0, "objects": int(found.group(2)) if found else 0}
 
 
 def _pause(seconds: float) -> None:
@@ -243,11 +304,48 @@ def _pause(seconds: float) -> None:
 # ----------------------------------------------------------------------------- the run
 
 
-def run_child(args: list[str], env: dict[str, str] | None = None) -> dict:
-    command = [sys.executable, __file__, *args]
-    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+def run_child(args: list[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> dict:
+    """This script in a fresh process; `cwd` is the code root its Ray workers import first (Ray puts the
+    driver's directory ahead of PYTHONPATH, and the editable install's root after it)."""
+    command = [sys.executable, str(Path(__file__).resolve()), *args]
+    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, cwd=cwd,
                           env={**os.environ, **(env or {})})
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+ONE_THREAD = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
+
+
+def measured_build(scale: int, workers: int | None, files: list[str], root: Path, dupe_factor: int,
+                   workdir: Path | None) -> dict:
+    """One build in a fresh process, with the bound measured on part of the text just before and after it."""
+    nearby = ["--files", str(min(int(files[1]) if files else NEARBY_FILES, NEARBY_FILES))]
+    before = run_child(["--child", "bound", *nearby], ONE_THREAD)
+    with tempfile.TemporaryDirectory(prefix="bertflow-bench-shards-", dir=workdir) as tmp:
+        extra = [] if workers is None else ["--workers", str(workers)]
+        build = run_child(["--child", "build", "--scale", str(scale), "--workdir", tmp, "--root", str(root),
+                           "--dupe-factor", str(dupe_factor), *extra, *files],
+                          {"PYTHONPATH": str(root)}, cwd=root)
+    after = run_child(["--child", "bound", *nearby], ONE_THREAD)
+    # the machine's speed drifts (other tenants): the bound on a part of the text just before and after
+    build["bound_nearby_tokens_per_s"] = round((before["encode_batch_fast"]["tokens_per_s"]
+                                                + after["encode_batch_fast"]["tokens_per_s"]) / 2)
+    build["fraction_of_nearby_bound"] = round(build["tokens_per_s_per_core"] / build["bound_nearby_tokens_per_s"], 2)
+    print(f"{root.name} {scale}x dupe {dupe_factor}, workers {build['workers']}: {build['wall_s']} s, "
+          f"{build['fraction_of_nearby_bound']} of the bound measured around it, load {load_average()}",
+          file=sys.stderr)
+    return build
+
+
+def ratios(big: dict, one: dict) -> dict:
+    return {
+        "scale": big["scale"],
+        "tokens_ratio": round(big["tokens"] / one["tokens"], 2),
+        "wall_ratio": round(big["wall_s"] / one["wall_s"], 2),
+        "cpu_ratio": round(big["cpu_s"] / one["cpu_s"], 2),
+        "peak_pss_ratio": round(big["peak_pss_mb"] / one["peak_pss_mb"], 2),
+        "build_pss_ratio": round(big["build_pss_mb"] / max(1, one["build_pss_mb"]), 2),
+    }
 
 
 def main() -> None:
@@ -255,73 +353,87 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=None, help="only the first N files of the extract (quick runs)")
     parser.add_argument("--big-scale", type=int, default=10, help="the large corpus multiple (default: 10)")
     parser.add_argument("--skip-scaling", action="store_true", help="leave out the 1x builds with 1 and 2 workers")
-    parser.add_argument("--child", choices=("bound", "build"), default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--scale", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--peer-root", type=Path, default=None,
+                        help="a checkout of another commit (git worktree): its build at 1x and --big-scale too, "
+                        "for the ratios against it")
+    parser.add_argument("--scale", type=int, default=None,
+                        help="the large-scale run instead: a 1x and an N x build of this code only (no peer, no "
+                        "scaling runs), e.g. --scale 46 for a billion corpus tokens")
+    parser.add_argument("--dupe-factor", type=int, default=5, help="examples per sentence pass (default: 5)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where corpora and shards go (default: $TMPDIR)")
+    parser.add_argument("--child", choices=("bound", "build", "levers"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     files = [] if args.files is None else ["--files", str(args.files)]
     if args.child == "bound":
         print(json.dumps(child_bound(args.files)))
         return
+    if args.child == "levers":
+        print(json.dumps(child_levers(args.files or NEARBY_FILES)))
+        return
     if args.child == "build":
-        print(json.dumps(child_build(args.scale, args.workers, args.files, args.workdir)))
+        print(json.dumps(child_build(args.scale, args.workers, args.files, args.workdir, args.root,
+                                     args.dupe_factor)))
         return
 
     load_before = load_average()
-    one_thread = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
-    bound = run_child(["--child", "bound", *files], one_thread)
-    plan = [(1, None)] if args.skip_scaling else [(1, 1), (1, 2), (1, None)]
-    plan.append((args.big_scale, None))
-    builds = []
-    nearby = ["--files", str(min(args.files or NEARBY_FILES, NEARBY_FILES))]
-    for scale, workers in plan:
-        before = run_child(["--child", "bound", *nearby], one_thread)
-        with tempfile.TemporaryDirectory(prefix="bertflow-bench-shards-") as workdir:
-            extra = [] if workers is None else ["--workers", str(workers)]
-            build = run_child(["--child", "build", "--scale", str(scale), "--workdir", workdir, *extra, *files])
-        after = run_child(["--child", "bound", *nearby], one_thread)
-        # the machine's speed drifts (other tenants): the bound on a part of the text just before and after
-        build["bound_nearby_tokens_per_s"] = round((before["encode_batch_fast"]["tokens_per_s"]
-                                                    + after["encode_batch_fast"]["tokens_per_s"]) / 2)
-        build["fraction_of_nearby_bound"] = round(build["tokens_per_s_per_core"] / build["bound_nearby_tokens_per_s"], 2)
-        builds.append(build)
-        print(f"{scale}x, workers {build['workers']}: {build['wall_s']} s, {build['fraction_of_nearby_bound']} of the "
-              "bound measured around it", file=sys.stderr)
-    one = next(b for b in builds if b["scale"] == 1 and not isinstance(b["workers"], int))
-    big = builds[-1]
-    fast = bound["encode_batch_fast"]
-    usual = bound["encode_batch"]
-    by_workers = {b["workers"]: b for b in builds if b["scale"] == 1 and isinstance(b["workers"], int)}
-    print(json.dumps({
+    bound = run_child(["--child", "bound", *files], ONE_THREAD)
+    big_scale = args.scale or args.big_scale
+    levers = run_child(["--child", "levers", *files], ONE_THREAD)
+    # 1 worker; 4 (one per Ray CPU, the default before, beside the physical cores' default); ours and the
+    # peer's alternating, so the machine's drift falls on both
+    plan = [] if args.skip_scaling or args.scale else [(1, 1, ROOT), (1, max(4, os.cpu_count() or 1), ROOT)]
+    peer_root = args.peer_root.resolve() if args.peer_root and not args.scale else None
+    for scale in (1, big_scale):
+        plan += [(scale, None, ROOT)] + ([(scale, None, peer_root)] if peer_root else [])
+    builds = [measured_build(scale, workers, files, root, args.dupe_factor, args.workdir)
+              for scale, workers, root in plan]
+    mine = [b for b in builds if b["code"] == str(ROOT)]
+    one = next(b for b in mine if b["scale"] == 1 and b["workers"] == "default")
+    big = next(b for b in mine if b["scale"] == big_scale)
+    fast, usual = bound["encode_batch_fast"], bound["encode_batch"]
+    by_workers = {b["workers"]: b for b in mine if b["scale"] == 1 and isinstance(b["workers"], int)}
+    report = {
         "benchmark": "shards build vs the tokenizers WordPiece alone (Wikipedia extract, bert-base-uncased)",
-        "config": "max_seq_length 128, max_predictions_per_seq 20, dupe_factor 5, raw WikiExtractor input",
+        "config": f"max_seq_length 128, max_predictions_per_seq 20, dupe_factor {args.dupe_factor}, "
+                  "raw WikiExtractor input",
         "cpus_physical": len(os.sched_getaffinity(0)),
         "ray_num_cpus": max(4, os.cpu_count() or 1),
         "load_average_before": load_before,
         "load_average_after": load_average(),
         "bound": bound,
+        "levers": levers,
         "builds": builds,
         "fraction_of_bound": {
             "by_wall_per_core_vs_nearby_encode_batch_fast": one["fraction_of_nearby_bound"],
+            "big_by_wall_per_core_vs_nearby_encode_batch_fast": big["fraction_of_nearby_bound"],
             "by_wall_per_core_vs_encode_batch_fast": round(one["tokens_per_s_per_core"] / fast["tokens_per_s"], 2),
             "by_wall_per_core_vs_encode_batch": round(one["tokens_per_s_per_core"] / usual["tokens_per_s"], 2),
             "by_cpu_vs_encode_batch_fast": round(one["tokens_per_cpu_s"] / fast["tokens_per_cpu_s"], 2),
             "by_cpu_vs_encode_batch": round(one["tokens_per_cpu_s"] / usual["tokens_per_cpu_s"], 2),
         },
-        "scaling_1_to_2_workers": (round(by_workers[1]["wall_s"] / by_workers[2]["wall_s"], 2)
-                                   if {1, 2} <= set(by_workers) else None),
-        "scale_10x": {
-            "scale": big["scale"],
-            "tokens_ratio": round(big["tokens"] / one["tokens"], 2),
-            "wall_ratio": round(big["wall_s"] / one["wall_s"], 2),
-            "cpu_ratio": round(big["cpu_s"] / one["cpu_s"], 2),
-            "peak_pss_ratio": round(big["peak_pss_mb"] / one["peak_pss_mb"], 2),
-            "build_pss_ratio": round(big["build_pss_mb"] / max(1, one["build_pss_mb"]), 2),
-        },
+        "default_workers_vs_one_per_ray_cpu_wall": (round(by_workers[max(by_workers)]["wall_s"] / one["wall_s"], 2)
+                                                     if len(by_workers) > 1 else None),
+        "scaling_1_worker_to_default": (round(by_workers[1]["wall_s"] / one["wall_s"], 2) if 1 in by_workers
+                                        else None),
+        "scale_big": ratios(big, one),
         "before": BEFORE_TODAY,
-    }))
+    }
+    peer = [b for b in builds if b["code"] != str(ROOT)]
+    if peer:
+        peer_one = next(b for b in peer if b["scale"] == 1)
+        peer_big = next(b for b in peer if b["scale"] == big_scale)
+        report["vs_peer"] = {
+            "peer": str(args.peer_root),
+            "speedup_1x_wall": round(peer_one["wall_s"] / one["wall_s"], 2),
+            "speedup_big_wall": round(peer_big["wall_s"] / big["wall_s"], 2),
+            "speedup_big_cpu": round(peer_big["cpu_s"] / big["cpu_s"], 2),
+            "peak_pss_big_ratio": round(big["peak_pss_mb"] / peer_big["peak_pss_mb"], 2),
+            "peer_scale_big": ratios(peer_big, peer_one),
+        }
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,11 @@ Formats, detected per file (so a directory may mix them):
   into paragraphs at newlines and each paragraph into sentences.
 * **parquet** (`.parquet`) — a text column, read in record batches, split like jsonl.
 
-`.gz` files (recognised by their magic bytes, not their name) are decompressed on the fly.
+Files may be local paths or object-store URIs (`s3://...`, through `bert/storage.py`); a reader
+may also hand over a file's bytes already read (`read_documents(..., data=...)`, as the shards
+build's Ray Data read does). `.gz` files (recognised by their magic bytes, not their name) are
+decompressed: bytes in memory in one call, falling back to the streaming reader only to find how
+far a corrupt or truncated file reads.
 A file whose first 8 KiB are more than 5% NUL or other control bytes is binary and skipped whole
 (`probe_file` says why); in a text file, NUL bytes (a damaged line) are replaced like invalid UTF-8.
 Undecodable UTF-8 bytes are replaced (U+FFFD) and the lines counted. Bad content is skipped
@@ -50,6 +54,7 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bert import storage
 from bert.errors import InputError
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -93,10 +98,15 @@ class Document:
 
 @dataclass(frozen=True)
 class InputFile:
-    """One file to read: where it is, and the name its documents' ids are built from."""
+    """One file to read: where it is (a local `Path` or an object-store URI), and the name its documents'
+    ids are built from."""
 
-    path: Path
+    path: Path | str
     name: str
+
+    @property
+    def basename(self) -> str:
+        return storage.name(self.path)
 
 
 @dataclass
@@ -135,17 +145,8 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]], config: CorpusConfig 
         raise InputError("no corpus path given")
     files: list[InputFile] = []
     for raw in paths:
-        root = Path(raw)
-        if not root.exists():
-            raise InputError(f"corpus path does not exist: {root}")
-        if root.is_dir():
-            found = sorted(_walk(root))
-            if not found:
-                raise InputError(f"corpus directory has no files: {root}")
-            files.extend(InputFile(p, f"{root.name}/{p.relative_to(root).as_posix()}") for p in found)
-        else:
-            files.append(InputFile(root, root.name))
-    seen: dict[str, Path] = {}
+        files.extend(_remote_inputs(os.fspath(raw)) if storage.is_remote(raw) else _local_inputs(Path(raw)))
+    seen: dict[str, Path | str] = {}
     for f in files:
         if f.name in seen:
             raise InputError(
@@ -158,6 +159,31 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]], config: CorpusConfig 
     return files
 
 
+def _local_inputs(root: Path) -> list[InputFile]:
+    if not root.exists():
+        raise InputError(f"corpus path does not exist: {root}")
+    if not root.is_dir():
+        return [InputFile(root, root.name)]
+    found = sorted(_walk(root))
+    if not found:
+        raise InputError(f"corpus directory has no files: {root}")
+    return [InputFile(p, f"{root.name}/{p.relative_to(root).as_posix()}") for p in found]
+
+
+def _remote_inputs(uri: str) -> list[InputFile]:
+    """An object-store file, or every object under a prefix (hidden names left out), like a local dir."""
+    found = storage.info(uri)
+    if found.type == storage.pafs.FileType.NotFound:
+        raise InputError(f"corpus path does not exist: {uri}")
+    root = uri.rstrip("/")
+    if found.type == storage.pafs.FileType.File:
+        return [InputFile(root, storage.name(root))]
+    names = [rel for rel, _ in storage.walk_files(root) if not any(p.startswith(".") for p in rel.split("/"))]
+    if not names:
+        raise InputError(f"corpus directory has no files: {uri}")
+    return [InputFile(f"{root}/{rel}", f"{storage.name(root)}/{rel}") for rel in names]
+
+
 def _walk(root: Path) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -166,8 +192,8 @@ def _walk(root: Path) -> Iterator[Path]:
                 yield Path(dirpath) / name
 
 
-def _format_of_name(path: Path) -> str:
-    name = path.name.lower()
+def _format_of_name(path: Path | str) -> str:
+    name = storage.name(path).lower()
     if name.endswith(".gz"):
         name = name[: -len(".gz")]
     if name.endswith(PARQUET_SUFFIXES):
@@ -177,9 +203,10 @@ def _format_of_name(path: Path) -> str:
     return "text"
 
 
-def _check_parquet_column(path: Path, column: str) -> None:
+def _check_parquet_column(path: Path | str, column: str) -> None:
     try:
-        names = pq.read_schema(path).names
+        fs, inside = storage.resolve(path)
+        names = pq.read_schema(inside, filesystem=fs).names
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"{path}: not a readable parquet file ({exc})") from exc
     if column not in names:
@@ -193,30 +220,21 @@ def split_sentences(paragraph: str, language: str = "en") -> list[str]:
     return [s for s in (piece.strip() for piece in segment(language, paragraph)) if s]
 
 
-def read_documents(file: InputFile, stats: ReadStats, config: CorpusConfig = CorpusConfig()) -> Iterator[Document]:
+def read_documents(file: InputFile, stats: ReadStats, config: CorpusConfig = CorpusConfig(),
+                   data: bytes | None = None) -> Iterator[Document]:
     """The non-empty documents of one file, in file order; counts what it meets into `stats`.
 
-    Ordinals count every document the file holds, empty ones included, so an id never
-    shifts when a neighbouring document turns out empty.
+    `data`: the file's bytes, already read (else the file is opened). Ordinals count every
+    document the file holds, empty ones included, so an id never shifts when a neighbouring
+    document turns out empty.
     """
     stats.files += 1
     before = stats.documents
-    fmt = _format_of_name(file.path)
     try:
-        if fmt == "parquet":
-            docs = _parquet_paragraph_docs(file.path, config.text_column)
-        else:
-            raw = _open_bytes(file.path)
-            head = raw.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]
-            if binary_reason(head):
-                raw.close()
-                stats.binary_files += 1
-                return
-            lines = _decoded_lines(raw, stats)
-            if fmt == "jsonl":
-                docs = _jsonl_paragraph_docs(lines, config.text_column, stats)
-            else:
-                docs = _text_docs(lines)
+        docs = _raw_documents(file, stats, config, data)
+        if docs is None:  # binary: skipped whole
+            stats.binary_files += 1
+            return
         for ordinal, (kind, texts) in enumerate(docs):
             sentences = _sentences(kind, texts, config, stats)
             if not sentences:
@@ -238,7 +256,63 @@ def read_documents(file: InputFile, stats: ReadStats, config: CorpusConfig = Cor
         stats.empty_files += 1
 
 
-def probe_file(path: Path) -> str:
+def _raw_documents(file: InputFile, stats: ReadStats, config: CorpusConfig,
+                   data: bytes | None) -> Iterator[tuple[str, list[str]]] | None:
+    """(kind, paragraphs or lines) per document of the file, or None for a binary file."""
+    fmt = _format_of_name(file.path)
+    if fmt == "parquet":
+        return _parquet_paragraph_docs(file.path, config.text_column, data)
+    lines = _file_lines(file.path, stats) if data is None else _bytes_lines(data, stats)
+    if lines is None:
+        return None
+    return _jsonl_paragraph_docs(lines, config.text_column, stats) if fmt == "jsonl" else _text_docs(lines)
+
+
+def _file_lines(path: Path | str, stats: ReadStats) -> Iterator[str] | None:
+    """The decoded lines of a file, streamed; None if its head says binary."""
+    raw = _open_bytes(path)
+    if binary_reason(raw.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]):
+        raw.close()
+        return None
+    return _decoded_lines(raw, stats)
+
+
+def _bytes_lines(data: bytes, stats: ReadStats) -> Iterator[str] | None:
+    """The decoded lines of a file's bytes (gzip decompressed in one call); None if its head says binary.
+
+    A corrupt or truncated gzip is read again by the streaming reader, which yields the lines
+    before the fault and then raises, as reading the file would.
+    """
+    if data[:2] == GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error):
+            raw = io.BufferedReader(gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb"), buffer_size=1 << 16)
+            if binary_reason(raw.peek(BINARY_SNIFF_BYTES)[:BINARY_SNIFF_BYTES]):
+                return None
+            return _decoded_lines(raw, stats)
+    if binary_reason(data[:BINARY_SNIFF_BYTES]):
+        return None
+    return _text_lines(data, stats)
+
+
+def _text_lines(content: bytes, stats: ReadStats) -> Iterator[str]:
+    """Lines of decompressed bytes, decoded in one call when they are clean UTF-8 (else line by line)."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        yield from _decoded_lines(io.BytesIO(content), stats)
+        return
+    lines = text.split("\n")  # as iterating the bytes splits them: at b"\n" only
+    if lines[-1] == "":
+        lines.pop()
+    for line in lines:
+        yield line.rstrip("\r")
+
+
+def probe_file(path: Path | str) -> str:
     """A cheap look at a file before reading it: "empty", "binary" or "text".
 
     Only the first `BINARY_SNIFF_BYTES` of the (decompressed) content are read. "binary: <why>" is
@@ -279,9 +353,11 @@ def binary_reason(head: bytes) -> str | None:
     return None
 
 
-def _open_bytes(path: Path) -> io.BufferedReader:
-    """A buffered binary reader of the file's content, decompressed if it is gzip."""
-    raw = open(path, "rb")
+def _open_bytes(path: Path | str) -> io.BufferedReader:
+    """A buffered binary reader of the file's content (local or on an object store), decompressed if it is gzip."""
+    fs, inside = storage.resolve(path)
+    raw = open(inside, "rb") if fs is storage.LOCAL else io.BufferedReader(
+        fs.open_input_stream(inside, compression=None), 1 << 20)  # type: ignore[arg-type]
     if raw.peek(2)[:2] == GZIP_MAGIC:
         return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), buffer_size=1 << 16)
     return raw
@@ -372,8 +448,10 @@ def _jsonl_paragraph_docs(lines: Iterable[str], column: str, stats: ReadStats) -
         yield "paragraphs", text.splitlines()
 
 
-def _parquet_paragraph_docs(path: Path, column: str) -> Iterator[tuple[str, list[str]]]:
-    with pq.ParquetFile(path) as pf:
+def _parquet_paragraph_docs(path: Path | str, column: str,
+                            data: bytes | None = None) -> Iterator[tuple[str, list[str]]]:
+    source = pa.BufferReader(data) if data is not None else storage.open_random(path)
+    with pq.ParquetFile(source) as pf:
         for batch in pf.iter_batches(columns=[column], batch_size=1024):
             for text in batch.column(0).to_pylist():
                 yield "paragraphs", (text.splitlines() if isinstance(text, str) else [])

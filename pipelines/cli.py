@@ -191,7 +191,18 @@ def _after_interrupt(args: argparse.Namespace | None) -> str:
     if args.command in ("pretrain", "finetune", "sweep", "run"):
         return "re-run the same command to resume"
     output = output_of(args)
+    if args.command == "shards" and output and _exists(output):  # pass 1 had finished: the build keeps it
+        return f"{output} holds the unfinished build: re-run the same command to resume"
     return f"nothing was written to {output}" if output else "nothing was written"
+
+
+def _exists(location: str) -> bool:
+    from bert import storage
+
+    try:
+        return storage.exists(location)
+    except BertflowError:
+        return False
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The shards stage on Ray: determinism across workers and blocks, the output contract, bad input.
+"""The shards stage on Ray Data: determinism across workers and blocks, local and on S3 (the moto server),
+the output contract (resume after a kill), bad input.
 
 CI builds from 6 of the 100 Wikipedia files; the full-extract build is marked `slow`.
 """
@@ -8,7 +9,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +70,9 @@ def read_rows(shards_dir: Path) -> list[dict]:
 
 
 def test_same_bytes_whatever_the_workers_and_blocks(built: Path, subset: Path, vocab_txt: Path, tmp_path: Path) -> None:
+    """`built`: 1 worker, default blocks (one of 6 files); here 4 workers, a file per block."""
     again = tmp_path / "shards"
-    build_shards([subset], vocab_txt, again, CONFIG, num_workers=4, read_blocks=2)
+    build_shards([subset], vocab_txt, again, CONFIG, num_workers=4, files_per_task=1)
     first = part_hashes(built)
     assert list(first) == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
     assert part_hashes(again) == first
@@ -75,7 +81,7 @@ def test_same_bytes_whatever_the_workers_and_blocks(built: Path, subset: Path, v
 
 def test_layout_and_manifest(built: Path, subset: Path, vocab_txt: Path) -> None:
     assert sorted(p.name for p in built.iterdir()) == [
-        "_manifest.json", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "tokenizer",
+        "_job.json", "_manifest.json", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "tokenizer",
     ]
     manifest = read_manifest(built)
     assert manifest["config"] == dataclasses.asdict(CONFIG)
@@ -207,10 +213,10 @@ def test_missing_path_fails_before_any_work(ray_local, subset: Path, vocab_txt: 
 
 
 def test_an_existing_output_is_never_overwritten(built: Path, subset: Path, vocab_txt: Path) -> None:
-    before = part_hashes(built)
-    with pytest.raises(InputError, match="already exists"):
-        build_shards([subset], vocab_txt, built, CONFIG)
-    assert part_hashes(built) == before
+    before = tree_digest(built)
+    with pytest.raises(InputError, match="already exists and holds a finished `bertflow shards build` output"):
+        build_shards([subset], vocab_txt, built, CONFIG)  # a finished build of the very same settings, too
+    assert tree_digest(built) == before
 
 
 def test_cli_build_and_inspect(ray_local, wiki_dir: Path, vocab_txt: Path, tmp_path: Path, capsys) -> None:
@@ -342,12 +348,65 @@ def test_cli_output_inside_the_corpus_is_refused(wiki_dir: Path, vocab_txt: Path
     assert tree_digest(tmp_path) == before
 
 
-def test_cli_removes_a_killed_runs_temporary(ray_local, wiki_dir: Path, vocab_txt: Path, tmp_path: Path) -> None:
-    stale = tmp_path / ".shards.tmp-0123456789ab"  # what a SIGKILLed build leaves beside its output
-    (stale / "_buckets").mkdir(parents=True)
-    (stale / "_buckets" / "x.parquet").write_bytes(b"half")
-    assert cli_build(wiki_dir / "wiki_53.gz", vocab_txt, tmp_path / "shards") == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+def kill_when(run: subprocess.Popen, ready, what: str, timeout: float = 300) -> None:
+    """SIGKILL the build once `ready()` holds (the process must still be running then)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert run.poll() is None, f"the build ended (rc {run.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.05)
+    run.kill()
+    run.wait()
+
+
+def test_a_killed_build_is_restarted_then_resumed_to_the_same_bytes(ray_local, built: Path, subset: Path,
+                                                                     vocab_txt: Path, tmp_path: Path) -> None:
+    """SIGKILL in pass 1 (restarted: its buckets are not reused), then in pass 2 (resumed: the parts
+    already built are kept); the output ends byte-identical to an uninterrupted build."""
+    out = tmp_path / "shards"
+    command = [sys.executable, "-m", "pipelines.cli", "shards", "build", "--corpus", str(subset), "--tokenizer",
+               str(vocab_txt), "--out", str(out), "--dupe-factor", "2", "--num-shards", "3", "--num-workers", "1"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address,
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(run, lambda: any((out / "_work" / "buckets").rglob("*.parquet")), "a bucket file")
+    assert (out / "_job.json").is_file() and not (out / "_work" / "tokenized.json").exists()
+    run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_when(run, lambda: any((out / "_work" / "parts").glob("*.json")), "a finished part")
+    assert not (out / "_manifest.json").exists()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert kept, "the kill came after a part was built"
+    with pytest.raises(InputError, match="unfinished `bertflow shards build` run with other settings"):
+        build_shards([subset], vocab_txt, out, dataclasses.replace(CONFIG, dupe_factor=3))
+    manifest = build_shards([subset], vocab_txt, out, CONFIG)  # resumes
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in kept} == kept  # reused
+    assert part_hashes(out) == part_hashes(built)
+    assert manifest == read_manifest(built) | {"inputs": manifest["inputs"]}
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in built.iterdir())
+
+
+def test_s3_corpus_to_s3_output_same_bytes_as_local(built: Path, subset: Path, vocab_txt: Path, s3_server,
+                                                    s3_uri: str) -> None:
+    """The corpus read from and the shards written to the moto S3 server, as Ray Data reads and writes them."""
+    from bert import storage
+
+    prefix = s3_uri.removeprefix(f"s3://{s3_server.bucket}/")
+    for name in SUBSET:  # the stored bytes as they are (pyarrow's output streams would gzip a .gz name again)
+        s3_server.client().put_object(Bucket=s3_server.bucket, Key=f"{prefix}/wiki/{name}",
+                                      Body=(subset / name).read_bytes())
+    out = f"{s3_uri}/shards"
+    manifest = build_shards([f"{s3_uri}/wiki"], vocab_txt, out, CONFIG, num_workers=2, files_per_task=4)
+    remote = {p["part"]: p["sha256"] for p in manifest["parts"]}
+    assert remote == part_hashes(built)
+    for name, digest in remote.items():
+        assert hashlib.sha256(storage.read_bytes(f"{out}/{name}")).hexdigest() == digest
+    local = read_manifest(built)
+    assert [i["name"] for i in manifest["inputs"]] == [i["name"] for i in local["inputs"]]
+    assert manifest["counts"] == local["counts"] and manifest["statistics"] == local["statistics"]
+    names = set(storage.list_dir(out))
+    assert {"_manifest.json", "_job.json", "tokenizer", *remote} <= names and "_work" not in names
+    with pytest.raises(InputError, match="already exists and holds"):
+        build_shards([f"{s3_uri}/wiki"], vocab_txt, out, CONFIG)
 
 
 def test_cli_inspect_refuses_a_truncated_part(built: Path, tmp_path: Path, capsys) -> None:
@@ -366,12 +425,9 @@ def gzip_bytes(data: bytes) -> bytes:
     return gzip.compress(data)
 
 
-def test_file_blocks_are_contiguous_runs_of_about_equal_text() -> None:
-    from pipelines.jobs.shards import file_blocks
+def test_default_files_per_task_keeps_every_worker_busy_and_tasks_below_a_shard() -> None:
+    from pipelines.jobs.shards import SHARD_TEXT_BYTES, default_files_per_task
 
-    for sizes, blocks in (([1] * 10, 3), ([5, 1, 1, 1, 1, 1], 3), ([1, 1, 1], 5), ([0, 0, 0], 2), ([7], 4)):
-        runs = file_blocks(sizes, blocks)
-        assert [i for run in runs for i in run] == list(range(len(sizes)))  # every file once, in order
-        assert all(len(run) for run in runs) and len(runs) == min(blocks, len(sizes))
-    assert file_blocks([1] * 10, 3) == [range(4), range(4, 7), range(7, 10)]
-    assert file_blocks([5, 1, 1, 1, 1, 1], 3) == [range(1), range(1, 3), range(3, 6)]
+    assert default_files_per_task([1 << 20] * 100, 2) == 13  # 8 tasks for 2 workers
+    assert default_files_per_task([1 << 20] * 3, 4) == 1
+    assert default_files_per_task([SHARD_TEXT_BYTES] * 1000, 2) == 1  # a shard's worth of text a task at most

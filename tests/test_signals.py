@@ -180,7 +180,7 @@ def test_ctrl_c_in_the_middle_of_shards_build_stops_its_ray_runtime(wiki_dir, vo
             "--out", out, "--dupe-factor", "3"]
     run = Run(*args, env={"RAY_ADDRESS": ""})
     run.wait_for_line("Started a local Ray instance")
-    wait_for(lambda: list(tmp_path.glob(".shards.tmp-*")), 120, "the build's temporary output")
+    wait_for(lambda: (out / "_job.json").is_file(), 120, "the build's claim on its output")
     ray_processes = psutil.Process(run.process.pid).children(recursive=True)
     assert ray_processes, "a local Ray runtime runs under the command"
     run.signal(signal.SIGINT)
@@ -189,7 +189,7 @@ def test_ctrl_c_in_the_middle_of_shards_build_stops_its_ray_runtime(wiki_dir, vo
     # minute or two on a loaded machine)
     _, alive = psutil.wait_procs(ray_processes, timeout=300)
     assert [p.pid for p in alive] == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary, no lock
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # stopped in pass 1: no output (nothing to resume), no lock
 
 
 def test_ctrl_c_in_the_middle_of_predict(ray_local, classifier, tmp_path):

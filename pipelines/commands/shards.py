@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bert.corpus import CorpusConfig
 from bert.pretraining_data import PretrainingDataConfig
-
-_DEFAULTS = PretrainingDataConfig()
+from pipelines.config_args import add_dataclass_arguments, dataclass_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from pipelines.jobs.shards import BuildOptions
+
     p = sub.add_parser("shards", help="build or inspect MLM/NSP pretraining shards")
     shards_sub = p.add_subparsers(dest="shards_command", metavar="SUBCOMMAND")
     shards_sub.required = True
@@ -26,36 +28,37 @@ def register(sub: argparse._SubParsersAction) -> None:
             "and shard count give byte-identical shards on any number of workers."
         ),
     )
-    b.add_argument("--corpus", nargs="+", required=True, metavar="PATH", help="corpus files or directories")
+    b.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
+                   help="corpus files or directories (local, or s3:// URIs)")
     b.add_argument("--tokenizer", required=True, metavar="DIR_OR_VOCAB",
                    help="a tokenizer dir, a checkpoint dir (ours or Hugging Face: its vocabulary and casing, for "
                    "continued pretraining with `bertflow pretrain --model DIR`), or a BERT vocab.txt")
     b.add_argument("--out", required=True, metavar="DIR",
-                   help="shards dir to create (must not exist, nor lie inside an input)")
+                   help="shards dir to create, local or s3:// (must not exist, unless it is this build's unfinished "
+                   "run, which is resumed; nor lie inside an input)")
     b.add_argument("--cased", action="store_true",
                    help="with a vocab.txt: keep case (default: lower-case); a dir brings its own casing")
-    b.add_argument("--text-column", default="text", help="text field of JSONL / parquet inputs (default: text)")
-    b.add_argument(
-        "--skip-unreadable",
-        action="store_true",
-        help="a corrupt or truncated .gz / parquet input: keep the documents read before the fault and go on, "
-        "with a warning naming it (default: an error naming it)",
-    )
-    b.add_argument("--max-seq-length", type=int, default=_DEFAULTS.max_seq_length)
-    b.add_argument("--max-predictions-per-seq", type=int, default=_DEFAULTS.max_predictions_per_seq)
-    b.add_argument("--masked-lm-prob", type=float, default=_DEFAULTS.masked_lm_prob)
-    b.add_argument("--short-seq-prob", type=float, default=_DEFAULTS.short_seq_prob)
-    b.add_argument("--dupe-factor", type=int, default=_DEFAULTS.dupe_factor)
-    b.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    b.add_argument("--whole-word-masking", action="store_true", help="mask all pieces of a word together")
-    b.add_argument(
-        "--dynamic-masking", action="store_true", help="write unmasked examples; the trainer masks them each epoch"
-    )
-    b.add_argument("--no-nsp", dest="next_sentence_prediction", action="store_false",
-                   help="no next-sentence prediction: single-segment examples [CLS] text [SEP] and no NSP loss "
-                   "(for single-sentence text such as a task's own training text)")
-    b.add_argument("--num-shards", type=int, default=None, help="default: one per ~32 MiB of text")
-    b.add_argument("--num-workers", type=int, default=None, help="concurrent Ray tasks (default: all CPUs)")
+    # every other option comes from the config types, listed once (their defaults live there)
+    add_dataclass_arguments(b, CorpusConfig, help={
+        "text_column": "text field of JSONL / parquet inputs",
+        "language": "language of the sentence splitter (sentencex)",
+        "max_sentence_chars": "a longer sentence is cut at whitespace into pieces of at most this many characters",
+        "skip_unreadable": "a corrupt or truncated .gz / parquet input: keep the documents read before the fault and "
+        "go on, with a warning naming it (else an error naming it)",
+    })
+    add_dataclass_arguments(b, PretrainingDataConfig, help={
+        "whole_word_masking": "mask all pieces of a word together",
+        "dynamic_masking": "write unmasked examples; the trainer masks them each epoch",
+        "next_sentence_prediction": "sentence pairs with an NSP label; --no-next-sentence-prediction (or --no-nsp): "
+        "single-segment examples [CLS] text [SEP] and no NSP loss (for single-sentence text such as a task's own "
+        "training text)",
+        "num_shards": "default: one per ~32 MiB of text",
+    })
+    b.add_argument("--no-nsp", dest="next_sentence_prediction", action="store_false", help=argparse.SUPPRESS)
+    add_dataclass_arguments(b, BuildOptions, help={
+        "num_workers": "concurrent Ray Data tasks (default: the physical cores on one machine, all CPUs on a cluster)",
+        "files_per_task": "input files per tokenize task (default: a few tasks per worker)",
+    })
     b.set_defaults(handler=run_build)
 
     i = shards_sub.add_parser("inspect", help="statistics and a few decoded examples of a shards dir")
@@ -65,34 +68,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from bert.corpus import CorpusConfig
-    from pipelines.jobs.shards import build_shards, skipped_files
+    from pipelines.jobs.shards import BuildOptions, build_shards, skipped_files
 
-    config = PretrainingDataConfig(
-        max_seq_length=args.max_seq_length,
-        max_predictions_per_seq=args.max_predictions_per_seq,
-        masked_lm_prob=args.masked_lm_prob,
-        short_seq_prob=args.short_seq_prob,
-        dupe_factor=args.dupe_factor,
-        seed=args.seed,
-        whole_word_masking=args.whole_word_masking,
-        dynamic_masking=args.dynamic_masking,
-        num_shards=args.num_shards,
-        next_sentence_prediction=args.next_sentence_prediction,
-    )
     if args.cased and Path(args.tokenizer).is_dir():
         from bert.errors import InputError
 
         raise InputError(f"--cased applies to a vocab.txt; {args.tokenizer} is a dir with its own casing "
                          "(its tokenizer_config.json)")
+    options = dataclass_from_args(BuildOptions, args)
     manifest = build_shards(
         args.corpus,
         args.tokenizer,
         args.out,
-        config,
-        CorpusConfig(text_column=args.text_column, skip_unreadable=args.skip_unreadable),
+        dataclass_from_args(PretrainingDataConfig, args),
+        dataclass_from_args(CorpusConfig, args),
         lowercase=not args.cased,
-        num_workers=args.num_workers,
+        num_workers=options.num_workers,
+        files_per_task=options.files_per_task,
     )
     unreadable = skipped_files(manifest).get("unreadable", [])
     if unreadable:

@@ -1,20 +1,29 @@
-"""The shards stage's Ray tasks (`pipelines.jobs.shards` runs them): pass 1 tokenizes a run of input
-files into per-shard buckets (`tokenize_block`), pass 2 turns one shard's buckets into its part file
-(`build_shard`). Each task holds no more than a batch of one file or one shard.
+"""The shards stage's Ray Data functions (`pipelines.jobs.shards` runs them in `map_batches`): pass 1
+tokenizes a batch of input files (their bytes, as `read_binary_files` gives them) into per-shard
+buckets (`tokenize_files`), pass 2 turns each shard's buckets into its part file (`build_parts`).
+A call holds no more than one batch of files' documents or one shard.
+
+Everything is written through a `pyarrow.fs.FileSystem` (`bert.storage.resolve`), so the output,
+its buckets included, may be a local dir or an object-store prefix. Plain functions of their
+inputs: no Ray import here; Ray Data calls them with keyword arguments it ships to the workers.
 """
 
-import functools
 import hashlib
+import json
 import os
+import shutil
 import struct
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from bert import storage
 from bert.corpus import (
     CorpusConfig,
     InputFile,
@@ -53,17 +62,21 @@ def shard_of(doc_id: str, num_shards: int) -> int:
 # pass 1: one input file -> its documents, tokenized, in per-shard buckets
 
 
-@functools.lru_cache(maxsize=2)
-def _cached_tokenizer(tokenizer_dir: str) -> Any:
-    """One tokenizer per worker process, reused by the tasks it runs."""
-    from bert.tokenizer import Tokenizer
+_tokenizers: dict[str, Any] = {}  # fingerprint -> tokenizer: one per worker process, reused by the calls it runs
 
-    return Tokenizer.load(tokenizer_dir)
+
+def _worker_tokenizer(tokenizer: Any, fingerprint: str) -> Any:
+    """The tokenizer shipped with the call, kept by the worker process for the calls after it."""
+    if fingerprint not in _tokenizers:
+        _tokenizers.clear()
+        _tokenizers[fingerprint] = tokenizer
+    return _tokenizers[fingerprint]
 
 
 def _bucket_schema(word_starts: bool) -> pa.Schema:
     fields = [
         pa.field("doc_id", pa.string()),
+        pa.field("doc_key", pa.int64()),  # file index << 32 | ordinal: the canonical order of documents
         pa.field("tokens", pa.list_(pa.int32())),  # the document's tokens, back to back
         pa.field("sentence_lengths", pa.list_(pa.int32())),  # tokens per sentence
     ]
@@ -80,26 +93,29 @@ def _list_array(values: np.ndarray, lengths: np.ndarray, dtype: pa.DataType) -> 
 
 
 class _BucketWriter:
-    """Appends one file's tokenized documents to its per-shard bucket files, in file order.
+    """Appends a batch of files' tokenized documents to per-shard bucket files.
 
-    Documents wait in memory until `_BUCKET_FLUSH_TOKENS` tokens are pending over all shards,
-    then every shard's pending documents become a row group of its bucket file.
+    Each document carries its canonical key (`doc_key`: file index, ordinal), by which the build
+    pass orders a shard's documents whatever batch or worker wrote them. Documents wait in memory
+    until `_BUCKET_FLUSH_TOKENS` tokens are pending over all shards, then every shard's pending
+    documents become a row group of its bucket file `<buckets>/<shard>/<first file index>.parquet`.
     """
 
-    def __init__(self, buckets: Path, file_index: int, num_shards: int, word_starts: bool) -> None:
-        self.buckets = buckets
+    def __init__(self, fs: pafs.FileSystem, buckets: str, file_index: int, num_shards: int, word_starts: bool) -> None:
+        self.fs, self.buckets = fs, buckets
         self.file_index = file_index
         self.num_shards = num_shards
         self.schema = _bucket_schema(word_starts)
-        self.pending: dict[int, list[DocumentSet]] = {}
+        self.pending: dict[int, list[tuple[DocumentSet, np.ndarray]]] = {}
         self.pending_tokens = 0
         self.writers: dict[int, pq.ParquetWriter] = {}
 
-    def add(self, docs: DocumentSet) -> None:
-        """Route each document of `docs` to its shard's bucket."""
+    def add(self, docs: DocumentSet, keys: np.ndarray) -> None:
+        """Route each document of `docs` (with its key) to its shard's bucket."""
         shards = np.array([shard_of(doc_id, self.num_shards) for doc_id in docs.doc_ids], dtype=np.int64)
         for shard in np.unique(shards).tolist():
-            self.pending.setdefault(shard, []).append(_select(docs, np.flatnonzero(shards == shard)))
+            index = np.flatnonzero(shards == shard)
+            self.pending.setdefault(shard, []).append((_select(docs, index), keys[index]))
         self.pending_tokens += len(docs.tokens)
         if self.pending_tokens >= _BUCKET_FLUSH_TOKENS:
             self._flush()
@@ -111,19 +127,21 @@ class _BucketWriter:
 
     def _flush(self) -> None:
         for shard, parts in sorted(self.pending.items()):
-            docs = _concat(parts)
+            docs = _concat([d for d, _ in parts])
             sentences_per_doc = np.diff(docs.doc_sentences)
             columns = [
                 pa.array(docs.doc_ids, pa.string()),
+                pa.array(np.concatenate([k for _, k in parts]), pa.int64()),
                 _list_array(docs.tokens, np.diff(docs.doc_tokens), pa.int32()),
                 _list_array(np.diff(docs.sentence_offsets).astype(np.int32), sentences_per_doc, pa.int32()),
             ]
             if docs.word_starts is not None:
                 columns.append(_list_array(docs.word_starts, np.diff(docs.doc_tokens), pa.bool_()))
             if shard not in self.writers:
-                path = self.buckets / f"{shard:05d}" / f"{self.file_index:06d}.parquet"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self.writers[shard] = pq.ParquetWriter(path, self.schema, compression="none", use_dictionary=False)
+                directory = f"{self.buckets}/{shard:05d}"
+                self.fs.create_dir(directory, recursive=True)
+                self.writers[shard] = pq.ParquetWriter(f"{directory}/{self.file_index:06d}.parquet", self.schema,
+                                                       filesystem=self.fs, compression="none", use_dictionary=False)
             self.writers[shard].write_table(pa.Table.from_arrays(columns, schema=self.schema))
         self.pending.clear()
         self.pending_tokens = 0
@@ -159,35 +177,47 @@ def _concat(sets: Sequence[DocumentSet]) -> DocumentSet:
     )
 
 
-def tokenize_block(
-    row: dict[str, Any],
+def tokenize_files(
+    batch: pa.Table,
     *,
-    tokenizer_dir: str,
+    files: dict[str, tuple[int, str, str]],
+    tokenizer: Any,
+    fingerprint: str,
+    filesystem: pafs.FileSystem,
     buckets: str,
     num_shards: int,
     word_starts: bool,
     corpus_config: CorpusConfig,
-) -> dict[str, Any]:
-    """Pass 1 for a run of consecutive input files: their buckets are named by the run's first file index.
+) -> pa.Table:
+    """Pass 1 for a batch of input files (`read_binary_files` rows: `bytes`, `path`).
 
-    Returns each file's fingerprint and counts, and the input error met, if any: the
-    run stops at a file that raises it.
+    `files` maps the path Ray Data reports to (file index, name, location). The buckets go under
+    `buckets` in `filesystem` (the driver's, shipped as it is: a worker's environment need not know
+    the store), named by the batch's first file index. Returns one row per file (`result`: JSON of its
+    fingerprint and counts, and the input error met, if any: the batch stops at a file that
+    raises it).
     """
-    tok = _cached_tokenizer(tokenizer_dir)
-    entries = sorted(row["files"], key=lambda f: f["file_index"])
-    writer = _BucketWriter(Path(buckets), entries[0]["file_index"], num_shards, word_starts)
+    tok = _worker_tokenizer(tokenizer, fingerprint)
+    paths = batch.column("path").to_pylist()
+    order = sorted(range(len(paths)), key=lambda k: files[paths[k]][0])
+    data = batch.column("bytes")
+    writer = _BucketWriter(filesystem, buckets, files[paths[order[0]]][0], num_shards, word_starts)
     results = []
-    for entry in entries:
-        result = _tokenize_file(InputFile(Path(entry["path"]), entry["name"]), tok, writer, word_starts, corpus_config)
-        results.append({"file_index": entry["file_index"], **result})
+    for k in order:
+        file_index, name, location = files[paths[k]]
+        raw = data[k].as_py()
+        result = _tokenize_file(InputFile(location, name), file_index, raw, tok, writer, word_starts, corpus_config)
+        results.append(json.dumps({"file_index": file_index, **result}))
+        del raw
         if result["error"]:
             break
     writer.close()
-    return {"files": results}
+    return pa.table({"result": pa.array(results, pa.string())})
 
 
 def _tokenize_file(
-    file: InputFile, tok: Any, writer: _BucketWriter, word_starts: bool, corpus_config: CorpusConfig
+    file: InputFile, file_index: int, data: bytes, tok: Any, writer: _BucketWriter, word_starts: bool,
+    corpus_config: CorpusConfig,
 ) -> dict[str, Any]:
     """One input file's documents, tokenized, into `writer`; returns its fingerprint and counts."""
     stats = ReadStats()
@@ -198,13 +228,14 @@ def _tokenize_file(
         counts["documents_without_tokens"] += without_tokens
         counts["tokens"] += len(docs.tokens)
         counts["tokenized_documents"] += len(docs)
-        writer.add(docs)
+        ordinals = np.array([int(d.rsplit(":", 1)[1]) for d in docs.doc_ids], dtype=np.int64)
+        writer.add(docs, (np.int64(file_index) << 32) | ordinals)
 
     batch: list[tuple[str, tuple[str, ...]]] = []
     batch_chars = 0
     error = ""
     try:
-        for doc in read_documents(file, stats, corpus_config):
+        for doc in read_documents(file, stats, corpus_config, data=data):
             batch.append((doc.doc_id, doc.sentences))
             batch_chars += sum(map(len, doc.sentences))
             if batch_chars >= _ENCODE_BATCH_CHARS:
@@ -217,8 +248,8 @@ def _tokenize_file(
     return {
         "name": file.name,
         "path": str(file.path),
-        "bytes": file.path.stat().st_size,
-        "sha256": sha256_file(file.path),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
         "error": error,
         **stats.as_dict(),
         **counts,
@@ -229,13 +260,18 @@ def _tokenize_file(
 # pass 2: one shard's buckets -> its examples in part-<shard>.parquet
 
 
-def read_bucket_documents(paths: Iterable[Path], word_starts: bool) -> DocumentSet:
-    """The documents of bucket files, in the order given and the order within each file, as one set."""
+def read_bucket_documents(fs: pafs.FileSystem, paths: Sequence[str], word_starts: bool) -> DocumentSet:
+    """The documents of bucket files as one set, in their canonical order (by `doc_key`).
+
+    The order is that of the corpus alone (file index, then ordinal), not of the batches or
+    workers that wrote the buckets.
+    """
     doc_ids: list[str] = []
-    tokens, sentence_lengths, sentences_per_doc, starts = [], [], [], []
+    keys, tokens, sentence_lengths, sentences_per_doc, starts = [], [], [], [], []
     for path in paths:
-        table = pq.read_table(path)
+        table = pq.read_table(path, filesystem=fs)
         doc_ids += table.column("doc_id").to_pylist()
+        keys.append(table.column("doc_key").to_numpy())
         tokens.append(table.column("tokens").combine_chunks().flatten().to_numpy())
         column = table.column("sentence_lengths").combine_chunks()
         sentence_lengths.append(column.flatten().to_numpy())
@@ -245,13 +281,15 @@ def read_bucket_documents(paths: Iterable[Path], word_starts: bool) -> DocumentS
     if not doc_ids:
         return DocumentSet.from_lengths([], np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64),
                                         np.zeros(0, bool) if word_starts else None)
-    return DocumentSet.from_lengths(
+    docs = DocumentSet.from_lengths(
         doc_ids,
         np.concatenate(tokens),
         np.concatenate(sentence_lengths),
         np.concatenate(sentences_per_doc),
         np.concatenate(starts) if word_starts else None,
     )
+    order = np.argsort(np.concatenate(keys), kind="stable")
+    return docs if (np.diff(order) > 0).all() else _select(docs, order)
 
 
 def _examples_table(batch: ExampleBatch, doc_ids: pa.Array, schema: pa.Schema) -> pa.Table:
@@ -311,35 +349,80 @@ class _ShardStats:
         c["masked_random"] += int((~is_mask & ~is_keep).sum())
 
 
+def build_parts(
+    batch: pa.Table, *, filesystem: pafs.FileSystem, buckets: str, parts: str, out: str,
+    config: PretrainingDataConfig, special: SpecialTokens
+) -> pa.Table:
+    """Pass 2 for a batch of shards (`shard` column): each one's part file, and its row (JSON) for the manifest.
+
+    Paths are inside `filesystem`. Each shard's row is also written to `<parts>/<part>.json` once
+    its part file is in place, so a resumed build skips the shards already built.
+    """
+    rows = []
+    for shard in batch.column("shard").to_pylist():
+        row = build_shard(int(shard), filesystem, buckets=buckets, out=out, config=config, special=special)
+        rows.append(json.dumps(row))
+        _write_whole(filesystem, f"{parts}/{row['part']}.json", rows[-1].encode("utf-8"))
+    return pa.table({"result": pa.array(rows, pa.string())})
+
+
 def build_shard(
-    row: dict[str, Any], *, buckets: str, out: str, config: PretrainingDataConfig, special: SpecialTokens
+    shard: int, fs: pafs.FileSystem, *, buckets: str, out: str, config: PretrainingDataConfig, special: SpecialTokens
 ) -> dict[str, Any]:
-    """Pass 2 for one shard: read its buckets, create its examples, write its part file."""
-    shard = row["shard"]
-    paths = sorted((Path(buckets) / f"{shard:05d}").glob("*.parquet"))  # zero-padded first file index
-    docs = read_bucket_documents(paths, config.whole_word_masking)
+    """One shard: read its buckets, create its examples, write its part file (complete or not at all)."""
+    found = fs.get_file_info(pafs.FileSelector(f"{buckets}/{shard:05d}", allow_not_found=True))
+    paths = sorted(f.path for f in found if f.path.endswith(".parquet"))
+    docs = read_bucket_documents(fs, paths, config.whole_word_masking)
     doc_ids = pa.array(docs.doc_ids, pa.string())
     rng = np.random.default_rng([config.seed, shard])
     schema = example_schema(config.whole_word_masking)
     name = f"part-{shard:05d}.parquet"
-    final = Path(out) / name
-    tmp = final.with_name(f".{name}.tmp")
     stats = _ShardStats(config, special)
-    with pq.ParquetWriter(tmp, schema, **PARQUET_OPTIONS) as writer:
-        for batch in create_example_batches(docs, config, special, rng, batch_rows=ROW_GROUP_ROWS):
-            stats.add(batch)
-            writer.write_table(_examples_table(batch, doc_ids, schema), row_group_size=ROW_GROUP_ROWS)
-        if stats.counts["examples"] == 0:
-            writer.write_table(schema.empty_table())
-    os.replace(tmp, final)
+    is_local = isinstance(fs, pafs.LocalFileSystem)
+    spool = None if is_local else tempfile.mkdtemp(prefix="bertflow-part-")
+    local = Path(out if is_local else spool) / f".{name}.tmp"
+    try:
+        with pq.ParquetWriter(local, schema, **PARQUET_OPTIONS) as writer:
+            for batch in create_example_batches(docs, config, special, rng, batch_rows=ROW_GROUP_ROWS):
+                stats.add(batch)
+                writer.write_table(_examples_table(batch, doc_ids, schema), row_group_size=ROW_GROUP_ROWS)
+            if stats.counts["examples"] == 0:
+                writer.write_table(schema.empty_table())
+        size, digest = local.stat().st_size, sha256_file(local)
+        _publish(local, fs, f"{out}/{name}")
+    finally:
+        if spool:
+            shutil.rmtree(spool, ignore_errors=True)
     return {
         "shard": shard,
         "part": name,
-        "bytes": final.stat().st_size,
-        "sha256": sha256_file(final),
+        "bytes": size,
+        "sha256": digest,
         "documents": len(docs),
         "sentences": len(docs.sentence_offsets) - 1,
         "tokens": len(docs.tokens),
         **stats.counts,
         "length_counts": stats.length_counts.tolist(),
     }
+
+
+def _publish(local: Path, fs: pafs.FileSystem, path: str) -> None:
+    """Put a finished local file at `path`: a rename beside it, or one upload (S3 shows it only complete)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.replace(local, path)
+        return
+    pafs.copy_files(str(local), path, source_filesystem=storage.LOCAL, destination_filesystem=fs,
+                    chunk_size=8 << 20, use_threads=False)
+
+
+def _write_whole(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """A small file that is there whole or not at all: a renamed temporary, or one PUT."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(os.path.dirname(path), recursive=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path, compression=None) as f:
+        f.write(data)

@@ -1,113 +1,125 @@
-"""Shards stage: corpus files -> MLM/NSP examples in `part-*.parquet` (DESIGN.md, "Shards dir").
+"""Shards stage: corpus files -> MLM/NSP examples in `part-*.parquet` (DESIGN.md, "Shards dir"), on Ray Data.
 
-Two passes of Ray tasks (`_map_tasks`), neither holding more than a batch of one file or one shard:
+Two Ray Data executions, neither holding more than a batch of files or one shard in a task:
 
-1. **Tokenize** — one task per run of consecutive input files (`file_blocks`: a few runs per
-   CPU, of about equal text size). A task reads each file's documents (`bert.corpus`),
-   tokenizes their sentences about 1 MiB of text at a time
+1. **Tokenize** — `ray.data.read_binary_files` reads the input files (local paths or object-store
+   URIs, through the `pyarrow.fs` file system `bert.storage.resolve` gives: one client for the
+   reads, the writes and the listing) in blocks of `files_per_task` consecutive files, and
+   `map_batches` runs `shard_tasks.tokenize_files` on each block on the CPU workers (Ray Data
+   fuses the read into the same task): decompress and parse each file (`bert.corpus`),
+   tokenize its sentences about 1 MiB of text at a time
    (`bert.pretraining_documents.encode_documents`: ids only, no Python object per token) and
-   appends each document to the bucket of its shard: `_buckets/<shard>/<first file index of
-   the run>.parquet`, flat columns (the document's tokens, its sentence lengths). A
-   document's shard is a blake2b hash of its `doc_id`, so it does not depend on which worker
-   read it; runs instead of single files keep the number of bucket files near
-   runs x shards, not files x shards.
-2. **Build** — one task per shard. A task reads its buckets in the canonical order (by first
-   file index, then document order within the run) into one `DocumentSet`, creates the examples
-   with `bert.pretraining_data.create_example_batches` and a generator seeded from
-   `(seed, shard)`, `ROW_GROUP_ROWS` at a time as flat arrays that become Arrow columns
-   without a Python object per example, and writes `part-<shard>.parquet` under a temporary
-   name, then renames it.
+   append each document to the bucket of its shard, `<out>/_work/<attempt>/<shard>/<first file
+   index>.parquet`, with its canonical key (file index, ordinal). A document's shard is a
+   blake2b hash of its `doc_id`, so it does not depend on which worker read it.
+2. **Build** — `ray.data.range(num_shards)` and `map_batches` running `shard_tasks.build_parts`,
+   one shard a call: read the shard's buckets, order its documents by their keys (so neither
+   the blocks nor the workers of pass 1 leave a trace), create the examples with
+   `bert.pretraining_data.create_example_batches` and a generator seeded from `(seed, shard)`,
+   `ROW_GROUP_ROWS` at a time as flat arrays that become Arrow columns, and write
+   `part-<shard>.parquet` complete or not at all (a local rename, or one upload).
 
-Every random draw of a shard comes from its own generator, and every input to it is read in
-an order fixed by the corpus alone, so the same corpus, config and shard count give
-byte-identical part files whatever the number of workers, CPUs or blocks.
+Every random draw of a shard comes from its own generator, and every input to it is put in an
+order fixed by the corpus alone, so the same corpus, config and shard count give byte-identical
+part files whatever the number of workers, CPUs or blocks, and whether the corpus and the output
+are local or on an object store. The part files are written by our own `pq.ParquetWriter`, not
+`Dataset.write_parquet`, because their names, row groups and bytes are part of that contract.
 
-Memory: pass 1 holds one batch of a file's documents and flushes its buckets every
-`_BUCKET_FLUSH_TOKENS` tokens; pass 2 holds one shard's token ids (4 bytes a token, 5 with
-whole-word masking), its sentence offsets (8 bytes a sentence), its pairs (44 bytes a pair)
-and one row group of examples. The default shard count keeps a shard near
-`SHARD_TEXT_BYTES` of text, so the peak memory of a build depends on the shard size and the
-number of concurrent tasks, not on the corpus size.
+Memory: pass 1 holds one block of compressed files, one file's documents, and its pending
+buckets up to `_BUCKET_FLUSH_TOKENS`; pass 2 holds one shard's token ids (4 bytes a token, 5
+with whole-word masking), its sentence offsets, its pairs and one row group of examples. The
+default shard count keeps a shard near `SHARD_TEXT_BYTES` of text, so the peak memory of a
+build depends on the shard size and the number of concurrent tasks, not on the corpus size.
+Ray Data streams pass 1 with backpressure; the blocks in its object store are file bytes only.
 
-The output obeys the output rule (`pipelines.outdir.atomic_output`): it must be new and
-disjoint from the inputs, is locked while the build runs, is built in a temporary sibling and
-renamed into place; a killed run's temporary is removed by the next. `_manifest.json` (config,
-input fingerprints, counts, skips and the names of skipped files, statistics, tokenizer
-identity) is written last. Bad input is refused with a message naming the file: before Ray
-starts where a look at the files tells (all empty or binary), else after the tokenize pass
-(a corrupt or truncated input, a corpus that yields no token).
+The output rule: `out` must be absent, or an unfinished run of this job with the same identity
+(config, inputs' names and sizes, tokenizer), which the build resumes; anything else (a finished
+shards dir, another job's output, files bertflow did not write) is refused before any work,
+naming what it holds. One writer at a time: the lease of `pipelines.lease` (a local `flock`
+beside the output, or `_lease.json` with a fencing generation on S3). `_job.json` is written
+first, `_manifest.json` last, through the lease's fence: the output is complete only when the
+manifest exists. A resumed run keeps pass 1 if it finished (`_work/tokenized.json` names its
+attempt's buckets) and every part already built (`_work/parts/<part>.json`), and builds the rest
+to the same bytes. Bad input is refused with a message naming the file, before Ray starts where
+a look at the files tells (all empty or binary), else after the tokenize pass (a corrupt or
+truncated input, a corpus that yields no token); the output is then removed. An interrupted
+build (Ctrl-C) removes its output too unless pass 1 had finished, which a re-run reuses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import math
 import os
-import shutil
 import struct
-from collections.abc import Sequence
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bert.corpus import (
-    CorpusConfig,
-    InputFile,
-    ReadStats,
-    expand_inputs,
-    probe_file,
-)
+from bert import storage
+from bert.corpus import CorpusConfig, InputFile, ReadStats, expand_inputs, probe_file
 from bert.errors import InputError
-from bert.fsutil import sha256_file, write_json_atomic
-from bert.pretraining_data import (
-    PretrainingDataConfig,
-)
+from bert.fsutil import sha256_file
+from bert.pretraining_data import PretrainingDataConfig
 from bert.pretraining_masking import SpecialTokens
 from bert.shards import FORMAT, MANIFEST, TOKENIZER_DIR, example_schema
-from pipelines.jobs.shard_tasks import (
-    build_shard,
-    tokenize_block,
-)
+from pipelines.jobs.shard_tasks import build_parts, tokenize_files
 
 JOB = "shards build"  # the command, as the output rule names it
+JOB_FILE = "_job.json"  # written first: whose output this is, and its identity
+WORK = "_work"  # buckets and per-part rows while the build runs; removed when it is done
 SHARD_TEXT_BYTES = 32 << 20  # default shard size: about 32 MiB of text (~7M tokens), ~250 MB to build
 HISTOGRAM_BINS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildOptions:
+    """How a build runs (not what it computes: no byte of the output depends on these)."""
+
+    num_workers: int | None = None  # concurrent Ray Data tasks; None: the machine's physical cores
+    files_per_task: int | None = None  # input files per tokenize task (Ray Data block); None: from the corpus
+
+    def __post_init__(self) -> None:
+        for name in ("num_workers", "files_per_task"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InputError(f"{name} must be >= 1 (or unset), got {value}")
+
+
 def text_bytes(file: InputFile) -> int:
     """A file's text size, estimated without reading it.
 
     A gzip file's size is taken from its trailer (the uncompressed size modulo 4 GiB); a
     parquet file's text is estimated at three times its size.
     """
-    size = file.path.stat().st_size
-    with open(file.path, "rb") as fh:
+    fs, path = storage.resolve(file.path)
+    with fs.open_input_file(path) as fh:
+        size = fh.size()
         magic = fh.read(2)
         if magic == b"\x1f\x8b" and size >= 18:
-            fh.seek(-4, os.SEEK_END)
+            fh.seek(size - 4)
             size = max(size, struct.unpack("<I", fh.read(4))[0])
-    return size * 3 if file.path.name.lower().endswith(".parquet") else size
+    return size * 3 if file.basename.lower().endswith(".parquet") else size
 
 
-def default_num_shards(files: Sequence[InputFile]) -> int:
-    """One shard per `SHARD_TEXT_BYTES` of text, estimated from the files without reading them."""
-    return max(1, math.ceil(sum(map(text_bytes, files)) / SHARD_TEXT_BYTES))
+def default_num_shards(sizes: Sequence[int]) -> int:
+    """One shard per `SHARD_TEXT_BYTES` of text."""
+    return max(1, math.ceil(sum(sizes) / SHARD_TEXT_BYTES))
 
 
-def file_blocks(sizes: Sequence[int], blocks: int) -> list[range]:
-    """The file list cut into at most `blocks` contiguous runs of about equal text size (none empty)."""
-    blocks = max(1, min(blocks, len(sizes)))
-    total = sum(sizes) or 1
-    runs: list[range] = []
-    start, seen = 0, 0
-    for i, size in enumerate(sizes):
-        seen += size
-        left = len(sizes) - i - 1  # files after this one
-        if len(runs) < blocks - 1 and (seen * blocks >= total * (len(runs) + 1) or left == blocks - 1 - len(runs)):
-            runs.append(range(start, i + 1))
-            start = i + 1
-    if start < len(sizes):
-        runs.append(range(start, len(sizes)))
-    return runs
+def default_files_per_task(sizes: Sequence[int], cpus: int) -> int:
+    """Input files per tokenize task: a few tasks per CPU, and none above about a shard's worth of text.
+
+    Fewer, larger tasks mean fewer bucket files (tasks x shards); more tasks keep every CPU busy to the end.
+    """
+    tasks = max(4 * cpus, math.ceil(sum(sizes) / SHARD_TEXT_BYTES))
+    return max(1, math.ceil(len(sizes) / tasks))
 
 
 def load_tokenizer(path: str | os.PathLike[str], lowercase: bool = True) -> Any:
@@ -136,48 +148,145 @@ def build_shards(
     *,
     lowercase: bool = True,
     num_workers: int | None = None,
-    read_blocks: int | None = None,
+    files_per_task: int | None = None,
 ) -> dict[str, Any]:
-    """Build the shards dir `out` from the corpus paths; returns the manifest.
+    """Build the shards dir `out` (a local path or an object-store URI) from the corpus; returns the manifest.
 
-    `num_workers` caps the concurrent Ray tasks of each pass (None: as many as Ray has CPUs)
-    and `read_blocks` the number of runs of consecutive files the tokenize pass is cut into,
-    one task each (None: four per Ray CPU, or one per `SHARD_TEXT_BYTES` of text if that is
-    more); neither changes a byte of the output. `out` obeys the output rule (`pipelines.outdir`):
-    it must not exist nor overlap an input, it is locked while the build runs, built in a
-    temporary sibling and renamed into place; a killed run's temporaries are removed.
+    `num_workers` caps the concurrent Ray Data tasks (None: the physical cores of a one-machine
+    runtime, else every Ray CPU) and `files_per_task` the input files a tokenize task reads
+    (None: a few tasks per CPU); neither changes a byte of the output. `out` obeys the output
+    rule of the module docstring.
 
     Raises `InputError` before any work (Ray is not even started) for a missing corpus or
-    tokenizer path, an existing or overlapping `out`, or a corpus whose files are all empty
-    or binary; and, naming the file, for a corrupt or truncated input (unless
-    `corpus_config.skip_unreadable`) or a corpus that yields no token at all.
+    tokenizer path, an `out` that is neither new nor this build's unfinished run, an output
+    overlapping an input, or a corpus whose files are all empty or binary; and, naming the
+    file, for a corrupt or truncated input (unless `corpus_config.skip_unreadable`) or a
+    corpus that yields no token at all.
     """
-    from pipelines.outdir import atomic_output, check_disjoint, check_new_output
-    from pipelines.ray_runtime import ensure_ray
+    from pipelines.lease import acquire
+    from pipelines.outdir import check_disjoint
 
+    options = BuildOptions(num_workers, files_per_task)
     files = expand_inputs(corpus, corpus_config)
     tok = load_tokenizer(tokenizer, lowercase=lowercase)
-    out = Path(out)
-    inputs = [*corpus, tokenizer]
-    check_disjoint(out, inputs, "output")
-    check_new_output(out, JOB)
+    out = os.fspath(out) if storage.is_remote(out) else str(Path(out).absolute())
+    check_disjoint(out, [*corpus, tokenizer], "output")
+    sizes = [text_bytes(f) for f in files]
+    config = dataclasses.replace(config, num_shards=config.num_shards or default_num_shards(sizes))
+    identity = _identity(files, sizes, tok, config, corpus_config)
+    _check_output(out, identity)
     _check_some_text(files)
-    num_shards = config.num_shards or default_num_shards(files)
-    config = dataclasses.replace(config, num_shards=num_shards)
-    special = SpecialTokens.of(tok)
-
-    with atomic_output(out, JOB, inputs=inputs) as tmp:
-        ensure_ray()  # the caller's runtime if there is one, else RAY_ADDRESS's cluster or a local one
-        tok.save(tmp / TOKENIZER_DIR)
-        buckets = tmp / "_buckets"
-        buckets.mkdir()
-        file_rows = _run_tokenize_pass(files, tmp / TOKENIZER_DIR, buckets, config, corpus_config, num_workers, read_blocks)
-        _check_tokenize_pass(file_rows)
-        shard_rows = _run_build_pass(buckets, tmp, config, special, num_workers)
-        shutil.rmtree(buckets)
-        manifest = _manifest(config, corpus_config, tok, tmp / TOKENIZER_DIR, file_rows, shard_rows)
-        write_json_atomic(tmp / MANIFEST, manifest)
+    with acquire(out, job=JOB) as lease:
+        resuming = _check_output(out, identity)  # again, holding the lease: another run may have come first
+        if not resuming:
+            lease.commit(storage.join(out, JOB_FILE), {"job": JOB, "identity": identity})
+        with _removed_unless_resumable(out, lease):
+            manifest = _build(files, sizes, tok, out, config, corpus_config, options)
+            storage.remove(storage.join(out, WORK, "buckets"))
+            lease.commit(storage.join(out, MANIFEST), manifest)  # last: the output is complete
+        storage.remove(storage.join(out, WORK))
     return manifest
+
+
+def _build(files: Sequence[InputFile], sizes: Sequence[int], tok: Any, out: str, config: PretrainingDataConfig,
+           corpus_config: CorpusConfig, options: BuildOptions) -> dict[str, Any]:
+    """Both passes into `out` (resuming what a killed run finished); returns the manifest."""
+    from pipelines.ray_runtime import ensure_ray
+
+    ensure_ray()  # the caller's runtime if there is one, else RAY_ADDRESS's cluster or a local one
+    tokenizer_dir = _save_tokenizer(tok, out)
+    work = storage.join(out, WORK)
+    with _quiet_ray_data():
+        file_rows = _tokenized(work)
+        if file_rows is None:
+            buckets = str(storage.join(work, "buckets", uuid.uuid4().hex[:12]))  # this attempt's
+            file_rows = _run_tokenize_pass(files, sizes, tok, buckets, config, corpus_config, options)
+            _check_tokenize_pass(file_rows)
+            storage.write_json(storage.join(work, "tokenized.json"), {"buckets": buckets, "files": file_rows})
+        _check_tokenize_pass(file_rows)
+        buckets = storage.read_json(storage.join(work, "tokenized.json"))["buckets"]
+        shard_rows = _run_build_pass(buckets, work, out, config, SpecialTokens.of(tok), options)
+    return _manifest(config, corpus_config, tok, tokenizer_dir, file_rows, shard_rows)
+
+
+def _identity(files: Sequence[InputFile], sizes: Sequence[int], tok: Any, config: PretrainingDataConfig,
+              corpus_config: CorpusConfig) -> dict[str, Any]:
+    """What defines this build's output: a run with the same identity may resume it."""
+    return {
+        "config": dataclasses.asdict(config),
+        "corpus_config": dataclasses.asdict(corpus_config),
+        "inputs": [[f.name, size] for f, size in zip(files, sizes)],
+        "tokenizer_sha256": tok.fingerprint(),
+        "lowercase": getattr(tok, "lowercase", None),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the output rule
+
+
+def _check_output(out: str, identity: dict[str, Any]) -> bool:
+    """Refuse `out` unless it is absent or an unfinished run of this build with `identity`; True if it is one."""
+    from pipelines.lease import LEASE_FILE
+    from pipelines.outdir import LOCK_FILE, WRITERS_FILE, describe, identity_digest
+
+    local = storage.local_path(out)
+    if local is not None and (local.is_symlink() and not local.exists()):
+        raise InputError(f"{out} already exists and holds a dangling link; `bertflow {JOB}` writes only a new output: "
+                         "choose another path (nothing was changed)")
+    kind = storage.info(out).type
+    if kind == storage.pafs.FileType.NotFound:
+        return False
+    if kind == storage.pafs.FileType.File:
+        raise InputError(f"{out} already exists and is a file; choose another path (nothing was changed)")
+    names = [n for n in storage.list_dir(out) if n not in (LEASE_FILE, LOCK_FILE, WRITERS_FILE)]
+    if not names:
+        return False
+    held = (f"a finished `bertflow {JOB}` output ({MANIFEST})" if MANIFEST in names and JOB_FILE in names
+            else describe(local) if local is not None else f"{len(names)} entries ({', '.join(names[:5])})")
+    if MANIFEST in names or JOB_FILE not in names:
+        raise InputError(f"{out} already exists and holds {held}; `bertflow {JOB}` writes only a new output or "
+                         "resumes its own unfinished run: choose another path (nothing was changed)")
+    recorded = storage.read_json(storage.join(out, JOB_FILE))
+    if recorded.get("job") != JOB:
+        raise InputError(f"{out} holds a `bertflow {recorded.get('job')}` run, not a `bertflow {JOB}` run; "
+                         "choose another path (nothing was changed)")
+    if identity_digest(recorded.get("identity", {})) != identity_digest(identity):
+        theirs = recorded.get("identity", {})
+        changed = ", ".join(k for k in sorted(set(identity) | set(theirs)) if theirs.get(k) != identity.get(k))
+        raise InputError(f"{out} holds an unfinished `bertflow {JOB}` run with other settings ({changed} differ); "
+                         "re-run with the same settings to resume it, or choose another path (nothing was changed)")
+    return True
+
+
+@contextlib.contextmanager
+def _removed_unless_resumable(out: str, lease: Any) -> Iterator[None]:
+    """Remove the output if the build fails on bad input, or stops before pass 1 finished (nothing to resume).
+
+    A build killed outright cannot clean up: its re-run resumes or restarts it (module docstring).
+    """
+    from pipelines.lease import clear_unfinished
+
+    try:
+        yield
+    except BaseException as exc:
+        if isinstance(exc, InputError) or not storage.exists(storage.join(out, WORK, "tokenized.json")):
+            with contextlib.suppress(Exception):  # the error in hand is the one to report
+                clear_unfinished(lease)
+                if storage.local_path(out) is not None:
+                    storage.remove(out)
+        raise
+
+
+def _save_tokenizer(tok: Any, out: str) -> Path:
+    """The tokenizer into `<out>/tokenizer`; returns a local copy of it (for the manifest's checksums)."""
+    target = storage.join(out, TOKENIZER_DIR)
+    if not storage.is_remote(out):
+        return tok.save(target)
+    local = Path(tempfile.mkdtemp(prefix="bertflow-tokenizer-")) / TOKENIZER_DIR
+    tok.save(local)
+    storage.upload_dir(local, target)
+    return local
 
 
 def _check_some_text(files: Sequence[InputFile]) -> None:
@@ -203,7 +312,7 @@ def _check_tokenize_pass(file_rows: list[dict[str, Any]]) -> None:
     if sum(r["tokens"] for r in file_rows) == 0:
         raise InputError(
             f"no text in the corpus: {len(file_rows)} file(s) gave no token "
-            f"({_name_list([InputFile(Path(r['path']), r['name']) for r in file_rows], [_why_empty(r) for r in file_rows])}); "
+            f"({_name_list([InputFile(r['path'], r['name']) for r in file_rows], [_why_empty(r) for r in file_rows])}); "
             "expected one-sentence-per-line text, WikiExtractor, JSONL or parquet files (.gz too)"
         )
 
@@ -222,57 +331,108 @@ def skipped_files(manifest: dict[str, Any]) -> dict[str, list[str]]:
     return {k: list(v) for k, v in manifest.get("skipped_files", {}).items() if v}
 
 
-def _map_tasks(fn: Any, items: Sequence[dict[str, Any]], num_workers: int | None, **kwargs: Any) -> list[Any]:
-    """`fn(item, **kwargs)` for every item as Ray tasks of one CPU, at most `num_workers` (None: all CPUs) at a time.
+# ---------------------------------------------------------------------------------------------
+# the two passes on Ray Data
 
-    Plain tasks, not Ray Data: each task reads and writes its own files and returns a small
-    dict, so Ray Data's executor, stats and autoscaling actors would add only their start-up
-    (about 10 CPU seconds and as many wall seconds per build on 2 cores) and nothing else.
+
+def default_num_workers() -> int:
+    """Concurrent tasks: the physical cores when Ray runs on this machine alone, else every Ray CPU.
+
+    A local runtime is given more logical CPUs than the machine has cores (Ray Data and Ray Train
+    wait on each other otherwise); CPU-bound tasks beyond the cores only take turns.
     """
     import ray
 
-    task = ray.remote(num_cpus=1)(fn)
-    limit = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    shared = {k: ray.put(v) for k, v in kwargs.items()}
-    pending: list[Any] = []
-    results: list[Any] = []
-    for item in items:
-        if len(pending) >= limit:
-            done, pending = ray.wait(pending, num_returns=1)
-            results += ray.get(done)
-        pending.append(task.remote(item, **shared))
-    return results + ray.get(pending)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) == 1 and nodes[0].get("NodeID") == ray.get_runtime_context().get_node_id():
+        return min(cpus, len(os.sched_getaffinity(0)))
+    return cpus
 
 
-def _run_tokenize_pass(
-    files: Sequence[InputFile],
-    tokenizer_dir: Path,
-    buckets: Path,
-    config: PretrainingDataConfig,
-    corpus_config: CorpusConfig,
-    num_workers: int | None,
-    read_blocks: int | None,
-) -> list[dict[str, Any]]:
+@contextlib.contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """No progress bars or per-execution banners from Ray Data on the command's terminal (restored after)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    saved = ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats
+    ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats = False, False, False
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.enable_auto_log_stats = saved
+
+
+def _tokenized(work: str | Path) -> list[dict[str, Any]] | None:
+    """The file rows of a finished pass 1 of an earlier attempt, or None."""
+    marker = storage.join(work, "tokenized.json")
+    return storage.read_json(marker)["files"] if storage.exists(marker) else None
+
+
+def _stored_bytes_source(paths: list[str], fs: Any) -> Any:
+    """`read_binary_files`' datasource (rows `bytes`, `path`), reading each file's bytes as stored.
+
+    `read_binary_files` decompresses a `.gz` file by its name, with no way to say no (a
+    `compression` of None means "infer"). The build needs the stored bytes: their sha256 is the
+    input's fingerprint in the manifest, and `bert.corpus` tells gzip by its magic bytes and
+    names a truncated file (keeping what precedes the fault with `--skip-unreadable`).
+    """
+    from ray.data._internal.datasource.binary_datasource import BinaryDatasource
+
+    class StoredBytes(BinaryDatasource):
+        def resolve_compression(self, path: str, open_args: dict[str, Any]) -> None:
+            return None
+
+    return StoredBytes(paths, filesystem=fs, include_paths=True)
+
+
+def _run_tokenize_pass(files: Sequence[InputFile], sizes: Sequence[int], tok: Any, buckets: str,
+                       config: PretrainingDataConfig, corpus_config: CorpusConfig,
+                       options: BuildOptions) -> list[dict[str, Any]]:
     import ray
 
-    if read_blocks is None:  # a few tasks per CPU, and no more than one per shard's worth of text
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        read_blocks = max(4 * cpus, math.ceil(sum(map(text_bytes, files)) / SHARD_TEXT_BYTES))
-    runs = file_blocks([text_bytes(f) for f in files], read_blocks)
-    items = [{"files": [{"file_index": i, "path": str(files[i].path), "name": files[i].name} for i in run]}
-             for run in runs]
-    blocks = _map_tasks(tokenize_block, items, num_workers, tokenizer_dir=str(tokenizer_dir), buckets=str(buckets),
-                        num_shards=config.num_shards, word_starts=config.whole_word_masking,
-                        corpus_config=corpus_config)
-    return sorted((file_row for block in blocks for file_row in block["files"]), key=lambda r: r["file_index"])
+    workers = options.num_workers or default_num_workers()
+    per_task = options.files_per_task or default_files_per_task(sizes, workers)
+    fs, _ = storage.resolve(files[0].path)
+    located = {storage.resolve(f.path)[1]: (i, f.name, os.fspath(f.path)) for i, f in enumerate(files)}
+    if len({type(storage.resolve(f.path)[0]) for f in files}) > 1:
+        raise InputError("the corpus mixes local files and object-store URIs: copy it to one place")
+    ds = ray.data.read_datasource(_stored_bytes_source(list(located), fs),
+                                  override_num_blocks=math.ceil(len(files) / per_task))
+    out_fs, buckets_path = storage.resolve(buckets)
+    ds = ds.map_batches(tokenize_files, batch_size=None, batch_format="pyarrow",
+                        compute=ray.data.TaskPoolStrategy(size=workers),
+                        fn_kwargs={"files": located, "tokenizer": tok, "fingerprint": tok.fingerprint(),
+                                   "filesystem": out_fs, "buckets": buckets_path, "num_shards": config.num_shards,
+                                   "word_starts": config.whole_word_masking, "corpus_config": corpus_config})
+    rows = [json.loads(r["result"]) for r in ds.take_all()]
+    return sorted(rows, key=lambda r: r["file_index"])
 
 
-def _run_build_pass(
-    buckets: Path, out: Path, config: PretrainingDataConfig, special: SpecialTokens, num_workers: int | None
-) -> list[dict[str, Any]]:
+def _run_build_pass(buckets: str, work: str | Path, out: str, config: PretrainingDataConfig, special: SpecialTokens,
+                    options: BuildOptions) -> list[dict[str, Any]]:
+    import ray
+
     assert config.num_shards is not None
-    rows = _map_tasks(build_shard, [{"shard": k} for k in range(config.num_shards)], num_workers,
-                      buckets=str(buckets), out=str(out), config=config, special=special)
+    done = {}
+    parts_dir = storage.join(work, "parts")
+    if storage.exists(parts_dir):  # a resumed build: the parts a killed run finished
+        names = {n.removesuffix(".json") for n in storage.list_dir(parts_dir)}
+        done = {row["shard"]: row for n in sorted(names) if storage.exists(storage.join(out, n))
+                for row in [storage.read_json(storage.join(parts_dir, n + ".json"))]}
+    todo = [k for k in range(config.num_shards) if k not in done]
+    rows = list(done.values())
+    if todo:
+        fs, out_path = storage.resolve(out)
+        workers = options.num_workers or default_num_workers()
+        ds = ray.data.from_items([{"shard": k} for k in todo], override_num_blocks=len(todo))
+        ds = ds.map_batches(build_parts, batch_size=1, batch_format="pyarrow",
+                            compute=ray.data.TaskPoolStrategy(size=min(workers, len(todo))),
+                            fn_kwargs={"filesystem": fs, "buckets": storage.resolve(buckets)[1],
+                                       "parts": storage.resolve(parts_dir)[1], "out": out_path, "config": config,
+                                       "special": special})
+        rows += [json.loads(r["result"]) for r in ds.take_all()]
     return sorted(rows, key=lambda r: r["shard"])
 
 
