@@ -379,9 +379,11 @@ def main() -> None:
         return
 
     load_before = load_average()
-    bound = run_child(["--child", "bound", *files], ONE_THREAD)
+    # the large run: the bound on part of the text (each build has its own nearby bound too)
+    bound_files = files or (["--files", str(NEARBY_FILES)] if args.scale else [])
+    bound = run_child(["--child", "bound", *bound_files], ONE_THREAD)
     big_scale = args.scale or args.big_scale
-    levers = run_child(["--child", "levers", *files], ONE_THREAD)
+    levers = None if args.scale else run_child(["--child", "levers", *files], ONE_THREAD)
     # 1 worker; 4 (one per Ray CPU, the default before, beside the physical cores' default); ours and the
     # peer's alternating, so the machine's drift falls on both
     plan = [] if args.skip_scaling or args.scale else [(1, 1, ROOT), (1, max(4, os.cpu_count() or 1), ROOT)]

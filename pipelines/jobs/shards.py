@@ -35,10 +35,10 @@ Ray Data streams pass 1 with backpressure; the blocks in its object store are fi
 The output rule: `out` must be absent, or an unfinished run of this job with the same identity
 (config, inputs' names and sizes, tokenizer), which the build resumes; anything else (a finished
 shards dir, another job's output, files bertflow did not write) is refused before any work,
-naming what it holds. One writer at a time: the lease of `pipelines.lease` (a local `flock`
-beside the output, or `_lease.json` with a fencing generation on S3). `_job.json` is written
-first, `_manifest.json` last, through the lease's fence: the output is complete only when the
-manifest exists. A resumed run keeps pass 1 if it finished (`_work/tokenized.json` names its
+naming what it holds. The claim is every job dir's (`pipelines.outdir.claim_dir`): one writer
+at a time (a local `flock`, or on S3 `_lease.json` with a fencing generation), `_job.json`
+written first; `_manifest.json` last, through the lease's fence: the output is complete only
+when the manifest exists. A resumed run keeps pass 1 if it finished (`_work/tokenized.json` names its
 attempt's buckets) and every part already built (`_work/parts/<part>.json`), and builds the rest
 to the same bytes. Bad input is refused with a message naming the file, before Ray starts where
 a look at the files tells (all empty or binary), else after the tokenize pass (a corrupt or
@@ -72,7 +72,6 @@ from bert.shards import FORMAT, MANIFEST, TOKENIZER_DIR, example_schema
 from pipelines.jobs.shard_tasks import build_parts, tokenize_files
 
 JOB = "shards build"  # the command, as the output rule names it
-JOB_FILE = "_job.json"  # written first: whose output this is, and its identity
 WORK = "_work"  # buckets and per-part rows while the build runs; removed when it is done
 SHARD_TEXT_BYTES = 32 << 20  # default shard size: about 32 MiB of text (~7M tokens), ~250 MB to build
 HISTOGRAM_BINS = 16
@@ -163,23 +162,20 @@ def build_shards(
     file, for a corrupt or truncated input (unless `corpus_config.skip_unreadable`) or a
     corpus that yields no token at all.
     """
-    from pipelines.lease import acquire
-    from pipelines.outdir import check_disjoint
+    from pipelines.outdir import check_disjoint, claim_dir
 
     options = BuildOptions(num_workers, files_per_task)
     files = expand_inputs(corpus, corpus_config)
     tok = load_tokenizer(tokenizer, lowercase=lowercase)
-    out = os.fspath(out) if storage.is_remote(out) else str(Path(out).absolute())
-    check_disjoint(out, [*corpus, tokenizer], "output")
+    out = os.fspath(out).rstrip("/") if storage.is_remote(out) else str(Path(out).absolute())
+    inputs = [*corpus, tokenizer]
+    check_disjoint(out, inputs, "output")
     sizes = [text_bytes(f) for f in files]
     config = dataclasses.replace(config, num_shards=config.num_shards or default_num_shards(sizes))
-    identity = _identity(files, sizes, tok, config, corpus_config)
-    _check_output(out, identity)
+    _refuse_finished(out)
     _check_some_text(files)
-    with acquire(out, job=JOB) as lease:
-        resuming = _check_output(out, identity)  # again, holding the lease: another run may have come first
-        if not resuming:
-            lease.commit(storage.join(out, JOB_FILE), {"job": JOB, "identity": identity})
+    with claim_dir(out, JOB, _identity(files, sizes, tok, config, corpus_config), inputs) as (_, lease):
+        _refuse_finished(out)  # again, holding the claim: another run may have finished it meanwhile
         with _removed_unless_resumable(out, lease):
             manifest = _build(files, sizes, tok, out, config, corpus_config, options)
             storage.remove(storage.join(out, WORK, "buckets"))
@@ -225,38 +221,13 @@ def _identity(files: Sequence[InputFile], sizes: Sequence[int], tok: Any, config
 # the output rule
 
 
-def _check_output(out: str, identity: dict[str, Any]) -> bool:
-    """Refuse `out` unless it is absent or an unfinished run of this build with `identity`; True if it is one."""
-    from pipelines.lease import LEASE_FILE
-    from pipelines.outdir import LOCK_FILE, WRITERS_FILE, describe, identity_digest
-
-    local = storage.local_path(out)
-    if local is not None and (local.is_symlink() and not local.exists()):
-        raise InputError(f"{out} already exists and holds a dangling link; `bertflow {JOB}` writes only a new output: "
-                         "choose another path (nothing was changed)")
-    kind = storage.info(out).type
-    if kind == storage.pafs.FileType.NotFound:
-        return False
-    if kind == storage.pafs.FileType.File:
-        raise InputError(f"{out} already exists and is a file; choose another path (nothing was changed)")
-    names = [n for n in storage.list_dir(out) if n not in (LEASE_FILE, LOCK_FILE, WRITERS_FILE)]
-    if not names:
-        return False
-    held = (f"a finished `bertflow {JOB}` output ({MANIFEST})" if MANIFEST in names and JOB_FILE in names
-            else describe(local) if local is not None else f"{len(names)} entries ({', '.join(names[:5])})")
-    if MANIFEST in names or JOB_FILE not in names:
-        raise InputError(f"{out} already exists and holds {held}; `bertflow {JOB}` writes only a new output or "
+def _refuse_finished(out: str) -> None:
+    """Refuse a finished shards dir (even of the same settings): a build writes a new output, or resumes its own
+    unfinished one (`pipelines.outdir.claim_dir` refuses everything else, naming what it holds)."""
+    if storage.is_file(out) or storage.is_file(storage.join(out, MANIFEST)):
+        what = "a file" if storage.is_file(out) else f"a finished `bertflow {JOB}` output ({MANIFEST})"
+        raise InputError(f"{out} already exists and holds {what}; `bertflow {JOB}` writes only a new output or "
                          "resumes its own unfinished run: choose another path (nothing was changed)")
-    recorded = storage.read_json(storage.join(out, JOB_FILE))
-    if recorded.get("job") != JOB:
-        raise InputError(f"{out} holds a `bertflow {recorded.get('job')}` run, not a `bertflow {JOB}` run; "
-                         "choose another path (nothing was changed)")
-    if identity_digest(recorded.get("identity", {})) != identity_digest(identity):
-        theirs = recorded.get("identity", {})
-        changed = ", ".join(k for k in sorted(set(identity) | set(theirs)) if theirs.get(k) != identity.get(k))
-        raise InputError(f"{out} holds an unfinished `bertflow {JOB}` run with other settings ({changed} differ); "
-                         "re-run with the same settings to resume it, or choose another path (nothing was changed)")
-    return True
 
 
 @contextlib.contextmanager
