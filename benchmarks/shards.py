@@ -35,7 +35,7 @@ disk (its memory summary), `output_bytes`: the part files' bytes.
 `fraction_of_bound`: the build's corpus tokens per second per core (default workers, 1x) over
 the bound's tokens per second; by wall time (what a user waits for, hurt by anything else the
 machine runs) and by CPU time (the work the build does per token). As a shared machine's speed
-drifts, the bound is also measured on the first 20 files just before and just after each
+drifts, the bound is also measured on the first 5 files just before and just after each
 build (`bound_nearby_tokens_per_s`, their mean), and each build's `fraction_of_nearby_bound`
 is against it. `scale_big`: the 10x (or Nx)
 build's wall time and peak PSS over the 1x build's. The machine's load average is recorded
@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("BERTFLOW_DATASETS", ROOT.parent / "shared" / "datasets"))
 WIKI = DATASETS / "wikipedia_en_extract" / "AA"
 VOCAB = DATASETS / "bert-base-uncased" / "vocab.txt"
-NEARBY_FILES = 20  # the text of the bound measured just before and after each build
+NEARBY_FILES = 5  # the text of the bound measured just before and after each build (encode_batch_fast, once)
 BEFORE_TODAY = {"issue": 16, "tokens_per_s_per_core": 85_000, "fraction_of_bound": 0.2,
                 "note": "the build before this work, measured on a quiet 2-core machine (issue #16)"}
 
@@ -150,17 +150,22 @@ def body_lines(files: list[Path]) -> list[str]:
     return lines
 
 
-def child_bound(files: int | None) -> dict:
-    """Tokens per second of the `tokenizers` WordPiece alone, one thread (run with the env set by the parent)."""
+def child_bound(files: int | None, quick: bool = False) -> dict:
+    """Tokens per second of the `tokenizers` WordPiece alone, one thread (run with the env set by the parent).
+
+    `quick` (the bound measured around each build): `encode_batch_fast` only, once."""
     sys.path.insert(0, str(ROOT))
     from bert.tokenizer import Tokenizer
 
     library = Tokenizer.from_vocab_file(VOCAB)._backend._library  # the very pipeline the build runs
     lines = body_lines(sorted(WIKI.glob("wiki_*.gz"))[:files])
     result = {"lines": len(lines), "characters": sum(map(len, lines))}
-    for name, call in (("encode_batch", library.encode_batch), ("encode_batch_fast", library.encode_batch_fast)):
+    calls = [("encode_batch_fast", library.encode_batch_fast)]
+    if not quick:
+        calls.insert(0, ("encode_batch", library.encode_batch))
+    for name, call in calls:
         best_wall = best_cpu = float("inf")
-        for _ in range(2):
+        for _ in range(1 if quick else 2):
             wall, cpu = time.perf_counter(), time.process_time()
             tokens = sum(len(e.ids) for e in call(lines, add_special_tokens=False))
             best_wall = min(best_wall, time.perf_counter() - wall)
@@ -319,7 +324,7 @@ ONE_THREAD = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
 def measured_build(scale: int, workers: int | None, files: list[str], root: Path, dupe_factor: int,
                    workdir: Path | None) -> dict:
     """One build in a fresh process, with the bound measured on part of the text just before and after it."""
-    nearby = ["--files", str(min(int(files[1]) if files else NEARBY_FILES, NEARBY_FILES))]
+    nearby = ["--files", str(min(int(files[1]) if files else NEARBY_FILES, NEARBY_FILES)), "--quick"]
     before = run_child(["--child", "bound", *nearby], ONE_THREAD)
     with tempfile.TemporaryDirectory(prefix="bertflow-bench-shards-", dir=workdir) as tmp:
         extra = [] if workers is None else ["--workers", str(workers)]
@@ -362,16 +367,17 @@ def main() -> None:
     parser.add_argument("--dupe-factor", type=int, default=5, help="examples per sentence pass (default: 5)")
     parser.add_argument("--workdir", type=Path, default=None, help="where corpora and shards go (default: $TMPDIR)")
     parser.add_argument("--child", choices=("bound", "build", "levers"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     files = [] if args.files is None else ["--files", str(args.files)]
     if args.child == "bound":
-        print(json.dumps(child_bound(args.files)))
+        print(json.dumps(child_bound(args.files, args.quick)))
         return
     if args.child == "levers":
-        print(json.dumps(child_levers(args.files or NEARBY_FILES)))
+        print(json.dumps(child_levers(args.files or 20)))
         return
     if args.child == "build":
         print(json.dumps(child_build(args.scale, args.workers, args.files, args.workdir, args.root,
@@ -380,7 +386,7 @@ def main() -> None:
 
     load_before = load_average()
     # the large run: the bound on part of the text (each build has its own nearby bound too)
-    bound_files = files or (["--files", str(NEARBY_FILES)] if args.scale else [])
+    bound_files = files or (["--files", "20"] if args.scale else [])
     bound = run_child(["--child", "bound", *bound_files], ONE_THREAD)
     big_scale = args.scale or args.big_scale
     levers = None if args.scale else run_child(["--child", "levers", *files], ONE_THREAD)
