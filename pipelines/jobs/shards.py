@@ -55,6 +55,7 @@ import math
 import os
 import struct
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -193,16 +194,28 @@ def _build(files: Sequence[InputFile], sizes: Sequence[int], tok: Any, out: str,
     tokenizer_dir = _save_tokenizer(tok, out)
     work = storage.join(out, WORK)
     with _quiet_ray_data():
+        start = time.monotonic()
         file_rows = _tokenized(work)
         if file_rows is None:
             buckets = str(storage.join(work, "buckets", uuid.uuid4().hex[:12]))  # this attempt's
             file_rows = _run_tokenize_pass(files, sizes, tok, buckets, config, corpus_config, options)
             _check_tokenize_pass(file_rows)
             storage.write_json(storage.join(work, "tokenized.json"), {"buckets": buckets, "files": file_rows})
+            _say(f"tokenized {len(file_rows)} files, {sum(r['tokens'] for r in file_rows):,} tokens "
+                 f"in {time.monotonic() - start:.0f} s")
+        else:
+            _say(f"resuming {out}: its tokenize pass is kept ({len(file_rows)} files)")
         _check_tokenize_pass(file_rows)
         buckets = storage.read_json(storage.join(work, "tokenized.json"))["buckets"]
+        start = time.monotonic()
         shard_rows = _run_build_pass(buckets, work, out, config, SpecialTokens.of(tok), options)
+        _say(f"built {len(shard_rows)} parts, {sum(r['examples'] for r in shard_rows):,} examples "
+             f"in {time.monotonic() - start:.0f} s")
     return _manifest(config, corpus_config, tok, tokenizer_dir, file_rows, shard_rows)
+
+
+def _say(message: str) -> None:
+    print(f"[{JOB}] {message}", flush=True)
 
 
 def _identity(files: Sequence[InputFile], sizes: Sequence[int], tok: Any, config: PretrainingDataConfig,
@@ -394,6 +407,8 @@ def _run_build_pass(buckets: str, work: str | Path, out: str, config: Pretrainin
                 for row in [storage.read_json(storage.join(parts_dir, n + ".json"))]}
     todo = [k for k in range(config.num_shards) if k not in done]
     rows = list(done.values())
+    if done:
+        _say(f"{len(done)} of {config.num_shards} parts kept from the killed run")
     if todo:
         fs, out_path = storage.resolve(out)
         workers = options.num_workers or default_num_workers()
