@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -206,12 +207,25 @@ def _tokenizers_on_this_thread() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
 
 
+_encoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its encoder (one vocabulary scan)
+
+
 def _library_encoder(tokenizer: Any) -> _LibraryEncoder | None:
-    """The fast path for a WordPiece `bert.tokenizer.Tokenizer`, else None.
+    """The fast path for a WordPiece `bert.tokenizer.Tokenizer`, else None; built once per tokenizer.
 
     `bert.tokenizer` has no public call for ids alone, so this reaches its library object; if
     that changes shape, the public `encode_batch` is used.
     """
+    try:
+        if tokenizer in _encoders:
+            return _encoders[tokenizer]
+    except TypeError:  # not weakly referable: build it each time
+        return _new_library_encoder(tokenizer)
+    encoder = _encoders[tokenizer] = _new_library_encoder(tokenizer)
+    return encoder
+
+
+def _new_library_encoder(tokenizer: Any) -> _LibraryEncoder | None:
     try:
         import tokenizers
     except ImportError:
