@@ -6,7 +6,9 @@ conditional PUT and keeps fresh while it runs:
 * **acquire**: `PUT _lease.json` with `If-None-Match: *` — S3 creates it only if no such object
   exists, atomically across all clients. If one exists, it is read: while it is live (not released,
   and the server's clock, the `Date` of the response, is before its `Last-Modified` + ttl + 1 s),
-  the second writer is refused with a message naming the holder, having written nothing. An expired
+  the second writer is refused with a message naming the holder, having written nothing — unless
+  the holder is a process of this very machine that no longer exists (a driver killed here: its
+  pid is gone), whose lease is taken over at once, as the kernel frees a dead holder's flock. An expired
   or released lease is taken over with `If-Match: <its ETag>` and its generation + 1: of two
   writers racing for it, one PUT matches and the other gets 412 and is refused.
 * **renew**: a background thread rewrites the lease every ttl / 4 with `If-Match` on the ETag it
@@ -133,6 +135,21 @@ def _read(s3, uri: str) -> tuple[dict[str, Any], str, bool] | None:
     return lease, response["ETag"], live
 
 
+def _holder_died_here(lease: dict[str, Any]) -> bool:
+    """True when the lease names a process of this machine that no longer exists: a driver killed here, whose
+    lease may be taken over at once instead of after its expiry (as the kernel frees a dead holder's flock).
+    Its Ray workers may outlive it for a moment; the generation's fence stops any commit of theirs."""
+    if lease.get("host") != socket.gethostname() or not isinstance(lease.get("pid"), int):
+        return False
+    try:
+        os.kill(lease["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by another user
+        return False
+    return False
+
+
 @dataclass(frozen=True)
 class Fence:
     """The fencing token of a held lease, for the processes that commit on its holder's behalf.
@@ -213,7 +230,7 @@ class S3Lease:
             if found is None:
                 continue  # released and deleted by hand in between: try to create it again
             lease, etag, live = found
-            if live:
+            if live and not _holder_died_here(lease):
                 raise self._refusal(lease)
             self.generation = int(lease.get("generation", 0)) + 1
             try:

@@ -5,6 +5,10 @@ client), pipelines/lease.py (boto3) and MLflow's S3 artifact repository (boto3),
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,12 +19,15 @@ from safetensors.torch import load_file
 
 from bert import storage
 from bert.errors import InputError
+from bert.pretrain import TrainState
+from cli_helpers import wait_for
 from pipelines.jobs.configs import PretrainConfig
 from pipelines.jobs.pretrain import latest_checkpoint, run_pretraining
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
 
-TINY = dict(model="tiny", num_workers=2, global_batch_size=16, micro_batch_size=4, warmup_steps=2,
+TINY = dict(model="tiny", num_workers=1, global_batch_size=16, micro_batch_size=4, warmup_steps=2,
             learning_rate=1e-3, log_every=2, checkpoint_every=100, max_steps=4, precision="fp32")
 
 
@@ -43,34 +50,47 @@ def s3_weights(uri: str) -> dict[str, torch.Tensor]:
     return load_safetensors(storage.read_bytes(storage.join(uri, "checkpoint", "model.safetensors")))
 
 
-def test_pretraining_stopped_and_resumed_on_s3_ends_bit_identical_to_an_uninterrupted_run_on_disk(
-        small_shards, s3_shards, s3_uri, s3_server, tmp_path):
-    full = run_pretraining(PretrainConfig(**TINY, shards=str(small_shards), out=str(tmp_path / "full")))
-    assert full["complete"] and full["step"] == 4
+def test_pretraining_killed_and_resumed_on_s3_ends_bit_identical_to_an_uninterrupted_run_on_disk(
+        ray_local, small_shards, s3_shards, s3_uri, s3_server, tmp_path):
+    """A driver SIGKILLed mid-run (shards and --out on the store), re-run: it takes its own dead lease over at once,
+    removes the torn save, resumes from the newest complete checkpoint and ends with the weights of a run on disk."""
+    steps = dict(TINY, max_steps=24, checkpoint_every=2, log_every=2)
+    full = run_pretraining(PretrainConfig(**steps, shards=str(small_shards), out=str(tmp_path / "full")))
+    assert full["complete"] and full["step"] == 24
 
     out = f"{s3_uri}/resumed"
-    first = run_pretraining(PretrainConfig(**TINY, shards=s3_shards, out=out, stop_at_step=2))
-    assert not first["complete"] and first["step"] == 2
-    assert not storage.exists(storage.join(out, "checkpoint")) and not storage.exists(storage.join(out, "_manifest.json"))
-    # a save killed half-way: the weights of step 3 uploaded (and cut short), its run-state record never
-    torn = storage.join(out, "_ray", "train", "step-00000003")
-    storage.write_bytes(storage.join(torn, "model.safetensors"), b"\0" * 1000)
-    assert latest_checkpoint(out).endswith("step-00000002")  # never taken for a checkpoint
+    args = ["pretrain", "--shards", s3_shards, "--out", out, *(f"--{k.replace('_', '-')}={v}" for k, v in steps.items())]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "killed.log"
+    with open(log, "w") as f:
+        driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], env=env, stdout=f,
+                                  stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: latest_checkpoint(out) is not None or driver.poll() is not None, 600, "a checkpoint on S3")
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    killed_at = TrainState.read(latest_checkpoint(out)).step
+    assert 2 <= killed_at < 24, log.read_text()[-3000:]
+    assert not storage.exists(f"{out}/checkpoint") and not storage.exists(f"{out}/_manifest.json")
+    # a save killed half-way: weights uploaded (cut short), the run-state record never
+    torn = f"{out}/_ray/train/step-00000023"
+    storage.write_bytes(f"{torn}/model.safetensors", b"\0" * 1000)
+    assert latest_checkpoint(out) != torn  # never taken for a checkpoint
 
-    second = run_pretraining(PretrainConfig(**TINY, shards=s3_shards, out=out, stop_at_step=2))
-    assert second["complete"] and second["step"] == 4
-    assert not storage.exists(torn)  # cleaned by the run that resumed
+    resumed = run_pretraining(PretrainConfig(**steps, shards=s3_shards, out=out))
+    assert resumed["complete"] and resumed["step"] == 24
+    assert not storage.exists(torn)  # removed by the run that resumed
     a, b = load_file(tmp_path / "full" / "checkpoint" / "model.safetensors"), s3_weights(out)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    manifest = storage.read_json(storage.join(out, "_manifest.json"))  # written last
-    assert manifest["checkpoint"] == f"{out}/checkpoint" and manifest["step"] == 4
-    keys = s3_server.keys(out.split("/", 3)[3])
+    manifest = storage.read_json(f"{out}/_manifest.json")  # written last
+    assert manifest["checkpoint"] == f"{out}/checkpoint" and manifest["step"] == 24
+    keys = _tree(s3_server, out)
     assert f"{out.split('/', 3)[3]}/checkpoint/train_state.json" in keys
     assert any("/mlartifacts/" in k and k.endswith("model.safetensors") for k in keys)  # MLflow's copy, on the store
-    # a finished run is found finished on the store: nothing is done
-    assert run_pretraining(PretrainConfig(**TINY, shards=s3_shards, out=out, stop_at_step=2))["step"] == 4
+    assert run_pretraining(PretrainConfig(**steps, shards=s3_shards, out=out))["step"] == 24  # finished: nothing done
 
 
 def test_finetune_from_an_s3_checkpoint_writes_its_outputs_and_mlflow_artifacts_to_s3_and_they_load_back(
@@ -86,8 +106,10 @@ def test_finetune_from_an_s3_checkpoint_writes_its_outputs_and_mlflow_artifacts_
 
     checkpoint = f"{s3_uri}/minilm"  # the Hugging Face layout, as published
     storage.upload_dir(minilm_dir, checkpoint)
+    data = f"{s3_uri}/data"  # the task's data dir, on the store too
+    storage.upload_dir(datasets_dir / "glue" / "SST-2", f"{data}/glue/SST-2")
     out = f"{s3_uri}/sst2"
-    config = FinetuneConfig(task="sst2", data=str(datasets_dir), checkpoint=checkpoint, out=out, epochs=1,
+    config = FinetuneConfig(task="sst2", data=data, checkpoint=checkpoint, out=out, epochs=1,
                             max_train_examples=48, max_eval_examples=32, batch_size=16, learning_rate=5e-5)
     result = run_finetune(config)
 

@@ -101,8 +101,10 @@ def preflight(config: FinetuneConfig) -> Prepared:
     with storage.named(config.checkpoint, checkpoint), storage.named(tokenizer_dir, tokenizer_copy):
         tokenizer, max_seq_length = finetune.check_model_inputs(checkpoint, tokenizer_copy, spec,
                                                                 config.max_seq_length, config.freeze_layers)
-    return finetune.prepare(spec, config.data, tokenizer, tokenizer_dir, max_seq_length,
-                            config.max_train_examples, config.max_eval_examples)
+    data = storage.local_copy(config.data, "inputs")  # a dataset dir on the store: read from a local copy
+    with storage.named(config.data, data):
+        return finetune.prepare(spec, data, tokenizer, tokenizer_dir, max_seq_length,
+                                config.max_train_examples, config.max_eval_examples)
 
 
 # ----------------------------------------------------------------------------- driver
