@@ -106,7 +106,8 @@ def test_a_bad_line_after_parts_were_written_publishes_nothing(ray_local, mrpc_c
 
 
 def test_bad_inputs_are_named_before_any_work(mrpc_checkpoint, datasets_dir, tmp_path):
-    """Missing file, missing column, ragged row, malformed first line, a parquet file without the column:
+    """Missing file, missing column, ragged row, malformed first line, bytes that are not UTF-8, a parquet file
+    without the column, no rows, an --out that exists or is the input:
     one line naming file and line, before Ray starts or anything is written."""
     mrpc_input(datasets_dir, tmp_path / "in.tsv", 5)
     out = tmp_path / "out"
@@ -127,6 +128,9 @@ def test_bad_inputs_are_named_before_any_work(mrpc_checkpoint, datasets_dir, tmp
     pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "in.parquet")
     with pytest.raises(InputError, match=r"in.parquet: row 1: no 'text_pair' column"):
         run(mrpc_checkpoint, tmp_path / "in.parquet", out)
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\u00e9", "text_pair": "b"}\n'.encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.jsonl:1: not UTF-8 text"):
+        run(mrpc_checkpoint, tmp_path / "latin1.jsonl", out)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(InputError, match=r"empty.jsonl: no rows to predict"):
         run(mrpc_checkpoint, tmp_path / "empty.jsonl", out)
@@ -136,7 +140,7 @@ def test_bad_inputs_are_named_before_any_work(mrpc_checkpoint, datasets_dir, tmp
         run(mrpc_checkpoint, tmp_path / "in.jsonl", out)
     with pytest.raises(InputError, match=r"--out .*in.tsv is also an input"):
         run(mrpc_checkpoint, tmp_path / "in.tsv", tmp_path / "in.tsv")
-    inputs = ["empty.jsonl", "in.csv", "in.jsonl", "in.parquet", "in.tsv"]
+    inputs = ["empty.jsonl", "in.csv", "in.jsonl", "in.parquet", "in.tsv", "latin1.jsonl"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [*inputs, "out"]
     assert (out / "notes.txt").read_text() == "mine"
 

@@ -52,31 +52,35 @@ def iter_rows(fs, path: str, label: str, fmt: str) -> Iterator[tuple[str, dict[s
     if fmt == "parquet":
         yield from _parquet_rows(fs, path, label)
         return
-    with _open_text(fs, path, label) as f:
-        last = ["0"]
-        try:
-            rows = _json_rows(f, label) if fmt == "jsonl" else _delimited_rows(f, label, fmt)
-            for where, row in rows:
-                last[0] = where
-                yield where, row
-        except UnicodeDecodeError:
-            raise InputError(f"{label}: not UTF-8 text (after {last[0]})") from None
+    with _open_binary(fs, path, label) as f:
+        lines = _decoded_lines(f, label)
+        yield from _json_rows(lines, label) if fmt == "jsonl" else _delimited_rows(lines, label, fmt)
 
 
 @contextlib.contextmanager
-def _open_text(fs, path: str, label: str) -> Iterator[io.TextIOWrapper]:
+def _open_binary(fs, path: str, label: str) -> Iterator[io.BufferedReader]:
     try:
         raw = fs.open_input_stream(path, compression="gzip" if path.endswith(".gz") else None)
     except FileNotFoundError:
         raise InputError(f"{label}: file not found") from None
     except (OSError, pa.ArrowException) as exc:
         raise InputError(f"{label}: cannot read: {' '.join(str(exc).split())[:300]}") from None
-    with io.TextIOWrapper(io.BufferedReader(raw, 1 << 20), encoding="utf-8-sig", newline="") as f:
+    with io.BufferedReader(raw, 1 << 20) as f:
         yield f
 
 
-def _json_rows(f, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    for line_no, line in enumerate(f, start=1):
+def _decoded_lines(f, label: str) -> Iterator[str]:
+    """The file's lines as text, decoded one by one so that bytes that are not UTF-8 are named by line."""
+    for line_no, raw in enumerate(f, start=1):
+        try:
+            yield raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{label}:{line_no}: not UTF-8 text ({exc.reason} at byte {exc.start} of the line)") \
+                from None
+
+
+def _json_rows(lines: Iterator[str], label: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -88,9 +92,9 @@ def _json_rows(f, label: str) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"{label}:{line_no}", row
 
 
-def _delimited_rows(f, label: str, fmt: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def _delimited_rows(lines: Iterator[str], label: str, fmt: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """TSV as GLUE writes it (no quoting: a quote is text) or CSV (quoted fields); the first line names the columns."""
-    reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.reader(f)
+    reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.reader(lines)
     kind = "tab-separated" if fmt == "tsv" else "comma-separated"
     try:
         header = next(reader, None)
