@@ -213,3 +213,36 @@ def test_a_truncated_checkpoint_object_is_named_by_its_uri(datasets_dir, minilm_
                             max_train_examples=16, max_eval_examples=16)
     _refused(lambda: run_finetune(config), rf"^{checkpoint}/model\.safetensors: cannot read safetensors file \(truncated")
     assert not storage.exists(out)
+
+
+# ----------------------------------------------------------------------------- one-piece outputs on the store
+
+
+def test_convert_and_tokenizer_write_a_new_output_to_s3_with_its_manifest_last(minilm_dir, vocab_txt, s3_server,
+                                                                               s3_uri, capsys):
+    from bert.checkpoint import read_checkpoint_info
+    from bert.tokenizer import Tokenizer
+    from cli_helpers import assert_refused, cli
+
+    hf = f"{s3_uri}/minilm"
+    storage.upload_dir(minilm_dir, hf)
+    out = f"{s3_uri}/converted"
+    code, _, err = cli(capsys, "convert", "--from-hf", hf, "--out", out)
+    assert code == 0, err
+    manifest = storage.read_json(f"{out}/_manifest.json")
+    assert manifest["job"] == "convert" and "model.safetensors" in manifest["files"]
+    assert {rel: size for rel, size in storage.walk_files(out)
+            if rel not in ("_manifest.json", "_lease.json")} == manifest["files"]
+    assert read_checkpoint_info(storage.local_copy(out)).kind == "bertflow"
+    before = _tree(s3_server, out)
+    assert_refused(cli(capsys, "convert", "--from-hf", hf, "--out", out), "convert", out, "already exists")
+    assert _tree(s3_server, out) == before
+    # a killed upload's objects (no manifest) are removed by the next writer, which then publishes whole
+    vocab = f"{s3_uri}/vocab.txt"
+    storage.write_bytes(vocab, vocab_txt.read_bytes())
+    tok = f"{s3_uri}/tokenizer"
+    storage.write_bytes(f"{tok}/vocab.txt", b"[PAD]\n")
+    code, _, err = cli(capsys, "tokenizer", "from-vocab", "--vocab", vocab, "--out", tok)
+    assert code == 0, err
+    assert storage.is_file(f"{tok}/_manifest.json")
+    assert Tokenizer.load(storage.local_copy(tok)).vocab_size == 30522
