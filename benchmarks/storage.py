@@ -152,7 +152,10 @@ def pretraining(local: Path, remote: str, steps: int, every: int, scratch: Path)
     from pipelines.jobs.pretrain import run_pretraining
     from pipelines.ray_runtime import start_local_ray
 
-    start_local_ray(4, {"PYTHONPATH": str(ROOT)}, configure_logging=False)
+    import ray
+
+    if not ray.is_initialized():  # the shards build (without --shards) started it
+        start_local_ray(4, {"PYTHONPATH": str(ROOT)}, configure_logging=False)
     common = dict(model="tiny", num_workers=1, global_batch_size=32, micro_batch_size=32, warmup_steps=2,
                   learning_rate=1e-3, log_every=every, checkpoint_every=every, max_steps=steps, precision="fp32")
     result = {"steps": steps, "checkpoint_every": every}

@@ -246,3 +246,17 @@ def test_convert_and_tokenizer_write_a_new_output_to_s3_with_its_manifest_last(m
     assert code == 0, err
     assert storage.is_file(f"{tok}/_manifest.json")
     assert Tokenizer.load(storage.local_copy(tok)).vocab_size == 30522
+
+
+def test_what_is_not_routed_yet_is_refused_in_one_line_before_anything_is_written(s3_uri, tmp_path, monkeypatch,
+                                                                                  capsys, datasets_dir, minilm_dir):
+    """A pipeline's workdir and a sweep's --out must be local for now (README, "Running on a cluster")."""
+    from cli_helpers import assert_refused, cli
+
+    monkeypatch.chdir(tmp_path)
+    spec = ROOT / "pipelines" / "quickstart.yaml"
+    assert_refused(cli(capsys, "run", spec, "--workdir", f"{s3_uri}/pipeline", "--dry-run"), "run",
+                   "must be a local path for now")
+    assert_refused(cli(capsys, "sweep", "--task", "sst2", "--data", datasets_dir, "--checkpoint", minilm_dir,
+                       "--grid", "paper", "--out", f"{s3_uri}/sweep"), "sweep", "writes to a local path only for now")
+    assert list(tmp_path.iterdir()) == [] and not storage.exists(s3_uri)
