@@ -222,8 +222,11 @@ def child_levers(files: int) -> dict:
 
 
 def child_build(scale: int, workers: int | None, files: int | None, workdir: Path, root: Path,
-                dupe_factor: int) -> dict:
-    """Build one scale in this process (its own local Ray runtime) with the code under `root`; its measurements."""
+                dupe_factor: int, deadline: float | None = None) -> dict:
+    """Build one scale in this process (its own local Ray runtime) with the code under `root`; its measurements.
+
+    At `deadline` (epoch seconds) a build still running is stopped: what it had done is printed
+    (`partial`) and the process tree killed."""
     sys.path.insert(0, str(root))
     import ray
 
@@ -258,6 +261,9 @@ def child_build(scale: int, workers: int | None, files: int | None, workdir: Pat
     with TreeMeter(os.getpid()) as meter:
         idle = meter.sample()
         start = time.perf_counter()
+        if deadline:
+            threading.Thread(target=_stop_at, args=(deadline, meter, start, idle, workdir / f"shards-{scale}x"),
+                             daemon=True).start()
         manifest = job.build_shards([corpus], VOCAB, workdir / f"shards-{scale}x", config, num_workers=workers)
         wall = time.perf_counter() - start
     spilled = spilled_mib()
@@ -290,6 +296,24 @@ def child_build(scale: int, workers: int | None, files: int | None, workdir: Pat
     }
 
 
+def _stop_at(deadline: float, meter: TreeMeter, start: float, idle: int, out: Path) -> None:
+    """Past the deadline: print how far the build got, kill this process's tree, exit 3."""
+    import psutil
+
+    time.sleep(max(0.0, deadline - time.time()))
+    buckets = sum(p.stat().st_size for p in (out / "_work" / "buckets").rglob("*.parquet"))
+    print(json.dumps({
+        "partial": True, "wall_s": round(time.perf_counter() - start, 1),
+        "tokenize_pass_done": (out / "_work" / "tokenized.json").is_file(),
+        "bucket_mb": round(buckets / 2**20), "parts_done": len(list(out.glob("part-*.parquet"))),
+        "peak_pss_mb": round(meter.peak_pss / 2**20), "idle_pss_mb": round(idle / 2**20),
+        "load_average": load_average(),
+    }), flush=True)
+    for proc in psutil.Process().children(recursive=True):
+        proc.kill()
+    os._exit(3)
+
+
 def spilled_mib() -> dict:
     """What Ray spilled from its object store to disk during the runtime's life (its memory summary)."""
     import re
@@ -313,24 +337,31 @@ def run_child(args: list[str], env: dict[str, str] | None = None, cwd: Path = RO
     """This script in a fresh process; `cwd` is the code root its Ray workers import first (Ray puts the
     driver's directory ahead of PYTHONPATH, and the editable install's root after it)."""
     command = [sys.executable, str(Path(__file__).resolve()), *args]
-    done = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, cwd=cwd,
-                          env={**os.environ, **(env or {})})
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=cwd, env={**os.environ, **(env or {})})
+    lines = done.stdout.strip().splitlines()
+    result = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
+    if done.returncode != 0 and not (result or {}).get("partial"):
+        raise subprocess.CalledProcessError(done.returncode, command, done.stdout)
+    return result
 
 
 ONE_THREAD = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
 
 
 def measured_build(scale: int, workers: int | None, files: list[str], root: Path, dupe_factor: int,
-                   workdir: Path | None) -> dict:
+                   workdir: Path | None, deadline: float | None = None) -> dict:
     """One build in a fresh process, with the bound measured on part of the text just before and after it."""
     nearby = ["--files", str(min(int(files[1]) if files else NEARBY_FILES, NEARBY_FILES)), "--quick"]
     before = run_child(["--child", "bound", *nearby], ONE_THREAD)
     with tempfile.TemporaryDirectory(prefix="bertflow-bench-shards-", dir=workdir) as tmp:
         extra = [] if workers is None else ["--workers", str(workers)]
         build = run_child(["--child", "build", "--scale", str(scale), "--workdir", tmp, "--root", str(root),
-                           "--dupe-factor", str(dupe_factor), *extra, *files],
+                           "--dupe-factor", str(dupe_factor), *extra, *files,
+                           *(["--deadline", str(deadline)] if deadline else [])],
                           {"PYTHONPATH": str(root)}, cwd=root)
+    if build.get("partial"):
+        print(f"{root.name} {scale}x dupe {dupe_factor}: stopped at the deadline: {build}", file=sys.stderr)
+        return build
     after = run_child(["--child", "bound", *nearby], ONE_THREAD)
     # the machine's speed drifts (other tenants): the bound on a part of the text just before and after
     build["bound_nearby_tokens_per_s"] = round((before["encode_batch_fast"]["tokens_per_s"]
@@ -368,6 +399,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where corpora and shards go (default: $TMPDIR)")
     parser.add_argument("--child", choices=("bound", "build", "levers"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop the large build (--scale) this many minutes after the start, reporting how far it got")
     parser.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -381,7 +415,7 @@ def main() -> None:
         return
     if args.child == "build":
         print(json.dumps(child_build(args.scale, args.workers, args.files, args.workdir, args.root,
-                                     args.dupe_factor)))
+                                     args.dupe_factor, args.deadline)))
         return
 
     load_before = load_average()
@@ -396,8 +430,13 @@ def main() -> None:
     peer_root = args.peer_root.resolve() if args.peer_root and not args.scale else None
     for scale in (1, big_scale):
         plan += [(scale, None, ROOT)] + ([(scale, None, peer_root)] if peer_root else [])
-    builds = [measured_build(scale, workers, files, root, args.dupe_factor, args.workdir)
-              for scale, workers, root in plan]
+    deadline = time.time() + 60 * args.minutes if args.minutes else None
+    builds = [measured_build(scale, workers, files, root, args.dupe_factor, args.workdir,
+                             deadline if scale == big_scale else None) for scale, workers, root in plan]
+    if builds[-1].get("partial"):  # the large build did not finish: what it got to, and the 1x build
+        print(json.dumps({"load_average_before": load_before, "load_average_after": load_average(), "bound": bound,
+                          "builds": builds}))
+        return
     mine = [b for b in builds if b["code"] == str(ROOT)]
     one = next(b for b in mine if b["scale"] == 1 and b["workers"] == "default")
     big = next(b for b in mine if b["scale"] == big_scale)
