@@ -435,7 +435,7 @@ class _SeedRun:
             save_optimizer_state(self.optimizer, directory)
             self.state.write(directory)
 
-        staging = Path(self.best_root).with_name(STAGING) if not storage.is_remote(self.best_root) else Path()
+        staging = None if storage.is_remote(self.best_root) else Path(self.best_root).with_name(STAGING)
         report_checkpoint(report, self.worker.rank, staging, seed_storage(self.config, self.seed),
                           f"epoch-{self.state.epoch:03d}", write, state=FinetuneState, fence=self.fence)
 

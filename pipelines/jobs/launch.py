@@ -234,11 +234,12 @@ def agree_precision(requested: str, worker: Worker, probe, previous: str | None)
     return chosen
 
 
-def report_checkpoint(metrics: dict[str, Any], rank: int, staging: Path, storage: store.Location, name: str,
+def report_checkpoint(metrics: dict[str, Any], rank: int, staging: Path | None, storage: store.Location, name: str,
                       write: Callable[[Path], Any], state: type[RunState] | None = None, fence=None) -> None:
     """Report `metrics` from every rank; rank 0 also a checkpoint, written by `write(dir)`, stored as `storage/name`.
 
-    Local storage: the checkpoint is written in `staging` (under the job's output dir, never /tmp) and
+    Local storage: the checkpoint is written in `staging` (under the job's output dir, never /tmp; None:
+    `_tmp` beside `storage`) and
     renamed into Ray Train's storage dir (the same file system: no copy of the weights); a stale dir of
     the same name, left by a killed save, is replaced. Storage on an object store: written in a local
     temporary dir, then uploaded with `state`'s record (`state.STATE_FILE`) last, after `fence.check()`
@@ -264,13 +265,12 @@ def report_checkpoint(metrics: dict[str, Any], rank: int, staging: Path, storage
     def upload(checkpoint, dir_name: str):
         target = store.join(storage, dir_name)
         store.remove(target)  # a killed save of the same name
-        record = state.STATE_FILE
-        for item in sorted(Path(checkpoint.path).iterdir()):
-            if item.name != record:
-                store.copy(item, store.join(target, item.name))
+        record = Path(checkpoint.path).parent / state.STATE_FILE
+        os.replace(Path(checkpoint.path) / state.STATE_FILE, record)  # held back: uploaded last
+        store.upload_dir(checkpoint.path, target)  # every other file, in parallel
         if fence is not None:
             fence.check()  # the commit: this run must still hold the output
-        store.copy(Path(checkpoint.path) / record, store.join(target, record))
+        store.copy(record, store.join(target, state.STATE_FILE))
         filesystem, path = store.resolve(target)
         return ray.train.Checkpoint(path, filesystem=filesystem)
 
@@ -278,7 +278,7 @@ def report_checkpoint(metrics: dict[str, Any], rank: int, staging: Path, storage
     if remote and state is None:
         raise ValueError("report_checkpoint: a checkpoint on an object store needs its run-state class")
     if not remote:
-        storage = Path(storage)
+        storage, staging = Path(storage), Path(staging or Path(storage).parent / "_tmp")
         staging.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=None if remote else staging, prefix="bertflow-checkpoint-") as tmp:
         directory = Path(tmp) / "checkpoint"

@@ -418,7 +418,7 @@ class _WorkerRun:
 
         out, started = self.config.out, time.time()
         report_checkpoint({"step": state.step, "tokens_seen": state.tokens_seen}, self.worker.rank,
-                          Path(out) / STAGING if not storage.is_remote(out) else Path(), checkpoints(out),
+                          None if storage.is_remote(out) else Path(out) / STAGING, checkpoints(out),
                           f"step-{state.step:08d}", write, state=TrainState, fence=self.fence)
         self.logger.log_metrics({"checkpoint_seconds": time.time() - started}, state.step)  # write, store, commit
 
