@@ -8,7 +8,7 @@ A command writes only into its own output, checked before any work starts:
   one the job will find done. Anything else — another job's output, the same job with other
   settings, files bertflow did not write — is refused with a message naming the folder and
   what it holds, and nothing is touched.
-* **A one-piece output** (`convert`, `tokenizer`, `shards build`, `predict --output`):
+* **A one-piece output** (`convert`, `tokenizer`, `shards build`, `predict --out` on a local path):
   `atomic_output(out, job)`. `out` must not exist. The output is built in a temporary sibling
   `.<name>.tmp-<id>` and renamed to `out` only when complete; a failure removes it.
 
