@@ -173,8 +173,8 @@ def test_convert_python_api_never_overwrites(finetuned_checkpoint, tmp_path):
 
 def test_predict_refuses_to_overwrite_its_input(finetuned_checkpoint, texts, tmp_path, capsys):
     before = tree_hash(tmp_path, finetuned_checkpoint)
-    assert_refused(cli(capsys, "predict", "--checkpoint", finetuned_checkpoint, "--input", texts, "--output", texts),
-                   "predict", f"--output {texts} is also an input")
+    assert_refused(cli(capsys, "predict", "--checkpoint", finetuned_checkpoint, "--input", texts, "--out", texts),
+                   "predict", f"--out {texts} is also an input")
     assert tree_hash(tmp_path, finetuned_checkpoint) == before
     assert "sentence number 4" in texts.read_text()
 
@@ -185,10 +185,10 @@ def test_predict_refuses_an_existing_output_and_one_inside_the_checkpoint(finetu
     existing.write_text('{"row": 0, "prediction": "1"}\n')
     before = tree_hash(tmp_path, finetuned_checkpoint)
     assert_refused(cli(capsys, "predict", "--checkpoint", finetuned_checkpoint, "--input", texts,
-                       "--output", existing), "predict", str(existing), "already exists",
+                       "--out", existing), "predict", str(existing), "already exists",
                    f"a file of {existing.stat().st_size} bytes")
     assert_refused(cli(capsys, "predict", "--checkpoint", finetuned_checkpoint, "--input", texts,
-                       "--output", finetuned_checkpoint / "p.jsonl"), "predict", "lies inside the input")
+                       "--out", finetuned_checkpoint / "p"), "predict", "lies inside the input")
     assert tree_hash(tmp_path, finetuned_checkpoint) == before
 
 
@@ -197,24 +197,25 @@ def test_predict_output_is_required_and_help_names_no_default(finetuned_checkpoi
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", "--checkpoint", str(finetuned_checkpoint), "--input", str(texts)])
     assert exit_info.value.code == 2
-    assert "the following arguments are required: --output" in capsys.readouterr().err
+    assert "the following arguments are required: --out" in capsys.readouterr().err
     assert tree_hash(tmp_path) == before  # no <input>.predictions.jsonl, nor anything else, next to the input
 
     with pytest.raises(SystemExit) as exit_info:
         main(["predict", "--help"])
     assert exit_info.value.code == 0
     usage = " ".join(capsys.readouterr().out.split())
-    assert "--output OUTPUT" in usage and "predictions.jsonl" not in usage
-    assert "--output OUTPUT output JSONL file to create: must not exist" in usage
+    assert "--out OUT" in usage and "predictions.jsonl" not in usage
 
 
 @pytest.mark.integration
-def test_predict_writes_a_new_file_atomically(ray_local, finetuned_checkpoint, texts, tmp_path, capsys):
-    out = tmp_path / "predictions" / "texts.jsonl"
-    code, stdout, err = cli(capsys, "predict", "--checkpoint", finetuned_checkpoint, "--input", texts,
-                            "--output", out)
+def test_predict_writes_a_new_dir_atomically(ray_local, finetuned_checkpoint, texts, tmp_path, capsys):
+    from pipelines.jobs.predict import read_predictions
+
+    out = tmp_path / "predictions" / "texts"
+    code, stdout, err = cli(capsys, "predict", "--checkpoint", finetuned_checkpoint, "--input", texts, "--out", out)
     assert code == 0, err
-    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["0", "1", "2", "3", "4"]
+    assert [row["id"] for row in read_predictions(str(out))] == ["0", "1", "2", "3", "4"]
+    assert (out / "_manifest.json").is_file()
     assert f"written to {out}" in stdout
     no_leftovers(out.parent)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions", "texts.jsonl"]
