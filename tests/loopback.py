@@ -30,11 +30,10 @@ class LoopbackCluster:
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        # A driver given 127.0.0.1 looks the cluster up at the machine's routable IP instead (Ray's
-        # resolve_ip_for_localhost) wherever the machine has a route out, where no node listens. Ray's own
-        # switch for single-host clusters keeps drivers on loopback; `ray start` runs without it (joining
-        # a cluster with it set is refused).
-        self.driver_env = {**self.env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        # Ray's token authentication off, as in the e2e cluster: a `ray start` head otherwise writes a token
+        # that the drivers here must read from a shared file, which the other clusters a test session
+        # starts overwrite (the node probe then never connects). Loopback only: nothing else can reach it.
+        self.env["RAY_AUTH_MODE"] = "disabled"
         self.temp_dir = Path("/tmp") / f"{name}-{os.getpid()}"
         self.nodes: list[subprocess.Popen] = []
 
@@ -47,12 +46,12 @@ class LoopbackCluster:
                                 env=self.env, start_new_session=True, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         self.nodes.append(proc)
-        wait_for_nodes(self.address, nodes, self.driver_env)
+        wait_for_nodes(self.address, nodes, self.env)
         return proc
 
     def bertflow(self, *args: str, **popen) -> subprocess.Popen:
         return subprocess.Popen([str(Path(sys.executable).parent / "bertflow"), *args],
-                                env={**self.driver_env, "RAY_ADDRESS": self.address}, **popen)
+                                env={**self.env, "RAY_ADDRESS": self.address}, **popen)
 
     def __enter__(self) -> LoopbackCluster:
         return self
