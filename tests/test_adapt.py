@@ -46,6 +46,7 @@ def history(manifest: dict, key: str) -> list[float]:
                                     key=lambda m: m.step)]
 
 
+@pytest.mark.slow  # the default run's 30-minute budget; run with -m slow
 def test_a_checkpoint_without_mlm_head_continues_pretraining(ray_local, minilm_dir, task_text, tmp_path):
     manifest = build_shards([task_text], minilm_dir, tmp_path / "shards", ADAPT_DATA)  # the checkpoint dir's tokenizer
     assert manifest["tokenizer"]["vocab_sha256"] == Tokenizer.load(minilm_dir).fingerprint()

@@ -133,6 +133,7 @@ def test_killed_worker_is_replaced_and_training_completes(small_shards, small_va
     assert "checkpoint/model.safetensors" in artifacts
 
 
+@pytest.mark.slow  # the default run's 30-minute budget; run with -m slow
 def test_two_ray_nodes_run_ddp_with_one_worker_each(small_shards, tmp_path):
     """Two `ray start` processes on loopback form a two-node cluster; DDP places one worker per node."""
     with LoopbackCluster("rayn") as cluster:

@@ -151,6 +151,7 @@ def test_two_finetunes_into_one_out_at_once(ray_local, datasets_dir, minilm_dir,
     assert json.loads((out / "metrics.json").read_text())["best_epoch"] == 1
 
 
+@pytest.mark.slow  # the default run's 30-minute budget; run with -m slow
 def test_finetune_driver_killed_after_an_epoch_resumes_there(ray_local, datasets_dir, minilm_dir, tmp_path):
     """Finding 9 and 13: the re-run resumes after the last finished epoch, into the same MLflow run, and
     metrics.json keeps every epoch's dev metrics."""
@@ -239,6 +240,7 @@ def test_finetune_worker_killed_mid_epoch_completes_in_one_run(ray_local, datase
     assert len(steps) == len(set(steps))
 
 
+@pytest.mark.slow  # the default run's 30-minute budget; run with -m slow
 def test_pretrain_killed_resumes_from_the_newest_checkpoint_on_disk(ray_local, small_shards, tmp_path):
     """Finding 8: the re-run resumes from the checkpoint it names, logs no step twice, and leaves no temporaries."""
     out = tmp_path / "run"

@@ -50,6 +50,7 @@ def s3_weights(uri: str) -> dict[str, torch.Tensor]:
     return load_safetensors(storage.read_bytes(storage.join(uri, "checkpoint", "model.safetensors")))
 
 
+@pytest.mark.slow  # the default run's 30-minute budget; run with -m slow
 def test_pretraining_killed_and_resumed_on_s3_ends_bit_identical_to_an_uninterrupted_run_on_disk(
         ray_local, small_shards, s3_shards, s3_uri, s3_server, tmp_path):
     """A driver SIGKILLed mid-run (shards and --out on the store), re-run: it takes its own dead lease over at once,

@@ -172,6 +172,7 @@ def test_a_signal_at_start_up_stops_every_command(command, request, wiki_dir, vo
 # ----------------------------------------------------------------------------- mid-work
 
 
+@pytest.mark.slow  # the default run's 30-minute budget; run with -m slow
 def test_ctrl_c_in_the_middle_of_shards_build_stops_its_ray_runtime(wiki_dir, vocab_txt, tmp_path):
     """The probe: "interrupted", then a segfault (exit 139), 3 of 3 tries. Its own local Ray runtime."""
     psutil = pytest.importorskip("psutil")
