@@ -143,7 +143,7 @@ def commands(tmp: Path, wiki_dir: Path, vocab_txt: Path, minilm_dir: Path, class
         "convert": ["convert", "--from-hf", minilm_dir, "--out", out],
         "tokenizer": ["tokenizer", "train", "--corpus", wiki_dir / "wiki_00.gz", "--vocab-size", "2000", "--out", out],
         "shards": ["shards", "build", "--corpus", wiki_dir / "wiki_00.gz", "--tokenizer", vocab_txt, "--out", out],
-        "predict": ["predict", "--checkpoint", classifier, "--input", texts, "--output", out],
+        "predict": ["predict", "--checkpoint", classifier, "--input", texts, "--out", out],
         "pretrain": ["pretrain", "--shards", shards, "--out", out, "--max-steps", "20", "--warmup-steps", "1"],
         "finetune": ["finetune", "--task", "sst2", "--data", sst2, "--checkpoint", minilm_dir, "--out", out],
         "sweep": ["sweep", "--task", "sst2", "--data", sst2, "--checkpoint", minilm_dir, "--out", out, "--grid",
@@ -197,10 +197,10 @@ def test_ctrl_c_in_the_middle_of_predict(ray_local, classifier, tmp_path):
     """The probe: "interrupted", then a segfault (exit 139)."""
     psutil = pytest.importorskip("psutil")
     texts = sentences(tmp_path / "texts.jsonl", 4000)
-    output = tmp_path / "predictions.jsonl"
+    output = tmp_path / "predictions"
     before = tree_hash(tmp_path, classifier)
-    run = Run("predict", "--checkpoint", classifier, "--input", texts, "--output", output, env=joined(ray_local))
-    wait_for(lambda: (tmp_path / ".predictions.jsonl.lock").exists() or run.process.poll() is not None, 300,
+    run = Run("predict", "--checkpoint", classifier, "--input", texts, "--out", output, env=joined(ray_local))
+    wait_for(lambda: (tmp_path / ".predictions.lock").exists() or run.process.poll() is not None, 300,
              "predict to lock its output")
     wait_for(lambda: predicting(psutil) or run.process.poll() is not None, 300, "Ray Data's model actors")
     run.signal(signal.SIGINT)
