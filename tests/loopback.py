@@ -41,12 +41,18 @@ class LoopbackCluster:
         """Start a node (the head first), and wait until the cluster has `nodes` alive."""
         head = ["--head", f"--port={self.port}", "--include-dashboard=false"] if not self.nodes else [
             f"--address={self.address}"]
+        log = Path(f"{self.temp_dir}-node{len(self.nodes)}.log")
         proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", *head, *args, "--block",
                                  "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={self.temp_dir}"],
-                                env=self.env, start_new_session=True, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+                                env=self.env, start_new_session=True, stdout=open(log, "w"),
+                                stderr=subprocess.STDOUT)
         self.nodes.append(proc)
-        wait_for_nodes(self.address, nodes, self.env)
+        try:
+            wait_for_nodes(self.address, nodes, self.env)
+        except AssertionError as exc:
+            state = "running" if proc.poll() is None else f"exited {proc.returncode}"
+            raise AssertionError(f"{exc}; the new node's `ray start` is {state}, its log ends:\n"
+                                 f"{log.read_text()[-3000:]}") from None
         return proc
 
     def bertflow(self, *args: str, **popen) -> subprocess.Popen:
@@ -66,6 +72,8 @@ class LoopbackCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        for n in range(len(self.nodes)):
+            Path(f"{self.temp_dir}-node{n}.log").unlink(missing_ok=True)
 
 
 def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 120) -> None:
