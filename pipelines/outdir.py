@@ -239,9 +239,11 @@ def hold_writer(out: str | os.PathLike[str]) -> None:
     if key in _writer_files:
         return
     Path(key).mkdir(parents=True, exist_ok=True)
-    f = open(Path(key) / WRITERS_FILE, "a+")
-    fcntl.flock(f, fcntl.LOCK_SH)  # waits only while a new claim checks for an earlier run's writers
-    _writer_files[key] = f
+    # a bare descriptor, not a file object: the interpreter's shutdown never closes it, so the kernel drops
+    # the lock only when the process has exited, not while it is still shutting down
+    fd = os.open(Path(key) / WRITERS_FILE, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a new claim checks for an earlier run's writers
+    _writer_files[key] = fd
 
 
 def wait_for_earlier_writers(out: Path, timeout: float = WRITERS_WAIT_S) -> None:
