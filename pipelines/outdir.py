@@ -69,7 +69,7 @@ LOCK_FILE = ".lock"
 WRITERS_FILE = ".writers"
 WRITERS_WAIT_S = 120.0  # how long a claim waits for the processes of an earlier run to exit
 
-_writer_files: dict[str, Any] = {}  # out dir -> the open `.writers` file this process holds (until it exits)
+_writer_files: dict[str, Any] = {}  # out dir -> the descriptor of `.writers` this process holds (until it exits)
 
 
 # ----------------------------------------------------------------------------- locks

@@ -55,8 +55,11 @@ def finish(job: subprocess.Popen, timeout: float = 900) -> str:
 
 
 def temporaries(root: Path) -> list[Path]:
-    """Files and dirs a writer leaves only when killed mid-write (outdir.py / storage.py temporaries)."""
-    return [p for p in root.rglob("*") if re.search(r"\.tmp-|\.partial|\.incomplete|_staging", p.name)]
+    """What a writer leaves only when killed mid-write: `.<name>.tmp-*` / `.<name>.old-*` siblings
+    (pipelines/outdir.py) and a job's checkpoint staging dir (`STAGING` of the pretrain and fine-tune jobs)."""
+    from pipelines.jobs.pretrain import STAGING
+
+    return [p for p in root.rglob("*") if re.search(r"^\..*\.(tmp|old)-", p.name) or p.name == STAGING]
 
 
 def no_step_twice(tracking_uri: str, run_id: str, key: str) -> list[int]:
