@@ -64,6 +64,7 @@ from typing import Any
 
 from bert import storage
 from bert.errors import BertflowError, InputError
+from pipelines import signals
 
 LEASE_FILE = "_lease.json"
 FORMAT = "bertflow-lease/1"
@@ -356,14 +357,45 @@ def lock(lock_file: Path, what: str, *, wait: bool = False, hint: str = "", remo
     tries again, so two processes never both hold the lock.
     """
     lock_file.parent.mkdir(parents=True, exist_ok=True)
+    f = None
+    try:
+        while f is None:
+            with signals.deferred():  # a signal never lands between creating the lock file and the `try` that removes it
+                f = _locked(lock_file, what, wait=wait, hint=hint, user=user)
+                if f is not None:
+                    f.seek(0)
+                    f.truncate()
+                    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                    f.flush()
+            if f is None:
+                time.sleep(0.2)  # waiting for the holder: here a signal stops the wait at once
+        yield
+    finally:
+        if f is not None:
+            with signals.deferred(), contextlib.suppress(OSError):
+                try:
+                    if remove:
+                        lock_file.unlink()
+                    else:
+                        f.seek(0)
+                        f.truncate()
+                finally:
+                    f.close()  # releases the lock
+
+
+def _locked(lock_file: Path, what: str, *, wait: bool, hint: str, user: str):
+    """`lock_file` opened and flocked (the file now at that path, not one its holder removed meanwhile); None
+    while another process holds it and `wait`, else refused."""
     while True:
         f = open(lock_file, "a+")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             f.close()
             if exc.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
+            if wait:
+                return None
             holder = lock_holder(lock_file) or "another process"
             raise InputError(f"{what} is in use by another {user} ({holder}){hint}") from None
         try:
@@ -371,23 +403,8 @@ def lock(lock_file: Path, what: str, *, wait: bool = False, hint: str = "", remo
         except FileNotFoundError:
             same = False
         if same:
-            break
+            return f
         f.close()  # the holder removed it as we locked it: lock the file now at that path
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            if remove:
-                lock_file.unlink()
-            else:
-                f.seek(0)
-                f.truncate()
-        f.close()  # releases the lock
-
 
 
 @contextlib.contextmanager

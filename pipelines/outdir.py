@@ -61,6 +61,7 @@ from typing import Any
 from bert import storage
 from bert.errors import InputError
 from bert.fsutil import write_json_atomic
+from pipelines import signals
 from pipelines.lease import LEASE_FILE, LocalLease, acquire, clear_unfinished, lock, lock_holder  # noqa: F401 (the flock lives there)
 
 JOB_FILE = "_job.json"
@@ -316,17 +317,20 @@ def atomic_output(out: str | os.PathLike[str], job: str, *, directory: bool = Tr
         for stale in out.parent.glob(f".{out.name}.tmp-*"):  # a killed run's leftovers
             (shutil.rmtree if stale.is_dir() else Path.unlink)(stale)
         tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"
-        if directory:
-            tmp.mkdir()
         try:
+            with signals.deferred():  # never a temporary without the `try` that removes it
+                if directory:
+                    tmp.mkdir()
             yield tmp
-            check_new_output(out, job)
-            os.replace(tmp, out)
+            with signals.deferred(commit=True):  # once renamed, the work is done: a later signal is only noted
+                check_new_output(out, job)
+                os.replace(tmp, out)
         except BaseException:
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
+            with signals.deferred():
+                if tmp.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                else:
+                    tmp.unlink(missing_ok=True)
             raise
 
 

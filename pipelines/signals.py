@@ -8,6 +8,10 @@ The process entry point (`pipelines.cli.main()` without arguments) installs it b
   released, Ray tasks cancelled) does so for SIGTERM too;
 * every later signal, and any signal while the command shuts down, is only noted: cleaning up is
   never interrupted, and no traceback is printed during it;
+* inside `deferred()` (taking a lock, creating a temporary, removing one) the first signal is noted
+  and raised when the block ends, so a signal never lands between creating a thing and the `try`
+  that removes it; after `deferred(commit=True)` (the rename that publishes a one-piece output) the
+  work is done, and a signal is only noted;
 * the command then prints one line, disconnects from Ray (stopping a private local runtime), and the
   process exits 130 (SIGINT) or 143 (SIGTERM) at once, without the interpreter's teardown (where
   Ray's and torch's threads could crash it: exit 139).
@@ -22,9 +26,11 @@ signals to its caller.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
@@ -45,6 +51,8 @@ class SignalPolicy:
         self._received: int | None = None
         self._raising = True
         self._wakeup: int | None = None  # read end of the pipe Python writes each caught signal's number into
+        self._deferring = 0  # depth of `deferred()` blocks the main thread is in
+        self._pending = False  # a signal arrived inside one: raised when the outermost block ends
 
     @property
     def received(self) -> int | None:
@@ -70,8 +78,35 @@ class SignalPolicy:
         if first:
             self._received = signum
         if first and self._raising:
+            if self._deferring:
+                self._pending = True
+                return
             self._raising = False  # later signals are noted, never raised: cleanup runs to its end
             raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(self, *, commit: bool = False) -> Iterator[None]:
+        """A block no signal interrupts; a signal that arrived in it is raised when it ends. With `commit` the
+        block finishes the command's work (a rename that publishes its output): after it a signal is only
+        noted, and the command reports that the work was done."""
+        self._deferring += 1
+        try:
+            yield
+        except BaseException:
+            self._leave(raise_pending=False)  # the block's own exception goes on; the signal is already noted
+            raise
+        if commit:
+            self._raising = False
+        self._leave(raise_pending=True)
+
+    def _leave(self, raise_pending: bool) -> None:
+        self._deferring -= 1
+        if self._deferring or not self._pending:
+            return
+        self._pending = False
+        raising, self._raising = self._raising, False
+        if raise_pending and raising:
+            raise Interrupted(self._received)
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -105,6 +140,14 @@ def reinstall() -> None:
     """Put the policy's handlers back after a library replaced them (`ray.init`); nothing if none is installed."""
     if _policy is not None:
         _policy.install()
+
+
+def deferred(*, commit: bool = False) -> contextlib.AbstractContextManager[None]:
+    """`SignalPolicy.deferred` of the installed policy; without one (called as a function, in a Ray worker, or
+    off the main thread) a plain block: signals are then the caller's."""
+    if _policy is None or threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext()
+    return _policy.deferred(commit=commit)
 
 
 def received() -> int | None:
