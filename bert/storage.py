@@ -378,7 +378,8 @@ def write_bytes(location: Location, data: bytes) -> None:
             f.write(data)
         return
     with _errors(location, "write"):
-        with fs.open_output_stream(path) as f:  # the bytes are all here: one PUT
+        # compression=None: pyarrow would otherwise infer it from the name and gzip a `.gz` name's bytes again
+        with fs.open_output_stream(path, compression=None) as f:  # the bytes are all here: one upload
             f.write(data)
 
 

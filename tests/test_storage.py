@@ -67,6 +67,23 @@ def test_round_trips(where, tmp_path, s3_uri):
     assert storage.list_dir(base) == ["raw.bin", "text.txt.gz"]
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_bytes_are_stored_as_given_whatever_the_name_ends_with(where, tmp_path, s3_uri):
+    """write_bytes / open_write / copy never compress or decompress: a `.gz` name holds the gzip bytes it was given
+    (pyarrow's output streams infer compression from the extension unless told not to)."""
+    base = str(tmp_path / "out") if where == "local" else s3_uri
+    data = gzip.compress(b"one sentence.\n\nanother document.\n")
+    storage.write_bytes(storage.join(base, "a.txt.gz"), data)
+    assert storage.read_bytes(storage.join(base, "a.txt.gz")) == data
+    assert storage.size(storage.join(base, "a.txt.gz")) == len(data)
+    storage.copy(storage.join(base, "a.txt.gz"), storage.join(base, "copy", "b.gz"))
+    assert storage.read_bytes(storage.join(base, "copy", "b.gz")) == data
+    with storage.open_read(storage.join(base, "copy", "b.gz"), "rt") as f:
+        assert f.read() == "one sentence.\n\nanother document.\n"
+    storage.write_bytes(storage.join(base, "x.bz2"), b"not bzip2 at all")
+    assert storage.read_bytes(storage.join(base, "x.bz2")) == b"not bzip2 at all"
+
+
 def test_upload_dir_then_walk(tmp_path, s3_uri):
     (tmp_path / "src" / "sub").mkdir(parents=True)
     (tmp_path / "src" / "x.txt").write_text("x")
