@@ -8,9 +8,12 @@ A command writes only into its own output, checked before any work starts:
   one the job will find done. Anything else — another job's output, the same job with other
   settings, files bertflow did not write — is refused with a message naming the folder and
   what it holds, and nothing is touched.
-* **A one-piece output** (`convert`, `tokenizer`, `shards build`, `predict --out` on a local path):
+* **A one-piece output** (`convert`, `tokenizer`, `predict --out` on a local path):
   `atomic_output(out, job)`. `out` must not exist. The output is built in a temporary sibling
   `.<name>.tmp-<id>` and renamed to `out` only when complete; a failure removes it.
+  One built in place (`shards build`, `predict --out` on an object store) is claimed as a job dir, which
+  resumes its own unfinished run; a finished one is refused (`check_unfinished`).
+Which rule a job follows, and when, is `pipelines/jobs/skeleton.run_job`'s business (`Job.output`).
 
 Either way the output is locked while the command runs: `<out>/.lock` for a job dir,
 `.<name>.lock` beside a one-piece output. The lock is an `fcntl.flock`, which the kernel
@@ -340,6 +343,17 @@ def check_new(out: str | os.PathLike[str], job: str) -> None:
         check_new_remote_output(os.fspath(out).rstrip("/"), job)
     else:
         check_new_output(Path(out), job)
+
+
+def check_unfinished(out: str | os.PathLike[str], job: str) -> None:
+    """Refuse a finished one-piece output that a job builds in place (`shards build`): a file, or a dir or prefix
+    holding `_manifest.json`, even of the same settings; the job resumes only its own unfinished run
+    (`claim_dir` refuses everything else, naming what it holds)."""
+    out = os.fspath(out).rstrip("/") if storage.is_remote(out) else out
+    if storage.is_file(out) or storage.is_file(storage.join(out, MANIFEST)):
+        what = "a file" if storage.is_file(out) else f"a finished `bertflow {job}` output ({MANIFEST})"
+        raise InputError(f"{out} already exists and holds {what}; `bertflow {job}` writes only a new output or "
+                         "resumes its own unfinished run: choose another path (nothing was changed)")
 
 
 def check_new_remote_output(out: str, job: str) -> bool:

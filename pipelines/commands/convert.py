@@ -4,16 +4,14 @@
 weights for `AutoModelFor...`, and the tokenizer for `AutoTokenizer` with bertflow's ids (a
 SentencePiece tokenizer as `tokenizer.json`: `bert.tokenizer.Tokenizer.save_for_transformers`).
 
-The output is a new dir (pipelines/outdir.py, `atomic_output`): an existing --out is refused,
-as is one that is, contains or lies inside the input; the input is read whole (config and
+The output is a new dir, through the job skeleton (`pipelines/jobs/convert.py`): an existing --out is
+refused, as is one that is, contains or lies inside the input; the input is read whole (config and
 weights) before anything is created; the dir appears under its name only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
-
-JOB = "convert"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,23 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bert import storage
-    from bert.checkpoint import load_for_convert, read_checkpoint_info, write_checkpoint
-    from bert.tokenizer import Tokenizer
-    from pipelines.outdir import atomic_output, check_disjoint, check_new
+    from pipelines.jobs.convert import ConvertConfig, run_convert
 
-    src = args.to_hf or args.from_hf
-    to_hf = args.to_hf is not None
-    out = args.out  # a local path or an object-store URI (bert/storage.py), as is the input
-    check_disjoint(out, [src], "--out")
-    check_new(out, JOB)
-    local = storage.local_copy(src, "inputs")
-    with storage.named(src, local):
-        model = load_for_convert(local, to_hf=to_hf)  # the whole input is read before anything is created
-    with atomic_output(out, JOB, inputs=[src]) as tmp:
-        write_checkpoint(model, tmp, hf=to_hf, tokenizer_dir=local)
-        if to_hf and Tokenizer.is_tokenizer_dir(tmp):  # AutoTokenizer loads it, SentencePiece included
-            Tokenizer.load(tmp).save_for_transformers(tmp, model.config.max_position_embeddings)
-        info = read_checkpoint_info(tmp)
-    print(f"wrote {info.kind} checkpoint {out} (head: {info.head or 'encoder only'})")
+    # --out and the input: a local path or an object-store URI (bert/storage.py)
+    info = run_convert(ConvertConfig(source=args.to_hf or args.from_hf, out=args.out, to_hf=args.to_hf is not None))
+    print(f"wrote {info['kind']} checkpoint {args.out} (head: {info['head'] or 'encoder only'})")
     return 0

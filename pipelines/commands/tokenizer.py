@@ -1,7 +1,7 @@
 """`bertflow tokenizer`: train a SentencePiece tokenizer, or write a tokenizer dir from a BERT vocab.txt.
 
-Both write a new dir (pipelines/outdir.py, `atomic_output`): an existing --out is refused, as is
-one that is, contains or lies inside an input; the dir appears under its name only when complete.
+Both write a new dir, through the job skeleton (`pipelines/jobs/tokenizer.py`): an existing --out is refused,
+as is one that is, contains or lies inside an input; the dir appears under its name only when complete.
 """
 
 from __future__ import annotations
@@ -67,63 +67,32 @@ def _progress(message: str) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from bert.corpus import CorpusConfig
+    from pipelines.jobs.tokenizer import TrainConfig, train_tokenizer
 
-    from bert import storage
-    from bert.corpus import CorpusConfig, expand_inputs
-    from bert.tokenizer import VOCAB_MULTIPLE, Tokenizer
-    from pipelines.outdir import atomic_output, check_disjoint, check_new
-
-    job = "tokenizer train"
-    out = args.out if storage.is_remote(args.out) else Path(args.out)  # a URI: built locally, uploaded
-    check_disjoint(out, args.corpus, "--out")
-    check_new(out, job)
-    corpus_config = CorpusConfig(skip_unreadable=args.skip_unreadable)
-    expand_inputs(args.corpus, corpus_config)  # a missing corpus path is refused before anything is created
-    sample = {} if args.sample_sentences is None else {"sample_sentences": args.sample_sentences}
+    config = TrainConfig(corpus=tuple(args.corpus), vocab_size=args.vocab_size, out=args.out,
+                         model_type=args.model_type, sample_sentences=args.sample_sentences,
+                         round_vocab=not args.no_round, lowercase=args.lowercase, seed=args.seed,
+                         corpus_config=CorpusConfig(skip_unreadable=args.skip_unreadable))
     try:
-        with atomic_output(out, job, inputs=args.corpus) as tmp:
-            tokenizer = Tokenizer.train_sentencepiece(
-                args.corpus,
-                args.vocab_size,
-                tmp,
-                model_type=args.model_type,
-                lowercase=args.lowercase,
-                round_to=None if args.no_round else VOCAB_MULTIPLE,
-                seed=args.seed,
-                corpus_config=corpus_config,
-                progress=_progress,
-                **sample,
-            )
+        trained = train_tokenizer(config, progress=_progress)
     except KeyboardInterrupt:
-        print(f"bertflow tokenizer: interrupted: training stopped, nothing was written to {out}", file=sys.stderr)
+        print(f"bertflow tokenizer: interrupted: training stopped, nothing was written to {args.out}", file=sys.stderr)
         return 130
-    skipped = tokenizer._backend.training.get("unreadable_files_skipped", [])
+    skipped = trained["unreadable_files_skipped"]
     if skipped:
         print(
             f"bertflow tokenizer: warning: --skip-unreadable: {len(skipped)} corrupt or truncated file(s) read only "
-            f"up to the fault: {', '.join(skipped)} (see 'training' in {out}/tokenizer_config.json)",
+            f"up to the fault: {', '.join(skipped)} (see 'training' in {args.out}/tokenizer_config.json)",
             file=sys.stderr,
         )
-    print(f"wrote {out}: {tokenizer!r}")
+    print(f"wrote {args.out}: {trained['tokenizer']!r}")
     return 0
 
 
 def run_from_vocab(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from pipelines.jobs.tokenizer import FromVocabConfig, tokenizer_from_vocab
 
-    from bert import storage
-    from bert.tokenizer import Tokenizer
-    from pipelines.outdir import atomic_output, check_disjoint, check_new
-
-    job = "tokenizer from-vocab"
-    out = args.out if storage.is_remote(args.out) else Path(args.out)  # a URI: built locally, uploaded
-    check_disjoint(out, [args.vocab], "--out")
-    check_new(out, job)
-    vocab = storage.local_copy(args.vocab, "inputs")
-    with storage.named(args.vocab, vocab):
-        tokenizer = Tokenizer.from_vocab_file(vocab, lowercase=not args.cased)  # the input is read first
-    with atomic_output(out, job, inputs=[args.vocab]) as tmp:
-        tokenizer.save(tmp)
-    print(f"wrote {out}: {tokenizer!r}")
+    made = tokenizer_from_vocab(FromVocabConfig(vocab=args.vocab, out=args.out, lowercase=not args.cased))
+    print(f"wrote {args.out}: {made['tokenizer']!r}")
     return 0

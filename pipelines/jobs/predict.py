@@ -3,9 +3,10 @@
     check       --out new (or, on an object store, this job's unfinished run with the same settings), the
                 checkpoint a fine-tuned one, the input's first row readable and holding the model's columns:
                 each refused with one line naming the file (and line) before any work starts
-    claim       local: a temporary sibling `.<out>.tmp-<id>/`, locked, renamed to --out when complete
-                (`pipelines/outdir.atomic_output`); object store: the one-writer lease and `_job.json`
-                (`pipelines/outdir.claim_dir`), a killed run's parts removed
+    claim       through the job skeleton (`PredictJob`, `pipelines/jobs/skeleton.run_job`): local, a NEW
+                output, a temporary sibling `.<out>.tmp-<id>/`, locked, renamed to --out when complete
+                (`pipelines/outdir.atomic_output`); object store, a RESUMABLE one, the one-writer lease and
+                `_job.json` (`pipelines/outdir.claim_dir`), a killed run's parts removed
     stream      read the input (one read task, `pipelines/jobs/predict_data.PredictInput`) -> blocks of
                 `block_rows` rows (`repartition(target_num_rows_per_block=...)`) -> `map_batches` over
                 `concurrency` actors, one `Predictor` each -> each block written as one part by the actor
@@ -32,11 +33,10 @@ command never writes next to its inputs unless told to.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from typing import Any
 from bert import storage
 from bert.errors import InputError
 from bert.inference import TASK_FILE
+from pipelines.jobs.skeleton import NEW, RESUMABLE, Claimed, Job, run_job
 
 JOB = "predict"
 MANIFEST = "_manifest.json"
@@ -77,43 +78,56 @@ class PredictConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in RUN_ONLY}
 
 
-def run_predict(config: PredictConfig) -> dict[str, Any]:
-    """Check, claim --out, stream the input through the model into parts, publish. Returns a summary."""
-    from pipelines.config_args import resolve_paths
-    from pipelines.outdir import check_disjoint
+class PredictJob(Job[PredictConfig]):
+    """`run_job(PredictJob(), config)`: the skeleton's steps for predict (`pipelines/jobs/skeleton.py`): a NEW
+    output on a local path, a RESUMABLE one on an object store (module docstring)."""
 
-    config = resolve_paths(config, ("checkpoint", "input", "out"))
-    check_disjoint(config.out, [config.input, config.checkpoint], "--out")
-    check_output(config)
-    checkpoint, spec = find_checkpoint(config.checkpoint)
-    columns = task_columns(config, spec)
-    from pipelines.jobs.predict_data import first_item
+    name = JOB
+    required = ("checkpoint", "input", "out")
+    paths = ("checkpoint", "input", "out")
+    logs = False
 
-    in_fs, in_path = storage.resolve(config.input)
-    first_item(in_fs, in_path, config.input, columns)
-    started = time.time()
-    with claimed_output(config) as (out_fs, directory, publish):
-        parts = stream_predictions(config, checkpoint, columns, out_fs, directory)
+    def output_kind(self, config: PredictConfig) -> str:
+        return RESUMABLE if storage.is_remote(config.out) else NEW
+
+    def inputs(self, config: PredictConfig) -> list[Any]:
+        return [config.input, config.checkpoint]
+
+    def finished(self, config: PredictConfig) -> None:
+        if storage.is_remote(config.out) and storage.exists(storage.join(config.out, MANIFEST)):
+            raise InputError(f"{config.out} already holds a finished output ({MANIFEST}); `bertflow {JOB}` writes "
+                             "only a new output: choose another --out (nothing was changed)")
+        return super().finished(config)
+
+    def preflight(self, config: PredictConfig) -> tuple[Path, Any, Any]:
+        """(checkpoint dir, its task row, the input's columns): the checkpoint a fine-tuned one, the input's first
+        row readable and holding the model's columns."""
+        from pipelines.jobs.predict_data import first_item
+
+        checkpoint, spec = find_checkpoint(config.checkpoint)
+        columns = task_columns(config, spec)
+        in_fs, in_path = storage.resolve(config.input)
+        first_item(in_fs, in_path, config.input, columns)
+        return checkpoint, spec, columns
+
+    def run(self, claimed: Claimed[PredictConfig], checked: tuple[Path, Any, Any]) -> dict[str, Any]:
+        """Stream the input through the model into parts, then publish the manifest. Returns a summary."""
         from pipelines.jobs.predict_data import check_tiling
 
+        config, (checkpoint, spec, columns) = claimed.config, checked
+        started = time.time()
+        out_fs, directory, publish = destination(claimed)
+        parts = stream_predictions(config, checkpoint, columns, out_fs, directory)
         rows = check_tiling(parts)
         publish({"format": FORMAT, "job": JOB, "rows": rows, "task": spec.name, "checkpoint": config.checkpoint,
                  "input": config.input, "identity": config.identity(), "seconds": round(time.time() - started, 3),
                  "parts": [{"name": name, "first_row": first, "rows": n} for name, first, n in parts]})
-    return {"rows": rows, "parts": len(parts), "output": config.out, "task": spec.name}
+        return {"rows": rows, "parts": len(parts), "output": config.out, "task": spec.name}
 
 
-def check_output(config: PredictConfig) -> None:
-    """Refuse an --out that is not new (or, on an object store, this job's unfinished run), before any work."""
-    from pipelines.outdir import check_new_output, check_remote_job_dir
-
-    if not storage.is_remote(config.out):
-        check_new_output(Path(config.out), JOB)
-        return
-    if storage.exists(storage.join(config.out, MANIFEST)):
-        raise InputError(f"{config.out} already holds a finished output ({MANIFEST}); `bertflow {JOB}` writes only "
-                         "a new output: choose another --out (nothing was changed)")
-    check_remote_job_dir(config.out, JOB, config.identity())
+def run_predict(config: PredictConfig) -> dict[str, Any]:
+    """Check, claim --out, stream the input through the model into parts, publish. Returns a summary."""
+    return run_job(PredictJob(), config)
 
 
 def find_checkpoint(location: str):
@@ -151,26 +165,21 @@ def task_columns(config: PredictConfig, spec):
     return Columns(inputs, config.id_column)
 
 
-@contextlib.contextmanager
-def claimed_output(config: PredictConfig) -> Iterator[tuple[Any, str, Any]]:
-    """(file system, dir to write the parts into, publish(manifest)) while --out is held (module docstring)."""
-    from pipelines.outdir import atomic_output, claim_dir
-
-    inputs = [config.input, config.checkpoint]
-    if not storage.is_remote(config.out):
-        with atomic_output(config.out, JOB, directory=True, inputs=inputs) as tmp:
-            yield storage.LOCAL, str(tmp), lambda manifest: storage.write_json(tmp / MANIFEST, manifest)
-        return
+def destination(claimed: Claimed[PredictConfig]) -> tuple[Any, str, Callable[[dict[str, Any]], Any]]:
+    """(file system, dir to write the parts into, publish(manifest)) of the claimed output (module docstring)."""
+    if claimed.into is not None:  # local: the temporary, renamed to --out when the job returns
+        tmp = claimed.into
+        return storage.LOCAL, str(tmp), lambda manifest: storage.write_json(tmp / MANIFEST, manifest)
     from pipelines.lease import clear_unfinished
     from pipelines.outdir import JOB_FILE
 
-    with claim_dir(config.out, JOB, config.identity(), inputs) as (resuming, lease):
-        if resuming:
-            removed = clear_unfinished(lease, keep=(JOB_FILE,))
-            print(f"[{JOB}] {config.out}: an unfinished run of the same settings; removed {len(removed)} of its "
-                  "entries, predicting again", flush=True)
-        fs, directory = storage.resolve(config.out)
-        yield fs, directory, lambda manifest: lease.commit(storage.join(config.out, MANIFEST), manifest)
+    out, lease = claimed.out, claimed.lease
+    if claimed.resuming:
+        removed = clear_unfinished(lease, keep=(JOB_FILE,))
+        print(f"[{JOB}] {out}: an unfinished run of the same settings; removed {len(removed)} of its "
+              "entries, predicting again", flush=True)
+    fs, directory = storage.resolve(out)
+    return fs, directory, lambda manifest: lease.commit(storage.join(out, MANIFEST), manifest)
 
 
 def stream_predictions(config: PredictConfig, checkpoint: Path, columns, out_fs, directory: str) -> list:
@@ -178,9 +187,7 @@ def stream_predictions(config: PredictConfig, checkpoint: Path, columns, out_fs,
     import ray
 
     from pipelines.jobs.predict_data import PartsSink, PredictBatch, PredictInput
-    from pipelines.ray_runtime import ensure_ray
 
-    ensure_ray()
     in_fs, in_path = storage.resolve(config.input)
     dataset = ray.data.read_datasource(PredictInput(in_fs, in_path, config.input, columns), override_num_blocks=1)
     dataset.context.execution_options.preserve_order = True  # this dataset's own context, not the process's

@@ -35,7 +35,8 @@ Ray Data streams pass 1 with backpressure; the blocks in its object store are fi
 The output rule: `out` must be absent, or an unfinished run of this job with the same identity
 (config, inputs' names and sizes, tokenizer), which the build resumes; anything else (a finished
 shards dir, another job's output, files bertflow did not write) is refused before any work,
-naming what it holds. The claim is every job dir's (`pipelines.outdir.claim_dir`): one writer
+naming what it holds. The build runs through the job skeleton (`ShardsJob`, a RESUMABLE output of
+`pipelines/jobs/skeleton.run_job`), so the claim is every job dir's (`pipelines.outdir.claim_dir`): one writer
 at a time (a local `flock`, or on S3 `_lease.json` with a fencing generation), `_job.json`
 written first; `_manifest.json` last, through the lease's fence: the output is complete only
 when the manifest exists. A resumed run keeps pass 1 if it finished (`_work/tokenized.json` names its
@@ -71,6 +72,7 @@ from bert.pretraining_data import PretrainingDataConfig
 from bert.pretraining_masking import SpecialTokens
 from bert.shards import FORMAT, MANIFEST, TOKENIZER_DIR, example_schema
 from pipelines.jobs.shard_tasks import build_parts, tokenize_files
+from pipelines.jobs.skeleton import RESUMABLE, Claimed, Job, run_job
 
 JOB = "shards build"  # the command, as the output rule names it
 WORK = "_work"  # buckets and per-part rows while the build runs; removed when it is done
@@ -139,6 +141,86 @@ def load_tokenizer(path: str | os.PathLike[str], lowercase: bool = True) -> Any:
     return Tokenizer.from_vocab_file(path, lowercase=lowercase)
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardsBuild:
+    """One `shards build`: its inputs, output and settings (what `build_shards` takes, as one value)."""
+
+    corpus: tuple[str, ...]  # files or dirs, local or URIs
+    tokenizer: str  # a tokenizer dir, a checkpoint dir or a BERT vocab.txt
+    out: str
+    data: PretrainingDataConfig = dataclasses.field(default_factory=PretrainingDataConfig)
+    corpus_config: CorpusConfig = dataclasses.field(default_factory=CorpusConfig)
+    lowercase: bool = True  # a bare vocab.txt only: a dir brings its own casing
+    options: BuildOptions = dataclasses.field(default_factory=BuildOptions)
+
+
+@dataclasses.dataclass(frozen=True)
+class Checked:
+    """What preflight found: the corpus files, their text sizes, the tokenizer, the settings with the shard count."""
+
+    files: list[InputFile]
+    sizes: list[int]
+    tok: Any
+    data: PretrainingDataConfig
+
+
+class ShardsJob(Job[ShardsBuild]):
+    """`run_job(ShardsJob(), build)`: the skeleton's steps for a shards build (`pipelines/jobs/skeleton.py`);
+    a RESUMABLE output: the output rule of the module docstring."""
+
+    name = JOB
+    required = ("corpus", "tokenizer", "out")
+    paths = ("out",)
+    output = RESUMABLE
+    out_flag = "output"
+    logs = False
+
+    def inputs(self, build: ShardsBuild) -> list[Any]:
+        return [*build.corpus, build.tokenizer]
+
+    def preflight(self, build: ShardsBuild) -> Checked:
+        """Missing corpus or tokenizer paths, a corpus whose files are all empty or binary: before any work."""
+        files = expand_inputs(build.corpus, build.corpus_config)
+        tok = load_tokenizer(build.tokenizer, lowercase=build.lowercase)
+        sizes = [text_bytes(f) for f in files]
+        data = dataclasses.replace(build.data, num_shards=build.data.num_shards or default_num_shards(sizes))
+        _check_some_text(files)
+        return Checked(files, sizes, tok, data)
+
+    def claim_identity(self, build: ShardsBuild, checked: Checked) -> dict[str, Any]:
+        """What defines this build's output: a run with the same identity may resume it."""
+        return {
+            "config": dataclasses.asdict(checked.data),
+            "corpus_config": dataclasses.asdict(build.corpus_config),
+            "inputs": [[f.name, size] for f, size in zip(checked.files, checked.sizes)],
+            "tokenizer_sha256": checked.tok.fingerprint(),
+            "lowercase": getattr(checked.tok, "lowercase", None),
+        }
+
+    def run(self, claimed: Claimed[ShardsBuild], checked: Checked) -> dict[str, Any]:
+        """Both passes (resuming what a killed run finished), then the manifest, last: the output is complete."""
+        out = str(claimed.out)
+        manifest = _build(checked, out, claimed.config)
+        storage.remove(storage.join(out, WORK, "buckets"))
+        claimed.lease.commit(storage.join(out, MANIFEST), manifest)  # last: the output is complete
+        storage.remove(storage.join(out, WORK))
+        return manifest
+
+    def failed(self, claimed: Claimed[ShardsBuild], error: BaseException) -> None:
+        """Remove the output if the build failed on bad input, or stopped before pass 1 finished (nothing to
+        resume). A build killed outright cannot clean up: its re-run resumes or restarts it (module docstring)."""
+        from pipelines.lease import clear_unfinished
+
+        out = str(claimed.out)
+        if storage.exists(storage.join(out, MANIFEST)):
+            return  # complete: only the work dir's removal failed
+        if isinstance(error, InputError) or not storage.exists(storage.join(out, WORK, "tokenized.json")):
+            with contextlib.suppress(Exception):  # the error in hand is the one to report
+                clear_unfinished(claimed.lease)
+                if storage.local_path(out) is not None:
+                    storage.remove(out)
+
+
 def build_shards(
     corpus: Sequence[str | os.PathLike[str]],
     tokenizer: str | os.PathLike[str],
@@ -163,34 +245,14 @@ def build_shards(
     file, for a corrupt or truncated input (unless `corpus_config.skip_unreadable`) or a
     corpus that yields no token at all.
     """
-    from pipelines.outdir import check_disjoint, claim_dir
-
-    options = BuildOptions(num_workers, files_per_task)
-    files = expand_inputs(corpus, corpus_config)
-    tok = load_tokenizer(tokenizer, lowercase=lowercase)
-    out = os.fspath(out).rstrip("/") if storage.is_remote(out) else str(Path(out).absolute())
-    inputs = [*corpus, tokenizer]
-    check_disjoint(out, inputs, "output")
-    sizes = [text_bytes(f) for f in files]
-    config = dataclasses.replace(config, num_shards=config.num_shards or default_num_shards(sizes))
-    _refuse_finished(out)
-    _check_some_text(files)
-    with claim_dir(out, JOB, _identity(files, sizes, tok, config, corpus_config), inputs) as (_, lease):
-        _refuse_finished(out)  # again, holding the claim: another run may have finished it meanwhile
-        with _removed_unless_resumable(out, lease):
-            manifest = _build(files, sizes, tok, out, config, corpus_config, options)
-            storage.remove(storage.join(out, WORK, "buckets"))
-            lease.commit(storage.join(out, MANIFEST), manifest)  # last: the output is complete
-        storage.remove(storage.join(out, WORK))
-    return manifest
+    build = ShardsBuild(tuple(os.fspath(c) for c in corpus), os.fspath(tokenizer), os.fspath(out), config,
+                        corpus_config, lowercase, BuildOptions(num_workers, files_per_task))
+    return run_job(ShardsJob(), build)
 
 
-def _build(files: Sequence[InputFile], sizes: Sequence[int], tok: Any, out: str, config: PretrainingDataConfig,
-           corpus_config: CorpusConfig, options: BuildOptions) -> dict[str, Any]:
+def _build(checked: Checked, out: str, build: ShardsBuild) -> dict[str, Any]:
     """Both passes into `out` (resuming what a killed run finished); returns the manifest."""
-    from pipelines.ray_runtime import ensure_ray
-
-    ensure_ray()  # the caller's runtime if there is one, else RAY_ADDRESS's cluster or a local one
+    files, sizes, tok, config = checked.files, checked.sizes, checked.tok, checked.data
     tokenizer_dir = _save_tokenizer(tok, out)
     work = storage.join(out, WORK)
     with _quiet_ray_data():
@@ -198,7 +260,7 @@ def _build(files: Sequence[InputFile], sizes: Sequence[int], tok: Any, out: str,
         file_rows = _tokenized(work)
         if file_rows is None:
             buckets = str(storage.join(work, "buckets", uuid.uuid4().hex[:12]))  # this attempt's
-            file_rows = _run_tokenize_pass(files, sizes, tok, buckets, config, corpus_config, options)
+            file_rows = _run_tokenize_pass(files, sizes, tok, buckets, config, build.corpus_config, build.options)
             _check_tokenize_pass(file_rows)
             storage.write_json(storage.join(work, "tokenized.json"), {"buckets": buckets, "files": file_rows})
             _say(f"tokenized {len(file_rows)} files, {sum(r['tokens'] for r in file_rows):,} tokens "
@@ -208,58 +270,14 @@ def _build(files: Sequence[InputFile], sizes: Sequence[int], tok: Any, out: str,
         _check_tokenize_pass(file_rows)
         buckets = storage.read_json(storage.join(work, "tokenized.json"))["buckets"]
         start = time.monotonic()
-        shard_rows = _run_build_pass(buckets, work, out, config, SpecialTokens.of(tok), options)
+        shard_rows = _run_build_pass(buckets, work, out, config, SpecialTokens.of(tok), build.options)
         _say(f"built {len(shard_rows)} parts, {sum(r['examples'] for r in shard_rows):,} examples "
              f"in {time.monotonic() - start:.0f} s")
-    return _manifest(config, corpus_config, tok, tokenizer_dir, file_rows, shard_rows)
+    return _manifest(config, build.corpus_config, tok, tokenizer_dir, file_rows, shard_rows)
 
 
 def _say(message: str) -> None:
     print(f"[{JOB}] {message}", flush=True)
-
-
-def _identity(files: Sequence[InputFile], sizes: Sequence[int], tok: Any, config: PretrainingDataConfig,
-              corpus_config: CorpusConfig) -> dict[str, Any]:
-    """What defines this build's output: a run with the same identity may resume it."""
-    return {
-        "config": dataclasses.asdict(config),
-        "corpus_config": dataclasses.asdict(corpus_config),
-        "inputs": [[f.name, size] for f, size in zip(files, sizes)],
-        "tokenizer_sha256": tok.fingerprint(),
-        "lowercase": getattr(tok, "lowercase", None),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# the output rule
-
-
-def _refuse_finished(out: str) -> None:
-    """Refuse a finished shards dir (even of the same settings): a build writes a new output, or resumes its own
-    unfinished one (`pipelines.outdir.claim_dir` refuses everything else, naming what it holds)."""
-    if storage.is_file(out) or storage.is_file(storage.join(out, MANIFEST)):
-        what = "a file" if storage.is_file(out) else f"a finished `bertflow {JOB}` output ({MANIFEST})"
-        raise InputError(f"{out} already exists and holds {what}; `bertflow {JOB}` writes only a new output or "
-                         "resumes its own unfinished run: choose another path (nothing was changed)")
-
-
-@contextlib.contextmanager
-def _removed_unless_resumable(out: str, lease: Any) -> Iterator[None]:
-    """Remove the output if the build fails on bad input, or stops before pass 1 finished (nothing to resume).
-
-    A build killed outright cannot clean up: its re-run resumes or restarts it (module docstring).
-    """
-    from pipelines.lease import clear_unfinished
-
-    try:
-        yield
-    except BaseException as exc:
-        if isinstance(exc, InputError) or not storage.exists(storage.join(out, WORK, "tokenized.json")):
-            with contextlib.suppress(Exception):  # the error in hand is the one to report
-                clear_unfinished(lease)
-                if storage.local_path(out) is not None:
-                    storage.remove(out)
-        raise
 
 
 def _save_tokenizer(tok: Any, out: str) -> Path:
