@@ -151,6 +151,17 @@ def _holder_died_here(lease: dict[str, Any]) -> bool:
     return False
 
 
+def holder(output_uri: str) -> str | None:
+    """Who holds the live lease on the output at `output_uri` ("bertflow run, pid 123 on host, renewed ..."), or
+    None when nobody does (no lease, released or expired)."""
+    found = _read(_client(), f"{output_uri.rstrip('/')}/{LEASE_FILE}")
+    if found is None or not found[2]:
+        return None
+    lease = found[0]
+    return (f"{lease.get('job', 'a run')}, pid {lease.get('pid', '?')} on {lease.get('host', '?')}, "
+            f"renewed {lease.get('written_at', '?')}")
+
+
 @dataclass(frozen=True)
 class Fence:
     """The fencing token of a held lease, for the processes that commit on its holder's behalf.

@@ -46,7 +46,6 @@ from typing import Any
 
 from bert import storage
 from bert.errors import InputError
-from bert.fsutil import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -498,8 +497,8 @@ class PipelineTracker:
 
         self.spec, self.uri, self.run_key = spec, uri, run_key
         self.client = MlflowClient(uri)
-        self.state_file = spec.workdir / "runs" / f"{run_key}.json"
-        state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        self.state_file = storage.join(spec.workdir, "runs", f"{run_key}.json")  # a workdir may be on a store
+        state = storage.read_json(self.state_file) if storage.is_file(self.state_file) else {}
         if state.get("tracking_uri") != uri:
             state = {}
         parent = open_run(uri, spec.experiment, run_name=f"{spec.name}-{run_key[:8]}", run_id=state.get("parent_run_id"),
@@ -517,9 +516,8 @@ class PipelineTracker:
         self._save()
 
     def _save(self) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.state_file, {"tracking_uri": self.uri, "parent_run_id": self.parent,
-                                            "stage_runs": self.stage_runs})
+        storage.write_json(self.state_file, {"tracking_uri": self.uri, "parent_run_id": self.parent,
+                                             "stage_runs": self.stage_runs})
 
     def stage_run(self, node, cached: bool = False) -> str:
         """The stage's nested run: created with the stage's settings as params, or re-opened."""

@@ -151,6 +151,127 @@ def _sst2_dev_sentences(datasets_dir: Path, ids: set) -> dict:
     return {str(i): row["sentence"] for i, row in enumerate(rows) if str(i) in ids}
 
 
+# ----------------------------------------------------------------------------- a pipeline's workdir on the store
+
+
+def test_a_graph_on_an_s3_workdir_runs_caches_cleans_a_killed_publish_and_refuses_a_second_run(
+        ray_local, s3_server, s3_uri, tmp_path):
+    """The DAG core with a workdir on the store: outputs and manifests are objects, the lease is the lock."""
+    import sys as _sys
+
+    import test_dag
+    from pipelines import lease
+    from pipelines.dag.graph import MANIFEST, Graph, lock_holder
+    from pipelines.dag.runner import run_graph
+
+    ray_local.cloudpickle.register_pickle_by_value(test_dag)  # its stage functions, in Ray workers
+    assert _sys.modules["test_dag"] is test_dag
+    log = tmp_path / "log"
+    log.mkdir()
+    work = f"{s3_uri}/work"
+    graph = Graph.build(test_dag.diamond(log), work)
+    d = graph.nodes["d"]
+    assert d.final == f"{work}/d/{d.key}"
+    assert sorted(run_graph(graph).done) == ["a", "b", "c", "d"]
+    assert storage.read_text(f"{d.final}/value.txt") == "a+b+a+c+d"
+    assert storage.read_json(f"{d.final}/{MANIFEST}")["key"] == d.key
+    keys = _tree(s3_server, work)
+    assert not any(".work/" in k or k.endswith(".running") for k in keys)  # work prefixes and markers removed
+    assert storage.read_json(f"{work}/_lease.json")["released"] and lock_holder(work) is None
+    assert graph.status() == dict.fromkeys("abcd", "cached")
+
+    again = run_graph(Graph.build(test_dag.diamond(log), work))
+    assert again.done == [] and sorted(again.cached) == ["a", "b", "c", "d"]
+    assert test_dag.counts(log) == dict.fromkeys("abcd", 1)
+
+    # a killed run's leftovers: an upload cut short (objects, no manifest) and a running marker
+    changed = Graph.build(test_dag.diamond(log, b="B"), work)
+    b = changed.nodes["b"]
+    storage.write_text(f"{b.final}/value.txt", "half")
+    storage.write_text(b.running_marker, "pid 1")
+    assert changed.status()["b"] == "missing"
+    result = run_graph(changed)
+    assert sorted(result.done) == ["b", "d"] and sorted(result.cached) == ["a", "c"]
+    assert storage.read_text(f"{b.final}/value.txt") == "a+B" and not storage.exists(b.running_marker)
+
+    # a second run while another writer holds the workdir's lease: refused, nothing changed
+    with lease.acquire(work, job="bertflow run"):
+        assert "bertflow run" in lock_holder(work)
+        before = _tree(s3_server, work)
+        _refused(lambda: run_graph(Graph.build(test_dag.diamond(log, a="A"), work)), "in use by another writer")
+        assert _tree(s3_server, work) == before
+    assert test_dag.counts(log) == {"a": 1, "b": 2, "c": 1, "d": 2}
+
+
+# Small but real, as tests/test_pipeline_e2e.py runs it: every stage runs, the fine-tunes train one epoch.
+QUICKSTART_FAST = [
+    "--set", "pretrain_phase1.max_steps=20", "--set", "pretrain_phase1.warmup_steps=2",
+    "--set", "pretrain_phase1.checkpoint_every=5",
+    "--set", "pretrain_phase2.max_steps=6", "--set", "pretrain_phase2.warmup_steps=1",
+    "--set", "finetune.epochs=1", "--set", "finetune.max_train_examples=512",
+    "--set", "finetune_scratch.epochs=1", "--set", "finetune_scratch.max_train_examples=512",
+]
+
+
+@pytest.mark.slow  # about as long as the local quickstart (tests/test_pipeline_e2e.py); run with -m slow
+def test_quickstart_pipeline_with_an_s3_workdir_end_to_end_killed_and_resumed(ray_local, s3_server, s3_uri,
+                                                                               tmp_path):
+    """`bertflow run pipelines/quickstart.yaml --workdir s3://...`: SIGKILLed once phase-1 pretraining has a
+    checkpoint on the store, run again: it resumes that pretraining from its checkpoint into the same MLflow
+    runs, finishes every stage on the store (manifests last), puts the MLflow artifacts under the workdir, and a
+    third run finds every stage cached."""
+    from mlflow.tracking import MlflowClient
+
+    work = f"{s3_uri}/quickstart"
+    args = [sys.executable, "-m", "pipelines.cli", "run", "pipelines/quickstart.yaml", "--workdir", work,
+            *QUICKSTART_FAST]
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT),
+           "PYTHONUNBUFFERED": "1", "BERTFLOW_CACHE": str(tmp_path / "cache")}
+    bertflow = lambda **kw: subprocess.Popen(args, cwd=ROOT, env=env, start_new_session=True, text=True, **kw)  # noqa: E731
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:
+        first = bertflow(stdout=f, stderr=subprocess.STDOUT)
+    checkpoint = lambda: [k for k in _tree(s3_server, f"{work}/pretrain/")  # noqa: E731
+                          if "/_ray/train/step-" in k and k.endswith("train_state.json")]
+    try:
+        wait_for(lambda: checkpoint() or first.poll() is not None, 1200, "a phase-1 checkpoint on S3")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert checkpoint(), log.read_text()[-3000:]
+    runs_file = next(k for k in _tree(s3_server, f"{work}/runs/"))
+    parent = storage.read_json(f"s3://{s3_server.bucket}/{runs_file}")["parent_run_id"]
+
+    second = bertflow(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = second.communicate(timeout=2400)
+    assert second.returncode == 0, (out + err)[-4000:]
+    assert "[pretrain] resuming from s3://" in out, out[-3000:]
+    assert storage.read_json(f"s3://{s3_server.bucket}/{runs_file}")["parent_run_id"] == parent  # same MLflow run
+    keys = _tree(s3_server, work)
+    prefix = work.split("/", 3)[3]
+    manifests = {k.split("/")[-3] for k in keys if k.endswith("/_manifest.json") and "/mlartifacts/" not in k
+                 and k.count("/") == prefix.count("/") + 3}
+    assert manifests == {"pydoc_corpus", "tokenizer", "shards", "pretrain", "finetune", "random_init", "report"}
+    assert not any(".work/" in k for k in keys)  # every work prefix removed once its stage was published
+    assert any(f"{prefix}/pretrain/" in k and k.endswith("/checkpoint/model.safetensors") for k in keys)
+    assert any(f"{prefix}/report/" in k and k.endswith("/report.md") for k in keys)
+    assert any(k.startswith(f"{prefix}/mlartifacts/") and k.endswith("report.md") for k in keys)  # parent's report
+    assert any(k.startswith(f"{prefix}/mlartifacts/") and k.endswith("model.safetensors") for k in keys)  # a job's
+    tracking = next((tmp_path / "cache" / "tracking").glob("*/mlflow.db"))
+    client = MlflowClient(f"sqlite:///{tracking}")
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith(f"{work}/mlartifacts/")
+    assert "report" in {a.path for a in client.list_artifacts(parent)}
+    results = json.loads(storage.read_text(next(f"s3://{s3_server.bucket}/{k}" for k in keys
+                                                 if f"{prefix}/report/" in k and k.endswith("/results.json"))))
+    assert results  # the report read every stage's output from the store
+
+    third = bertflow(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = third.communicate(timeout=900)
+    assert third.returncode == 0, err[-3000:]
+    assert "0 stage(s) ran, 13 cached" in out, out[-2000:]
+
+
 # ----------------------------------------------------------------------------- refusals: one line, nothing written
 
 
@@ -250,14 +371,16 @@ def test_convert_and_tokenizer_write_a_new_output_to_s3_with_its_manifest_last(m
 
 
 def test_what_is_not_routed_yet_is_refused_in_one_line_before_anything_is_written(s3_uri, tmp_path, monkeypatch,
-                                                                                  capsys, datasets_dir, minilm_dir):
-    """A pipeline's workdir and a sweep's --out must be local for now (README, "Running on a cluster")."""
+                                                                                  capsys):
+    """A pipeline's workdir on a store other than S3 (its lease needs S3's conditional PUT), and an
+    evaluate_checkpoints stage with a workdir on a store (its fine-tune cache lives beside its output by path)."""
     from cli_helpers import assert_refused, cli
 
     monkeypatch.chdir(tmp_path)
     spec = ROOT / "pipelines" / "quickstart.yaml"
-    assert_refused(cli(capsys, "run", spec, "--workdir", f"{s3_uri}/pipeline", "--dry-run"), "run",
-                   "must be a local path for now")
-    assert_refused(cli(capsys, "sweep", "--task", "sst2", "--data", datasets_dir, "--checkpoint", minilm_dir,
-                       "--grid", "paper", "--out", f"{s3_uri}/sweep"), "sweep", "writes to a local path only for now")
-    assert list(tmp_path.iterdir()) == [] and not storage.exists(s3_uri)
+    assert_refused(cli(capsys, "run", spec, "--workdir", "gs://some-bucket/pipeline", "--dry-run"), "run",
+                   "gs://some-bucket/pipeline", "a local path or s3://")
+    curves = tmp_path / "curves.yaml"
+    curves.write_text(f"name: curves\nworkdir: {s3_uri}/pipeline\nstages:\n  curves: {{kind: evaluate_checkpoints}}\n")
+    assert_refused(cli(capsys, "run", curves), "run", "stage curves", "needs a local workdir for now", s3_uri)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.yaml"] and not storage.exists(s3_uri)

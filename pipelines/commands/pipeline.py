@@ -10,6 +10,11 @@ lock and runs every stage that is not cached. MLflow: one parent run per run key
 the spec, the run key and the git revision; a re-run of the same spec re-opens it), one nested
 run per stage, and the report stage's files as artifacts of the parent run. Tracking defaults
 to SQLite under the workdir; `MLFLOW_TRACKING_URI` points it at a server.
+
+The workdir may be `s3://bucket/prefix` (`workdir:` in the spec, or `--workdir`): stage outputs, their
+work prefixes and the MLflow artifacts (`<workdir>/mlartifacts/`) live there, the run holds the
+workdir's lease instead of its flock (pipelines/dag/graph.py), and the default SQLite tracking store
+lives in this machine's cache (`MLFLOW_TRACKING_URI` for one store across machines).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bert import storage
 from bert.errors import InputError
 from pipelines.dag.schedule import RAY_IMAGE
 from pipelines.ray_runtime import PROJECT_ROOT
@@ -176,20 +182,21 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     # Preflight: everything that can refuse does so before a file is written.
     check_ray_address(args.address or os.environ.get("RAY_ADDRESS"))
+    storage.check_bucket(spec.workdir)  # a missing bucket, refused credentials, no store: one line, nothing written
     uri = default_tracking_uri(spec.workdir)
     check_tracking(uri)
-    spec.workdir.mkdir(parents=True, exist_ok=True)
-    with workdir_lock(spec.workdir, wait=args.wait_lock):  # refuses at once if another run holds it
+    storage.make_dirs(spec.workdir)
+    with workdir_lock(spec.workdir, wait=args.wait_lock) as lease:  # refuses at once if another run holds it
         tracker = PipelineTracker(spec, uri, run_key, git_revision())
         ensure_ray(args.address, int(spec.ray.get("num_cpus", 0)) or None, configure_logging=False)
         ok = False
         try:
             result = run_graph(graph, force=args.force, until=args.until, max_concurrent=spec.max_concurrent,
-                               observer=PipelineObserver(tracker), lock=False)
+                               observer=PipelineObserver(tracker), lock=False, lease=lease)
             ok = True
         finally:
             report = next((n for n in graph.nodes.values() if n.stage.kind == "report" and n.is_done()), None)
-            tracker.finish(ok, report.final if report else None)
+            tracker.finish(ok, storage.local_copy(report.final, "stages") if report else None)
     print(f"pipeline {spec.name}: {len(result.done)} stage(s) ran, {len(result.cached)} cached, "
           f"in {time.time() - started:.1f}s; MLflow parent run {tracker.parent} ({uri})")
     return 0
@@ -206,9 +213,10 @@ def submit_command(args: argparse.Namespace) -> int:
     except ValueError:
         raise InputError(f"{spec_path}: submit ships the project dir {PROJECT_ROOT}; put the spec inside it") from None
     workdir = args.workdir or p.spec.raw["workdir"]
-    if not Path(os.path.expandvars(workdir)).is_absolute():
+    if not storage.is_remote(os.path.expandvars(workdir)) and not Path(os.path.expandvars(workdir)).is_absolute():
         raise InputError(f"workdir {workdir!r} is relative: on a cluster it would land in the job's temporary "
-                         "working dir; pass an absolute --workdir on storage every node shares")
+                         "working dir; pass --workdir s3://bucket/prefix, or an absolute path on storage every node "
+                         "shares")
     command = ["python", "-m", "pipelines.cli", "run", str(relative_spec), "--workdir", workdir]
     for item in args.overrides:
         command += ["--set", item]
@@ -218,6 +226,10 @@ def submit_command(args: argparse.Namespace) -> int:
         command += ["--run-key", args.run_key]
     entrypoint = shlex.join(command)
     env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "BERTFLOW_DATASETS") if os.environ.get(k)}
+    if storage.is_remote(os.path.expandvars(workdir)):  # the store this shell names; never its secrets (the Ray
+        # dashboard shows a job's env): credentials on the cluster come from its nodes (instance profile)
+        env_vars |= {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+                                                "AWS_DEFAULT_REGION") if os.environ.get(k)}
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     try:

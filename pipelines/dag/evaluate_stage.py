@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bert import storage
 from bert.errors import InputError
 
 SET_BY_PIPELINE = ("task", "data", "checkpoint", "out", "tokenizer", "seed", "seeds", "tracking_uri",
@@ -137,11 +138,14 @@ def _check_task(task: str, where: str) -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_dirs(root: Path) -> list[Path]:
-    """The complete training checkpoints under `root` (`step-*` dirs), by step."""
+def checkpoint_dirs(root: storage.Location) -> list[Any]:
+    """The complete training checkpoints under `root` (`step-*` dirs, or prefixes on an object store), by step."""
     from bert.pretrain import TrainState
 
-    found = [d for d in root.glob("step-*") if d.is_dir() and TrainState.complete(d)]
+    if not storage.is_dir(root):
+        return []
+    found = [storage.join(root, n) for n in storage.list_dir(root) if n.startswith("step-")]
+    found = [d for d in found if TrainState.complete(d)]
     return sorted(found, key=lambda d: TrainState.read(d).step)
 
 

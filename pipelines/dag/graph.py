@@ -18,6 +18,17 @@ A dir without `_manifest.json` is never taken as done. The runner holds an exclu
 `fcntl.flock` on `<workdir>/.lock` for the whole run, so two runs of one workdir never
 interleave; under the lock it removes temporary dirs that killed runs left behind.
 
+**A workdir on an object store** (`workdir: s3://bucket/run`, DESIGN.md principle 11): the same layout,
+as prefixes. The workdir's lock is its lease (`<workdir>/_lease.json`, `pipelines/lease.py`: a conditional
+PUT, renewed while the run lasts; a second run is refused). A stage writes into a local temporary dir
+(`$BERTFLOW_CACHE/stages/...`), reads its upstream outputs from local copies (downloaded once per
+machine, `storage.local_copy`), and is published by uploading that dir to `<kind>/<key>/` and then
+`_manifest.json`, last and behind the lease's fence: a prefix without a manifest (a killed upload) is never
+taken as done and is removed by the next run under the lease. Outputs a stage's job already wrote to the
+store (a pretraining's checkpoint under `<key>.work/`) are copied into place on the server
+(`StageContext.adopt`), not downloaded and uploaded again. `<key>.work/` is a prefix too, so a killed
+pretraining or fine-tune resumes from its checkpoints there, from any machine. Markers are objects.
+
 `pipelines/dag/runner.py` runs a graph on Ray. The DAG core knows nothing about BERT:
 `pipelines/dag/stages.py` builds the stage table.
 """
@@ -31,15 +42,19 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bert import storage
 from bert.errors import BertflowError, InputError
 from bert.fsutil import write_json_atomic
 from pipelines import outdir
+
+Location = Path | str  # a local path, or the URI of a prefix on an object store
 
 MANIFEST = "_manifest.json"
 LOCK_FILE = outdir.LOCK_FILE
@@ -61,14 +76,25 @@ class StageContext:
     kind: str
     key: str
     config: Any  # the stage's typed config (a frozen dataclass)
-    inputs: Mapping[str, Path]  # input role -> upstream output dir
-    out: Path  # temporary dir, renamed to the final dir when the function returns
-    work: Path  # stable scratch dir `<key>.work/` (exists; removed after success)
-    final: Path  # the dir `out` becomes
+    inputs: Mapping[str, Path]  # input role -> upstream output dir (a local copy, for a workdir on a store)
+    out: Path  # temporary local dir, renamed to (or uploaded as) the final dir when the function returns
+    work: Location  # stable scratch `<key>.work/` (a prefix on a store; removed after success)
+    final: Location  # the dir `out` becomes
     tracking: Mapping[str, str] | None = None  # {"tracking_uri", "run_id"}: the stage's MLflow run, if any
+    adopted: list = field(default_factory=list)  # (location, path in the output): copied in at publish time
 
     def log(self, message: str) -> None:
         print(f"[{self.name}] {message}", flush=True)
+
+    def adopt(self, source: Location, relative: str) -> None:
+        """Make `source` (a file or dir the stage's job wrote, e.g. under `work`) part of the output at `relative`:
+        hard-linked into `out` now on a local disk, copied on the server when the output is published on a store."""
+        if storage.is_remote(source):
+            self.adopted.append((str(source), relative))
+        else:
+            target = self.out / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            link_tree(Path(source), target)
 
     def job_tracking(self) -> dict[str, Any]:
         """The tracking settings of the job a stage runs: the stage's MLflow run as the job run's parent."""
@@ -193,7 +219,7 @@ class Node:
 
     stage: Stage
     key: str
-    final: Path
+    final: Location  # a Path, or the URI of a prefix for a workdir on an object store
     upstream: tuple[str, ...]  # node names (deduplicated, in input order)
 
     @property
@@ -201,19 +227,43 @@ class Node:
         return self.stage.name
 
     @property
-    def work(self) -> Path:
-        return self.final.with_name(self.key + ".work")
+    def work(self) -> Location:
+        return sibling(self.final, self.key + ".work")
 
     @property
-    def running_marker(self) -> Path:
-        return self.final.with_name(self.key + ".running")
+    def running_marker(self) -> Location:
+        return sibling(self.final, self.key + ".running")
 
     @property
-    def failed_marker(self) -> Path:
-        return self.final.with_name(self.key + ".failed")
+    def failed_marker(self) -> Location:
+        return sibling(self.final, self.key + ".failed")
 
     def is_done(self) -> bool:
-        return (self.final / MANIFEST).is_file()
+        if isinstance(self.final, Path):
+            return (self.final / MANIFEST).is_file()
+        return storage.is_file(storage.join(self.final, MANIFEST))
+
+
+def sibling(location: Location, name: str) -> Location:
+    """`name` next to `location` (a Path beside a Path, a URI beside a URI)."""
+    if isinstance(location, Path):
+        return location.with_name(name)
+    return f"{str(location).rstrip('/').rsplit('/', 1)[0]}/{name}"
+
+
+def write_marker(location: Location, text: str) -> None:
+    if isinstance(location, Path):
+        location.parent.mkdir(parents=True, exist_ok=True)
+        location.write_text(text)
+    else:
+        storage.write_text(location, text)
+
+
+def remove_marker(location: Location) -> None:
+    if isinstance(location, Path):
+        location.unlink(missing_ok=True)
+    else:
+        storage.remove(location)
 
 
 def topological_order(stages: Sequence[Stage]) -> list[Stage]:
@@ -254,17 +304,17 @@ def topological_order(stages: Sequence[Stage]) -> list[Stage]:
 class Graph:
     """Stages in topological order with their keys and output dirs under `workdir`."""
 
-    workdir: Path
+    workdir: Location
     nodes: Mapping[str, Node]  # in topological order
 
     @classmethod
     def build(cls, stages: Sequence[Stage], workdir: str | Path) -> Graph:
-        workdir = Path(workdir).resolve()
+        workdir = str(workdir).rstrip("/") if storage.is_remote(workdir) else Path(workdir).resolve()
         nodes: dict[str, Node] = {}
         for s in topological_order(stages):
             upstream_keys = {role: nodes[name].key for role, name in s.inputs.items()}
             key = stage_key(s.kind, s.version, s.config_fields, upstream_keys)
-            nodes[s.name] = Node(s, key, workdir / s.kind / key, tuple(dict.fromkeys(s.inputs.values())))
+            nodes[s.name] = Node(s, key, storage.join(workdir, s.kind, key), tuple(dict.fromkeys(s.inputs.values())))
         return cls(workdir, nodes)
 
     def descendants(self, name: str) -> list[str]:
@@ -324,9 +374,9 @@ class Graph:
         for n, node in self.nodes.items():
             if node.is_done():
                 result[n] = "cached"
-            elif node.running_marker.exists() and locked:
+            elif storage.exists(node.running_marker) and locked:
                 result[n] = "running"
-            elif node.failed_marker.exists():
+            elif storage.exists(node.failed_marker):
                 result[n] = "failed"
             else:
                 result[n] = "missing"
@@ -336,20 +386,48 @@ class Graph:
 # ----------------------------------------------------------------------------- the workdir lock
 
 
-def lock_holder(workdir: Path) -> str | None:
-    """Who holds `<workdir>/.lock` ("pid 123 on host since ..."), or None if nobody does."""
-    return outdir.lock_holder(workdir / LOCK_FILE)
+def lock_holder(workdir: Location) -> str | None:
+    """Who holds `<workdir>/.lock` ("pid 123 on host since ..."), or the workdir's live lease on a store; None if
+    nobody does."""
+    if storage.is_remote(workdir):
+        from pipelines.lease import holder
+
+        return holder(str(workdir))
+    return outdir.lock_holder(Path(workdir) / LOCK_FILE)
 
 
-def workdir_lock(workdir: Path, wait: bool = False) -> contextlib.AbstractContextManager[None]:
-    """Hold an exclusive lock on the workdir; refuse (or wait, with `wait`) if another run holds it."""
-    return outdir.lock(workdir / LOCK_FILE, str(workdir), wait=wait, user="pipeline run",
-                       hint="; wait for it to finish (or pass --wait-lock), or choose another --workdir")
+@contextlib.contextmanager
+def workdir_lock(workdir: Location, wait: bool = False) -> Iterator[Any]:
+    """Hold an exclusive lock on the workdir; refuse (or wait, with `wait`) if another run holds it.
+
+    Yields None for a local workdir (its flock needs no fence), or the workdir's `S3Lease` on an object store,
+    whose `fence()` the stages get, to check before they publish a manifest."""
+    if not storage.is_remote(workdir):
+        with outdir.lock(Path(workdir) / LOCK_FILE, str(workdir), wait=wait, user="pipeline run",
+                         hint="; wait for it to finish (or pass --wait-lock), or choose another --workdir"):
+            yield None
+        return
+    from pipelines.lease import acquire
+
+    while True:
+        stack = contextlib.ExitStack()
+        try:
+            held = stack.enter_context(acquire(str(workdir), job="bertflow run"))
+        except InputError as exc:
+            if not wait or "in use by another writer" not in str(exc):
+                raise
+            time.sleep(5.0)  # the holder renews its lease until it ends, then releases it
+            continue
+        with stack:
+            yield held
+        return
 
 
-def remove_leftovers(graph: Graph) -> list[Path]:
+def remove_leftovers(graph: Graph) -> list[Location]:
     """Under the lock: temporary dirs and `.running` markers of killed runs, and final dirs
     without a manifest (never taken as done). Returns what was removed."""
+    if storage.is_remote(graph.workdir):
+        return _remove_remote_leftovers(graph)
     removed = []
     for kind_dir in {node.final.parent for node in graph.nodes.values()}:
         if not kind_dir.is_dir():
@@ -366,15 +444,36 @@ def remove_leftovers(graph: Graph) -> list[Path]:
     return removed
 
 
+def _remove_remote_leftovers(graph: Graph) -> list[Location]:
+    """`remove_leftovers` for a workdir on a store: `.running` markers, and output prefixes without a manifest (a
+    killed upload); this machine's local temporaries of the workdir's stages (no other run holds the lease)."""
+    removed: list[Location] = []
+    for node in graph.nodes.values():
+        if storage.exists(node.running_marker):
+            storage.remove(node.running_marker)
+            removed.append(node.running_marker)
+        if storage.is_dir(node.final) and not node.is_done():
+            storage.remove(node.final)
+            removed.append(node.final)
+    spool = storage.cache_dir("stages", graph.workdir)
+    for item in spool.glob(".*.tmp-*") if spool.is_dir() else ():
+        shutil.rmtree(item, ignore_errors=True)
+        removed.append(item)
+    return removed
+
+
 # ----------------------------------------------------------------------------- executing one stage
 
 
 def execute_stage(stage: Stage, key: str, final: str, inputs: Mapping[str, str], tracking: Mapping[str, str] | None,
-                  attempt: int) -> dict[str, Any]:
+                  attempt: int, fence: Any = None) -> dict[str, Any]:
     """Run one stage (inside a Ray task): write to a temporary dir, add `_manifest.json`, rename.
 
-    Returns the manifest. A stage found done (another attempt got there) is not run again.
+    Returns the manifest. A stage found done (another attempt got there) is not run again. A `final` on an
+    object store: `_execute_remote` (published by upload, the manifest last behind the workdir lease's `fence`).
     """
+    if storage.is_remote(final):
+        return _execute_remote(stage, key, final, inputs, tracking, attempt, fence)
     final_path = Path(final)
     if (final_path / MANIFEST).is_file():
         return json.loads((final_path / MANIFEST).read_text())
@@ -392,20 +491,7 @@ def execute_stage(stage: Stage, key: str, final: str, inputs: Mapping[str, str],
     started = time.time()
     try:
         result = stage.fn(ctx) or {}
-        manifest = {
-            "stage": stage.kind,
-            "name": stage.name,
-            "key": key,
-            "version": stage.version,
-            "config": _canonical(stage.config_fields),
-            "inputs": dict(inputs),
-            "result": _canonical(dict(result)),
-            "started": started,
-            "finished": time.time(),
-            "seconds": time.time() - started,
-            "host": socket.gethostname(),
-            "attempt": attempt,
-        }
+        manifest = _manifest(stage, key, inputs, result, started, attempt)
         write_json_atomic(tmp / MANIFEST, manifest)  # last file written: marks the dir complete
         if final_path.exists():  # a dir without manifest (killed publish): never taken as done
             shutil.rmtree(final_path)
@@ -414,6 +500,59 @@ def execute_stage(stage: Stage, key: str, final: str, inputs: Mapping[str, str],
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+def _manifest(stage: Stage, key: str, inputs: Mapping[str, str], result: Mapping[str, Any], started: float,
+              attempt: int) -> dict[str, Any]:
+    return {
+        "stage": stage.kind,
+        "name": stage.name,
+        "key": key,
+        "version": stage.version,
+        "config": _canonical(stage.config_fields),
+        "inputs": dict(inputs),
+        "result": _canonical(dict(result)),
+        "started": started,
+        "finished": time.time(),
+        "seconds": time.time() - started,
+        "host": socket.gethostname(),
+        "attempt": attempt,
+    }
+
+
+def _execute_remote(stage: Stage, key: str, final: str, inputs: Mapping[str, str],
+                    tracking: Mapping[str, str] | None, attempt: int, fence: Any) -> dict[str, Any]:
+    """`execute_stage` for a workdir on an object store (see the module docstring)."""
+    manifest_uri = storage.join(final, MANIFEST)
+    if storage.is_file(manifest_uri):
+        return storage.read_json(manifest_uri)
+    workdir = final.rsplit("/", 2)[0]
+    local_inputs = {role: storage.local_copy(p, "stages") for role, p in inputs.items()}  # once per machine
+    spool = storage.cache_dir("stages", workdir)
+    spool.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=spool))
+    ctx = StageContext(name=stage.name, kind=stage.kind, key=key, config=stage.config, inputs=local_inputs, out=tmp,
+                       work=sibling(final, key + ".work"), final=final, tracking=tracking)
+    started = time.time()
+    try:
+        result = stage.fn(ctx) or {}
+        manifest = _manifest(stage, key, inputs, result, started, attempt)
+        if fence is not None:
+            fence.check()  # a run that lost the workdir's lease publishes nothing
+        if storage.exists(final):  # a killed upload's objects (no manifest): never taken as done
+            storage.remove(final)
+        if any(tmp.iterdir()):
+            storage.upload_dir(tmp, final)
+        for source, relative in ctx.adopted:
+            storage.copy(source, storage.join(final, relative))  # server-side, inside one store
+        if fence is not None:
+            fence.commit(manifest_uri, manifest)  # written last: the output now exists
+        else:
+            storage.write_json(manifest_uri, manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    storage.remove(ctx.work)
     return manifest
 
 

@@ -10,17 +10,16 @@ the pipeline's MLflow runs, `PipelineObserver` below).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.dag.graph import (MANIFEST, Graph, Node, PipelineError, execute_stage, remove_leftovers,
-                                 workdir_lock)
+from bert import storage
+from pipelines.dag.graph import (MANIFEST, Graph, Node, PipelineError, execute_stage, remove_leftovers, remove_marker,
+                                 workdir_lock, write_marker)
 
 
 @dataclass(frozen=True)
@@ -91,16 +90,18 @@ class RunResult:
 
 def run_graph(graph: Graph, *, force: Sequence[str] = (), until: Sequence[str] = (), max_concurrent: int = 8,
               observer: Observer | None = None, wait_lock: bool = False, lock: bool = True,
-              raise_on_failure: bool = True) -> RunResult:
+              raise_on_failure: bool = True, lease: Any = None) -> RunResult:
     """Run every stage of `graph` that is not done, on Ray (which must be initialised).
 
     `force` names stages (names, kinds or prefixes) to run again together with their
     descendants, even if done. `until` limits the run to the named stages and what they need.
-    Holds the workdir lock throughout (`lock=False`: the caller holds it).
+    Holds the workdir lock throughout (`lock=False`: the caller holds it, and passes the workdir's `lease` when
+    the workdir is on an object store).
     """
-    with workdir_lock(graph.workdir, wait=wait_lock) if lock else contextlib.nullcontext():
+    with workdir_lock(graph.workdir, wait=wait_lock) if lock else contextlib.nullcontext(lease) as held:
         remove_leftovers(graph)
-        run = _Run(graph, graph.forced(force), observer or Observer(), max_concurrent)
+        fence = held.fence() if held is not None else None
+        run = _Run(graph, graph.forced(force), observer or Observer(), max_concurrent, fence)
         run.plan(graph.wanted(until))
         run.loop()
     if raise_on_failure and not run.result.ok:
@@ -111,10 +112,11 @@ def run_graph(graph: Graph, *, force: Sequence[str] = (), until: Sequence[str] =
 class _Run:
     """The state of one `run_graph` call: each node pending | running | done | failed | skipped | unwanted."""
 
-    def __init__(self, graph: Graph, forced: set[str], observer: Observer, max_concurrent: int):
+    def __init__(self, graph: Graph, forced: set[str], observer: Observer, max_concurrent: int, fence: Any = None):
         import ray
 
         self.graph, self.forced, self.observer, self.max_concurrent = graph, forced, observer, max_concurrent
+        self.fence = fence  # the workdir lease's fencing token (a workdir on an object store), else None
         self.result = RunResult()
         self.state: dict[str, str] = {}
         self.running: dict[Any, tuple[str, int, float]] = {}  # ObjectRef -> (node, attempt, started)
@@ -130,7 +132,7 @@ class _Run:
                 self.observer.on_event(node, StageEvent(n, "cached", manifest=_read_manifest(node)))
             else:
                 self.state[n] = "pending"
-                node.failed_marker.unlink(missing_ok=True)
+                remove_marker(node.failed_marker)
 
     def loop(self) -> None:
         import ray
@@ -154,16 +156,17 @@ class _Run:
 
     def submit(self, n: str, attempt: int) -> None:
         node = self.graph.nodes[n]
-        if n in self.forced and node.final.exists() and attempt == 0:
-            shutil.rmtree(node.final)
+        if n in self.forced and attempt == 0 and storage.exists(node.final):
+            storage.remove(node.final)
         inputs = {role: str(self.graph.nodes[u].final) for role, u in node.stage.inputs.items()}
         options = {**node.stage.resources, "max_retries": 0}
+        if storage.is_remote(node.final):  # the store and credentials this driver uses, in the stage's worker too
+            options["runtime_env"] = {"env_vars": storage.environment()}
         ref = self.remote.options(**options).remote(
-            node.stage, node.key, str(node.final), inputs, self.observer.stage_tracking(node), attempt)
+            node.stage, node.key, str(node.final), inputs, self.observer.stage_tracking(node), attempt, self.fence)
         self.running[ref] = (n, attempt, time.time())
         self.state[n] = "running"
-        node.running_marker.parent.mkdir(parents=True, exist_ok=True)
-        node.running_marker.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        write_marker(node.running_marker, f"pid {os.getpid()} on {socket.gethostname()}\n")
         self.observer.on_event(node, StageEvent(n, "started", attempt=attempt))
 
     def collect(self, ref) -> None:
@@ -171,7 +174,7 @@ class _Run:
 
         n, attempt, started = self.running.pop(ref)
         node, seconds = self.graph.nodes[n], time.time() - started
-        node.running_marker.unlink(missing_ok=True)
+        remove_marker(node.running_marker)
         try:
             manifest = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - a stage's failure is reported, not raised here
@@ -191,7 +194,7 @@ class _Run:
         self.state[n] = "failed"
         self.result.failed[n] = error
         self.result.seconds[n] = seconds
-        node.failed_marker.write_text(error)
+        write_marker(node.failed_marker, error)
         self.observer.on_event(node, StageEvent(n, "failed", seconds, attempt, error))
         for d in self.graph.descendants(n):
             if self.state[d] == "pending":
@@ -213,8 +216,8 @@ def describe_failure(result: RunResult) -> str:
 
 def _read_manifest(node: Node) -> dict[str, Any] | None:
     try:
-        return json.loads((node.final / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        return storage.read_json(storage.join(node.final, MANIFEST))
+    except (OSError, ValueError):  # missing or unreadable (InputError is a ValueError)
         return None
 
 

@@ -1,7 +1,7 @@
 """Pipeline specs: YAML files naming stages, their inputs and their typed settings.
 
     name: quickstart
-    workdir: out/quickstart          # relative to the current directory; --workdir overrides
+    workdir: out/quickstart          # relative to the current directory, or s3://bucket/prefix; --workdir overrides
     experiment: bertflow-quickstart  # MLflow experiment of the parent run and every stage run
     max_concurrent: 4                # stages running at once (Ray resources limit them too)
     max_retries: 1                   # default for every stage
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from bert import storage
 from bert.errors import InputError
 
 TOP_LEVEL_KEYS = {
@@ -65,7 +65,7 @@ class StageSpec:
 class Spec:
     path: Path
     name: str
-    workdir: Path
+    workdir: Path | str  # a local dir, or the URI of a prefix on an object store (s3://...)
     experiment: str
     max_concurrent: int
     ray: Mapping[str, Any]
@@ -158,14 +158,19 @@ def _parse(raw: dict[str, Any], path: Path, overrides: tuple[str, ...]) -> Spec:
     max_concurrent = raw.get("max_concurrent", 4)
     if max_concurrent < 1:
         raise InputError(f"{path}: max_concurrent must be at least 1, got {max_concurrent}")
-    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", str(raw["workdir"])) and not str(raw["workdir"]).startswith("file://"):
-        raise InputError(f"{path}: workdir {raw['workdir']}: a pipeline's workdir must be a local path for now (its "
-                         "stages publish by rename under a flock; issue 27); a job's --out may be s3://... "
-                         "(nothing was written)")
+    workdir: Path | str = os.path.expandvars(os.path.expanduser(raw["workdir"]))
+    if storage.is_remote(workdir):  # a prefix on an object store (pipelines/dag/graph.py): its lease is its lock
+        if storage.scheme(workdir) not in ("s3", "s3a"):
+            raise InputError(f"{path}: workdir {workdir}: a pipeline's workdir may be a local path or s3://... (its "
+                             "one-writer lease needs S3's conditional PUT); nothing was written")
+        workdir = workdir.rstrip("/")
+        storage.resolve(workdir)  # a URI without a bucket: one line now
+    else:
+        workdir = storage.local_path(workdir).resolve()
     return Spec(
         path=path.resolve(),
         name=raw["name"],
-        workdir=Path(os.path.expandvars(os.path.expanduser(raw["workdir"]))).resolve(),
+        workdir=workdir,
         experiment=raw.get("experiment", f"bertflow-{raw['name']}"),
         max_concurrent=max_concurrent,
         ray=dict(raw.get("ray") or {}),

@@ -37,9 +37,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from bert import storage
 from bert.errors import InputError
 from bert.pretraining_data import PretrainingDataConfig
-from pipelines.dag.graph import Stage, StageContext, link_tree, path_fingerprint, require_paths, task_seed_section
+from pipelines.dag.graph import Stage, StageContext, path_fingerprint, require_paths, task_seed_section
 from pipelines.dag.pydoc_corpus import PydocCorpusConfig, pydoc_corpus
 from pipelines.config_args import check_value, construct, split_section
 from pipelines.dag.spec import Spec, StageSpec, expand_path
@@ -211,7 +212,7 @@ def pretrain_stage(ctx: StageContext) -> dict[str, Any]:
     from pipelines.dag.evaluate_stage import checkpoint_dirs
     from pipelines.jobs.pretrain import run_pretraining
 
-    run_dir = ctx.work / "run"  # stable: a re-run after a kill resumes from its checkpoints
+    run_dir = storage.join(ctx.work, "run")  # stable: a re-run after a kill resumes from its checkpoints
     config = dataclasses.replace(ctx.config, shards=str(ctx.inputs["shards"] / "shards"), out=str(run_dir),
                                  **({"model": str(ctx.inputs["init"] / "checkpoint")} if "init" in ctx.inputs else {}),
                                  **({"val_shards": str(ctx.inputs["val"] / "shards")} if "val" in ctx.inputs else {}),
@@ -220,10 +221,10 @@ def pretrain_stage(ctx: StageContext) -> dict[str, Any]:
     if not manifest.get("complete"):
         raise RuntimeError(f"pretraining stopped at step {manifest['step']} before max_steps "
                            f"({config.max_steps}); run the pipeline again to resume from {manifest['checkpoint']}")
-    link_tree(run_dir / "checkpoint", ctx.out / "checkpoint")
-    for kept in checkpoint_dirs(run_dir / "_ray" / "train"):  # what the run kept, for evaluate_checkpoints
-        link_tree(kept, ctx.out / "checkpoints" / kept.name)
-    link_tree(run_dir / "_manifest.json", ctx.out / "pretrain_manifest.json")
+    ctx.adopt(storage.join(run_dir, "checkpoint"), "checkpoint")
+    for kept in checkpoint_dirs(storage.join(run_dir, "_ray", "train")):  # what the run kept, for evaluate_checkpoints
+        ctx.adopt(kept, f"checkpoints/{storage.name(kept)}")
+    ctx.adopt(storage.join(run_dir, "_manifest.json"), "pretrain_manifest.json")
     result = {"step": manifest["step"], "tokens_seen": manifest["tokens_seen"], "mlflow": manifest.get("mlflow")}
     result.update({f"final_{k}": v for k, v in (manifest.get("final_metrics") or {}).items()})
     return result
@@ -363,11 +364,11 @@ def finetune_stage(ctx: StageContext) -> dict[str, Any]:
     node: FinetuneNode = ctx.config
     checkpoint = str(ctx.inputs["checkpoint"] / "checkpoint") if "checkpoint" in ctx.inputs else node.checkpoint
     data = str(ctx.inputs["data"] / (node.data or "")) if node.data_is_input else node.data
-    run_dir = ctx.work / "run"
+    run_dir = storage.join(ctx.work, "run")
     config = dataclasses.replace(node.config, data=data, checkpoint=checkpoint, out=str(run_dir), **ctx.job_tracking())
     metrics = run_finetune(config)
     for name in ("metrics.json", "predictions.jsonl", "checkpoint"):
-        link_tree(run_dir / name, ctx.out / name)
+        ctx.adopt(storage.join(run_dir, name), name)
     return {"task": config.task, "seed": config.seed, "primary_metric": metrics["primary_metric"],
             "metrics": metrics["metrics"], "mlflow": metrics.get("mlflow")}
 
@@ -414,12 +415,19 @@ KINDS: dict[str, StageKind] = {
 }
 
 
+LOCAL_WORKDIR_ONLY = ("evaluate_checkpoints",)  # kinds not yet routed through bert/storage.py (issue 27)
+
+
 def build_stages(spec: Spec) -> list[Stage]:
     """Check every stage of the spec against the table and expand it into DAG nodes."""
     expanded: dict[str, list[str]] = {}  # spec stage -> node names (finetune fans out)
     for name, s in spec.stages.items():
         if s.kind not in KINDS:
             raise InputError(f"{spec.path}: stage {name}: unknown kind {s.kind!r}; known kinds: {', '.join(KINDS)}")
+        if s.kind in LOCAL_WORKDIR_ONLY and storage.is_remote(spec.workdir):
+            raise InputError(f"{spec.path}: stage {name}: a {s.kind} stage needs a local workdir for now (it keeps "
+                             f"its fine-tunes in a cache beside its output); workdir {spec.workdir} is on an object "
+                             "store (nothing was written)")
         expanded[name] = node_names(name, s, f"{spec.path}: stage {name}")
     stages: list[Stage] = []
     for name, s in spec.stages.items():

@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from bert import storage
 from bert.errors import InputError
-from pipelines.dag.graph import link_tree, path_fingerprint, require_paths
+from pipelines.dag.graph import path_fingerprint, require_paths
 
 SET_BY_PIPELINE = ("out", "tokenizer", "tracking_uri", "parent_run_id", "experiment")
 OUTPUTS = ("sweep.json", "trials.csv", "sweep.png", "best")
@@ -128,18 +128,19 @@ def _check_task(task: str, where: str) -> None:
 
 
 def sweep_stage(ctx) -> dict[str, Any]:
-    """Run the sweep in `<key>.work/run` (resumable), publish its summary and best/ by hard links."""
+    """Run the sweep in `<key>.work/run` (resumable), publish its summary and best/ (`ctx.adopt`: hard links on a
+    local disk, server-side copies on an object store)."""
     from pipelines.jobs.sweep import run_sweep
 
     node: SweepNode = ctx.config
     checkpoint = str(ctx.inputs["checkpoint"] / "checkpoint") if "checkpoint" in ctx.inputs else node.checkpoint
     data = str(ctx.inputs["data"] / (node.data or "")) if node.data_is_input else node.data
-    run_dir = ctx.work / "run"
+    run_dir = storage.join(ctx.work, "run")
     base = dataclasses.replace(node.base, data=data, checkpoint=checkpoint, out=str(run_dir), **ctx.job_tracking())
     result = run_sweep(base, node.options, node.space)
     for name in OUTPUTS:
-        if (run_dir / name).exists():
-            link_tree(run_dir / name, Path(ctx.out) / name)
+        if storage.exists(storage.join(run_dir, name)):
+            ctx.adopt(storage.join(run_dir, name), name)
     metric, best = result["primary_metric"], result["best"]
     metrics = {f"best/{metric}": best["metric"]}
     if result["rerun"]:
