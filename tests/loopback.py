@@ -37,23 +37,38 @@ class LoopbackCluster:
         self.temp_dir = Path("/tmp") / f"{name}-{os.getpid()}"
         self.nodes: list[subprocess.Popen] = []
 
-    def start(self, *args: str, nodes: int) -> subprocess.Popen:
-        """Start a node (the head first), and wait until the cluster has `nodes` alive."""
-        head = ["--head", f"--port={self.port}", "--include-dashboard=false"] if not self.nodes else [
-            f"--address={self.address}"]
-        log = Path(f"{self.temp_dir}-node{len(self.nodes)}.log")
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", *head, *args, "--block",
-                                 "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={self.temp_dir}"],
-                                env=self.env, start_new_session=True, stdout=open(log, "w"),
-                                stderr=subprocess.STDOUT)
-        self.nodes.append(proc)
-        try:
-            wait_for_nodes(self.address, nodes, self.env)
-        except AssertionError as exc:
-            state = "running" if proc.poll() is None else f"exited {proc.returncode}"
-            raise AssertionError(f"{exc}; the new node's `ray start` is {state}, its log ends:\n"
-                                 f"{log.read_text()[-3000:]}") from None
-        return proc
+    def start(self, *args: str, nodes: int, attempts: int = 8) -> subprocess.Popen:
+        """Start a node (the head first), and wait until the cluster has `nodes` alive.
+
+        A `ray start` that gives up (Ray waits a fixed 30 s for its raylet to register, which a loaded
+        machine can miss) is cleaned up (its process group killed) and started again after a pause, up to
+        `attempts` times; a node that does not join is reported with its state and its log's end."""
+        for attempt in range(1, attempts + 1):
+            if not self.nodes:  # a head tried again gets a fresh port: the failed one may still be bound
+                self.port = self.port if attempt == 1 else _free_port()
+                self.address = f"127.0.0.1:{self.port}"
+            head = ["--head", f"--port={self.port}", "--include-dashboard=false"] if not self.nodes else [
+                f"--address={self.address}"]
+            log = Path(f"{self.temp_dir}-node{len(self.nodes)}.log")
+            proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", *head, *args, "--block",
+                                     "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+                                     f"--temp-dir={self.temp_dir}"],
+                                    env=self.env, start_new_session=True, stdout=open(log, "w"),
+                                    stderr=subprocess.STDOUT)
+            try:
+                wait_for_nodes(self.address, nodes, self.env, node=proc)
+            except AssertionError as exc:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                if "startup" in (text := log.read_text()) and attempt < attempts:
+                    time.sleep(min(15 * attempt, 60))  # Ray's own start-up timeout: let the machine settle, try again
+                    continue
+                raise AssertionError(f"{exc}; the new node's `ray start` exited {proc.returncode} "
+                                     f"(attempt {attempt} of {attempts}), its log ends:\n{text[-3000:]}") from None
+            self.nodes.append(proc)
+            return proc
+        raise AssertionError("unreachable")
 
     def bertflow(self, *args: str, **popen) -> subprocess.Popen:
         return subprocess.Popen([str(Path(sys.executable).parent / "bertflow"), *args],
@@ -76,16 +91,24 @@ class LoopbackCluster:
             Path(f"{self.temp_dir}-node{n}.log").unlink(missing_ok=True)
 
 
-def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 120) -> None:
-    """Block until the cluster at `address` has `count` alive nodes (asked from a separate process)."""
+def wait_for_nodes(address: str, count: int, env: dict, timeout: float = 180,
+                   node: subprocess.Popen | None = None) -> None:
+    """Block until the cluster at `address` has `count` alive nodes (asked from a separate process); fail
+    at once if `node` (the `ray start --block` just launched) has exited."""
     probe = (
         "import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
         "print(sum(n['Alive'] for n in ray.nodes()))"
     )
     deadline = time.time() + timeout
     while time.time() < deadline:
-        done = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True)
+        if node is not None and node.poll() is not None:
+            raise AssertionError(f"a node of the Ray cluster at {address} did not start")
+        try:
+            done = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True,
+                                  timeout=max(5.0, min(60.0, deadline - time.time())))
+        except subprocess.TimeoutExpired:
+            continue
         if done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == [str(count)]:
             return
         time.sleep(2)
-    raise AssertionError(f"Ray cluster at {address} did not reach {count} nodes")
+    raise AssertionError(f"Ray cluster at {address} did not reach {count} nodes in {timeout:.0f} s")
