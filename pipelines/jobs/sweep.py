@@ -31,6 +31,12 @@ Output dir:
     mlflow_run.json, _job.json, _tune/ (Tune's own state, removed at the end)
 MLflow: one parent run; every trial's fine-tune run nested under it (named and tagged with the
 trial's settings; a stopped trial's run ends KILLED); the re-runs nested under it too.
+
+--out may be an object-store URI (`s3://...`): the same layout lives under it, read and written through
+`bert/storage.py`. The sweep holds the output's lease (`pipelines/lease.py`) and commits sweep.json behind its
+fence; every trial is a fine-tune with its own `--out` under trials/, so its checkpoints, resume and lease are the
+fine-tune's own on the store; the trial records are single PUTs; Tune's own state (`_tune/`, scratch the sweep
+deletes at its end) stays in this machine's cache; the MLflow artifacts go under `<out>/mlartifacts/`.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -50,10 +58,9 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from bert import finetune
+from bert import finetune, storage
 from bert.errors import BertflowError, InputError
 from bert.finetune import FinetuneState
-from bert.fsutil import write_json_atomic
 from bert.tasks import get_task
 from pipelines.jobs.configs import FinetuneConfig
 from pipelines.jobs.finetune import (
@@ -100,7 +107,6 @@ class SweepJob(Job[FinetuneConfig]):
     name = "sweep"
     required = ("data", "checkpoint", "out")
     paths = ("data", "checkpoint", "out", "tokenizer")
-    remote_out = False  # Ray Tune's trials, their table and plot are written by path (issue 27: not routed yet)
 
     def __init__(self, options: SweepOptions, space=None):
         self.options, self.space, self.plans = options, space, []
@@ -116,7 +122,7 @@ class SweepJob(Job[FinetuneConfig]):
         return sweep_identity(base, self.options, self.space)
 
     def finished(self, base: FinetuneConfig) -> dict[str, Any] | None:
-        return _finished_sweep(Path(base.out), self.identity(base))
+        return _finished_sweep(base.out, self.identity(base))
 
     def preflight(self, base: FinetuneConfig) -> None:
         _preflight(base, self.plans)
@@ -135,7 +141,7 @@ class SweepJob(Job[FinetuneConfig]):
         base, out, parent, options = claimed.config, claimed.out, claimed.run, self.options
         ctx = {"base": base.to_dict(), "out": str(out), "tracking_uri": claimed.tracking_uri,
                "parent_run_id": parent.run_id if parent else base.parent_run_id,
-               "metric": get_task(base.task).primary_metric}
+               "metric": get_task(base.task).primary_metric, "env": storage.environment()}
         started = time.time()
         _search(ctx, options, self.plans)
         search_seconds = time.time() - started
@@ -143,9 +149,9 @@ class SweepJob(Job[FinetuneConfig]):
         best = max((r for r in rows if _finite(r["metric"])), key=lambda r: r["metric"])
         rerun = _rerun(ctx, best, options.rerun_seeds)
         result = _write_outputs(ctx, base, options, self.space, rows, best, rerun, search_seconds,
-                                self.identity(base), parent)
+                                self.identity(base), parent, claimed.lease)
         finish_run(parent)
-        shutil.rmtree(out / TUNE_DIR, ignore_errors=True)
+        shutil.rmtree(tune_dir(ctx), ignore_errors=True)
         return result
 
 
@@ -178,12 +184,19 @@ def _preflight(base: FinetuneConfig, plans: list[dict[str, Any]]) -> None:
                                         config.max_seq_length, config.freeze_layers)
 
 
-def _finished_sweep(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
-    path = out / SWEEP_FILE
-    if not path.is_file():
+def _finished_sweep(out: storage.Location, identity: dict[str, Any]) -> dict[str, Any] | None:
+    path = storage.join(out, SWEEP_FILE)
+    if not storage.is_file(path):
         return None
-    done = json.loads(path.read_text())
+    done = storage.read_json(path)
     return done if done.get("identity") == json.loads(json.dumps(identity)) else None
+
+
+def tune_dir(ctx: dict[str, Any]) -> Path:
+    """Ray Tune's own state: `<out>/_tune`, or for an --out on an object store a dir in this machine's cache (scratch
+    the sweep removes at its end; what a resume needs lives in the trial records and the trials' own outputs)."""
+    out = ctx["out"]
+    return storage.cache_dir("tune", out) if storage.is_remote(out) else Path(out) / TUNE_DIR
 
 
 def default_concurrency(base: FinetuneConfig) -> int:
@@ -199,7 +212,7 @@ def default_concurrency(base: FinetuneConfig) -> int:
 
 def _search(ctx: dict[str, Any], options: SweepOptions, plans: list[dict[str, Any]]) -> None:
     """One Tune run over the trials (a grid over their names and settings); the trials do the rest."""
-    out = Path(ctx["out"])
+    out = ctx["out"]
     base = FinetuneConfig(**ctx["base"])
     budgets = [math.ceil(_with_settings(base, p).epochs) for p in plans]
     tune_plans = [p | {"budget": b} for p, b in zip(plans, budgets)]
@@ -211,14 +224,14 @@ def _search(ctx: dict[str, Any], options: SweepOptions, plans: list[dict[str, An
     concurrency = options.max_concurrent or default_concurrency(base)
     print(f"[sweep] {len(plans)} trials ({len(replayed)} done before), {options.scheduler} scheduler, "
           f"{concurrency} at a time; outputs in {out}", flush=True)
-    shutil.rmtree(out / TUNE_DIR, ignore_errors=True)
+    shutil.rmtree(tune_dir(ctx), ignore_errors=True)
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": 0.01}),
         param_space={"plan": tune.grid_search(tune_plans)},
         tune_config=tune.TuneConfig(metric=ctx["metric"], mode="max", scheduler=scheduler,
                                     max_concurrent_trials=concurrency, reuse_actors=False,
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(name="sweep", storage_path=str(out / TUNE_DIR), verbose=0,
+        run_config=tune.RunConfig(name="sweep", storage_path=str(tune_dir(ctx)), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=options.trial_retries),
                                   callbacks=[_Recorder(ctx, replayed)]),
     )
@@ -246,12 +259,14 @@ class BudgetASHA(ASHAScheduler):
 def trial_config(ctx: dict[str, Any], plan: dict[str, Any]) -> FinetuneConfig:
     """The trial's fine-tune: the fixed settings, the trial's own, its dir, nested under the sweep's run."""
     return FinetuneConfig(**{**ctx["base"], **plan["settings"], "seeds": None, "log_model": False,
-                             "out": str(Path(ctx["out"]) / TRIALS / plan["name"]),
+                             "out": str(storage.join(ctx["out"], TRIALS, plan["name"])),
                              "tracking_uri": ctx["tracking_uri"], "parent_run_id": ctx["parent_run_id"]})
 
 
 def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
-    hold_writer(ctx["out"])  # a later sweep cannot claim the dir while this trial's process lives
+    os.environ.update(ctx.get("env") or {})  # the driver's store and credentials (its trial actors may not have them)
+    if not storage.is_remote(ctx["out"]):  # on a store, each trial's fine-tune holds its own lease instead
+        hold_writer(ctx["out"])  # a later sweep cannot claim the dir while this trial's process lives
     plan = config["plan"]
     completed = _completed(ctx, plan)
     if completed is not None:  # finished or stopped before: its results again, nothing trained
@@ -269,12 +284,12 @@ def _trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
 def _completed(ctx: dict[str, Any], plan: dict[str, Any]) -> tuple[str, list[dict]] | None:
     """("finished" | "stopped", per-epoch rows) of a trial done before, else None."""
     config = trial_config(ctx, plan)
-    metrics_file = Path(config.out) / METRICS
-    if metrics_file.is_file():
-        metrics = json.loads(metrics_file.read_text())
+    metrics_file = storage.join(config.out, METRICS)
+    if storage.is_file(metrics_file):
+        metrics = storage.read_json(metrics_file)
         if metrics.get("identity") == config.identity():
             return "finished", history_rows(metrics["history"])
-    record = read_record(Path(ctx["out"]), plan["name"])
+    record = read_record(ctx["out"], plan["name"])
     if record and record.get("status") == "stopped" and record.get("settings") == plan["settings"]:
         return "stopped", record["results"]
     return None
@@ -286,9 +301,9 @@ def history_rows(history: list[dict]) -> list[dict[str, Any]]:
             for e in history]
 
 
-def read_record(out: Path, name: str) -> dict[str, Any] | None:
-    path = out / TRIALS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+def read_record(out: storage.Location, name: str) -> dict[str, Any] | None:
+    path = storage.join(out, TRIALS, f"{name}.json")
+    return storage.read_json(path) if storage.is_file(path) else None
 
 
 def _finite(value: Any) -> bool:
@@ -303,7 +318,7 @@ class _Recorder(tune.Callback):
     MLflow run; prints one line per epoch and per trial end. Replayed trials are left as they were."""
 
     def __init__(self, ctx: dict[str, Any], replayed: set[str]):
-        self.ctx, self.out, self.replayed = ctx, Path(ctx["out"]), replayed
+        self.ctx, self.out, self.replayed = ctx, ctx["out"], replayed
         self.rows: dict[str, dict[int, dict]] = {}
         self.started: dict[str, float] = {}
         self.tagged: set[str] = set()
@@ -335,7 +350,7 @@ class _Recorder(tune.Callback):
         name = _trial_name(trial)
         if name in self.replayed:
             return
-        finished = (self.out / TRIALS / name / METRICS).is_file()
+        finished = storage.is_file(storage.join(self.out, TRIALS, name, METRICS))
         status = "finished" if finished else "stopped"
         self._write(name, trial, status)
         self._mlflow(name, trial, status)
@@ -348,20 +363,20 @@ class _Recorder(tune.Callback):
         print(f"[sweep] {name} FAILED (after its retries): see {trial.error_file or 'the log above'}", flush=True)
 
     def _write(self, name: str, trial, status: str) -> None:
-        write_json_atomic(self.out / TRIALS / f"{name}.json", {
+        storage.write_json(storage.join(self.out, TRIALS, f"{name}.json"), {  # whole or not at all
             "name": name, "settings": trial.config["plan"]["settings"], "status": status,
             "results": [self.rows[name][e] for e in sorted(self.rows.get(name, {}))],
             "seconds": time.time() - self.started.get(name, time.time())})
 
     def _mlflow(self, name: str, trial, status: str | None) -> None:
         """Name the trial's run after it and tag its settings (first result); its status at the end."""
-        run_file = self.out / TRIALS / name / "mlflow_run.json"
-        if not run_file.is_file():
-            return
+        run_file = storage.join(self.out, TRIALS, name, "mlflow_run.json")
         try:
+            if not storage.is_file(run_file):
+                return
             from mlflow.tracking import MlflowClient
 
-            run = json.loads(run_file.read_text())
+            run = storage.read_json(run_file)
             client = MlflowClient(run["tracking_uri"])
             if status is None:
                 client.update_run(run["run_id"], name=name)
@@ -381,8 +396,8 @@ class _Recorder(tune.Callback):
 
 
 def _collect(ctx: dict[str, Any], plans: list[dict[str, Any]], options: SweepOptions) -> list[dict[str, Any]]:
-    """One table row per trial, from disk; TrialsFailed if any trial is not done. Tidies done trials' dirs."""
-    out, metric = Path(ctx["out"]), ctx["metric"]
+    """One table row per trial, from its output; TrialsFailed if any trial is not done. Tidies done trials' dirs."""
+    out, metric = ctx["out"], ctx["metric"]
     rows, missing = [], []
     for plan in plans:
         completed = _completed(ctx, plan)
@@ -390,10 +405,10 @@ def _collect(ctx: dict[str, Any], plans: list[dict[str, Any]], options: SweepOpt
             missing.append(plan["name"])
             continue
         status, results = completed
-        directory = out / TRIALS / plan["name"]
+        directory = storage.join(out, TRIALS, plan["name"])
         for name in ((RAY_STORAGE, BEST, STAGING) if status == "stopped" else
                      (() if options.keep_trial_checkpoints else ("checkpoint",))):
-            shutil.rmtree(directory / name, ignore_errors=True)
+            storage.remove(storage.join(directory, name))
         values = [r.get(metric, -math.inf) for r in results]
         best = max(range(len(values)), key=values.__getitem__) if values else None
         budget = math.ceil(trial_config(ctx, plan).epochs)
@@ -417,13 +432,13 @@ def _rerun(ctx: dict[str, Any], best: dict[str, Any], seeds: tuple[int, ...]) ->
         return None
     plan = {"name": best["trial"], "settings": {k: best[k] for k in _setting_keys(best)}}
     base = FinetuneConfig(**ctx["base"])
-    config = dataclasses.replace(trial_config(ctx, plan), out=str(Path(ctx["out"]) / RERUN),
+    config = dataclasses.replace(trial_config(ctx, plan), out=str(storage.join(ctx["out"], RERUN)),
                                  seeds=",".join(map(str, seeds)), log_model=base.log_model)
     print(f"[sweep] re-running the best settings ({describe_settings(plan['settings'])}) over seeds "
           f"{list(seeds)}", flush=True)
     result = run_finetune(config)
     return {"seeds": list(seeds), "settings": plan["settings"], "mean": result["metrics"],
-            "std": result.get("std", {}), "dir": str(Path(ctx["out"]) / RERUN)}
+            "std": result.get("std", {}), "dir": str(storage.join(ctx["out"], RERUN))}
 
 
 ROW_KEYS = ("trial", "metric", "best_epoch", "epochs_run", "epochs_planned", "stopped_early", "status", "seconds")
@@ -433,14 +448,27 @@ def _setting_keys(row: dict[str, Any]) -> list[str]:
     return [k for k in row if k not in ROW_KEYS]
 
 
-def _write_outputs(ctx, base, options, space, rows, best, rerun, search_seconds, identity, parent) -> dict[str, Any]:
-    out, metric = Path(ctx["out"]), ctx["metric"]
-    with open(out / f".{TABLE}.tmp", "w", newline="", encoding="utf-8") as f:
+def _write_outputs(ctx, base, options, space, rows, best, rerun, search_seconds, identity, parent,
+                   lease=None) -> dict[str, Any]:
+    """trials.csv and sweep.png (each whole or not at all), then sweep.json: the fenced commit, written last."""
+    out, metric = ctx["out"], ctx["metric"]
+    spool = Path(tempfile.mkdtemp(prefix="bertflow-sweep-"))  # the files, for MLflow and the store
+    try:
+        return _publish(out, spool, metric, base, options, space, rows, best, rerun, search_seconds, identity,
+                        parent, lease)
+    finally:
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def _publish(out, spool, metric, base, options, space, rows, best, rerun, search_seconds, identity, parent,
+             lease) -> dict[str, Any]:
+    with open(spool / TABLE, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["trial", *_setting_keys(rows[0]), metric, *ROW_KEYS[2:]])
         writer.writeheader()
         writer.writerows({**{k: v for k, v in r.items() if k != "metric"}, metric: r["metric"]} for r in rows)
-    (out / f".{TABLE}.tmp").replace(out / TABLE)
-    plot(out / PLOT, rows, space, metric, best)
+    storage.write_bytes(storage.join(out, TABLE), (spool / TABLE).read_bytes())
+    plot(spool / PLOT, rows, space, metric, best)
+    storage.write_bytes(storage.join(out, PLOT), (spool / PLOT).read_bytes())
     compute = {"trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
                "trial_epochs": sum(r["epochs_run"] for r in rows),
                "planned_trial_epochs": sum(r["epochs_planned"] for r in rows),
@@ -452,7 +480,11 @@ def _write_outputs(ctx, base, options, space, rows, best, rerun, search_seconds,
                        "metric": best["metric"], "best_epoch": best["best_epoch"]},
               "rerun": rerun, "compute": compute, "config": base.to_dict(), "identity": identity,
               "mlflow": dataclasses.asdict(parent) if parent else None}
-    write_json_atomic(out / SWEEP_FILE, result)
+    storage.write_json(spool / SWEEP_FILE, result)
+    if lease is not None:
+        lease.commit(storage.join(out, SWEEP_FILE), result)  # behind the output lease's fence (a no-op locally)
+    else:
+        storage.write_json(storage.join(out, SWEEP_FILE), result)
     if parent is not None:
         logger = MetricLogger(parent)
         logger.log_params({"space": space_dict(space), "scheduler": options.scheduler,
@@ -463,7 +495,7 @@ def _write_outputs(ctx, base, options, space, rows, best, rerun, search_seconds,
             numbers |= {f"rerun/std/{k}": v for k, v in rerun["std"].items() if _finite(v)}
         logger.log_metrics(numbers, 0)
         for name in (SWEEP_FILE, TABLE, PLOT):
-            logger.log_artifact(out / name)
+            logger.log_artifact(spool / name)
         logger.close()
     print(describe(result), flush=True)
     return result
