@@ -4,6 +4,12 @@ The object store is moto's S3 server in its own process on 127.0.0.1 (a real HTT
 network latency or bandwidth limit, so the figures are the cost of the S3 protocol and of our
 client path, not of a region's network). Measured:
 
+* **Shard build** — `build_shards` (the `bertflow shards build` job: Ray Data tokenize and build passes, the
+  manifest last) of the first `--build-files` Wikipedia files with the corpus and `--out` on local disk, then
+  with both on S3 (the corpus files uploaded first; the vocab stays local), after one unmeasured local build
+  (Ray Data's worker start-up), alternated `--build-repeats` times:
+  tokens of the output (the manifest's count) per second of the job's wall time, median, and S3 over local;
+  and whether the two outputs' parts are byte-identical.
 * **Reading shards** — one rank's `GlobalStream` (world size 1, batches of 32) over one epoch of
   the same shards: from local disk; from S3 with an empty cache (every part downloaded and
   sha256-checked, the next part read ahead); from S3 with the cache warm. Tokens (the `length`
@@ -22,6 +28,7 @@ client path, not of a region's network). Measured:
   in the job's worker (`report_checkpoint`: write, upload, fenced commit of the record) on each.
 
     python benchmarks/storage.py [--shards DIR] [--files N] [--repeats 3] [--commits 50] [--pretrain-steps 40]
+                                 [--build-files 2] [--build-repeats 2] [--only shard_build,reading,commits,pretraining]
 
 Without `--shards`, shards are built first from the first `--files` Wikipedia files (Ray).
 """
@@ -75,6 +82,48 @@ def build(files: int, out: Path) -> Path:
     wiki = sorted((DATASETS / "wikipedia_en_extract" / "AA").glob("wiki_*.gz"))[:files]
     build_shards(wiki, DATASETS / "bert-base-uncased" / "vocab.txt", out, PretrainingDataConfig(dupe_factor=1, num_shards=4))
     return out
+
+
+def shard_build(files: int, repeats: int, scratch: Path) -> dict:
+    """The same shards build with corpus and --out on local disk and on S3, alternated; see the module docstring."""
+    import hashlib
+
+    from bert import storage
+    from bert.pretraining_data import PretrainingDataConfig
+    from pipelines.jobs.shards import build_shards
+    from pipelines.ray_runtime import start_local_ray
+
+    import ray
+
+    if not ray.is_initialized():
+        start_local_ray(4, {"PYTHONPATH": str(ROOT)}, configure_logging=False)
+    wiki = sorted((DATASETS / "wikipedia_en_extract" / "AA").glob("wiki_*.gz"))[:files]
+    vocab = DATASETS / "bert-base-uncased" / "vocab.txt"
+    remote_corpus = [f"s3://bench/corpus/{f.name}" for f in wiki]
+    for f, uri in zip(wiki, remote_corpus):
+        storage.write_bytes(uri, f.read_bytes())
+    config = PretrainingDataConfig(dupe_factor=1, num_shards=2)
+    build_shards(wiki, vocab, scratch / "build-warmup", config)  # not measured: Ray Data's workers start, imports
+    runs: dict[str, list[float]] = {"local": [], "s3": []}
+    tokens, outputs = 0, {}
+    for repeat in range(repeats):
+        for where, corpus, out in (("local", wiki, scratch / f"build-{repeat}"),
+                                   ("s3", remote_corpus, f"s3://bench/build-{repeat}")):
+            started = time.perf_counter()
+            manifest = build_shards(corpus, vocab, out, config)
+            runs[where].append(manifest["counts"]["tokens"] / (time.perf_counter() - started))
+            tokens, outputs[where] = manifest["counts"]["tokens"], out
+
+    def parts(out) -> dict[str, str]:
+        return {rel: hashlib.sha256(storage.read_bytes(storage.join(out, rel))).hexdigest()
+                for rel, _ in storage.walk_files(out) if rel.endswith(".parquet")}
+
+    medians = {k: statistics.median(v) for k, v in runs.items()}
+    return {"files": [f.name for f in wiki], "corpus_bytes": sum(f.stat().st_size for f in wiki), "tokens": tokens,
+            "tokens_per_s": {k: round(v) for k, v in medians.items()},
+            "all_runs_tokens_per_s": {k: [round(x) for x in v] for k, v in runs.items()},
+            "s3_over_local": round(medians["s3"] / medians["local"], 3),
+            "parts_byte_identical": parts(outputs["local"]) == parts(outputs["s3"])}
 
 
 def read_epoch(location, cache) -> tuple[float, int]:
@@ -182,7 +231,15 @@ def main() -> None:
     parser.add_argument("--commits", type=int, default=50)
     parser.add_argument("--pretrain-steps", type=int, default=40, help="0: no pretraining runs")
     parser.add_argument("--checkpoint-every", type=int, default=10)
+    parser.add_argument("--build-files", type=int, default=2, help="Wikipedia files of the shard build comparison")
+    parser.add_argument("--build-repeats", type=int, default=2)
+    parser.add_argument("--only", default="shard_build,reading,commits,pretraining",
+                        help="comma-separated: which of shard_build, reading, commits, pretraining to measure")
     args = parser.parse_args()
+    only = set(args.only.split(","))
+    unknown = only - {"shard_build", "reading", "commits", "pretraining"}
+    if unknown:
+        parser.error(f"--only: unknown measurement(s) {', '.join(sorted(unknown))}")
     if args.build_only:
         print(json.dumps({"built": str(build(args.files, args.build_only))}))
         return
@@ -192,20 +249,26 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="bertflow-bench-storage-") as scratch:
             scratch = Path(scratch)
-            local = args.shards or build(args.files, scratch / "shards")
-            from bert import storage
+            result = {"benchmark": "storage", "object_store": f"moto S3 server, own process, {endpoint}"}
+            if "shard_build" in only:
+                result["shard_build"] = shard_build(args.build_files, args.build_repeats, scratch)
+            if only & {"reading", "pretraining"}:
+                local = args.shards or build(args.files, scratch / "shards")
+                from bert import storage
 
-            size = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
-            started = time.perf_counter()
-            storage.upload_dir(local, "s3://bench/shards")
-            upload_s = time.perf_counter() - started
-            result = {"benchmark": "storage", "object_store": f"moto S3 server, own process, {endpoint}",
-                      "shards_bytes": size, "upload_mb_per_s": round(size / upload_s / 1e6, 1),
-                      "reading": reading(local, "s3://bench/shards", args.repeats, scratch),
-                      "commit_protocol": commits(args.commits, scratch),
-                      "pretraining": pretraining(local, "s3://bench/shards", args.pretrain_steps, args.checkpoint_every,
-                                                 scratch) if args.pretrain_steps else None,
-                      "load_average": os.getloadavg(), "cpus": os.cpu_count()}
+                size = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
+                started = time.perf_counter()
+                storage.upload_dir(local, "s3://bench/shards")
+                upload_s = time.perf_counter() - started
+                result |= {"shards_bytes": size, "upload_mb_per_s": round(size / upload_s / 1e6, 1)}
+            if "reading" in only:
+                result["reading"] = reading(local, "s3://bench/shards", args.repeats, scratch)
+            if "commits" in only:
+                result["commit_protocol"] = commits(args.commits, scratch)
+            if "pretraining" in only and args.pretrain_steps:
+                result["pretraining"] = pretraining(local, "s3://bench/shards", args.pretrain_steps,
+                                                    args.checkpoint_every, scratch)
+            result |= {"load_average": os.getloadavg(), "cpus": os.cpu_count()}
     finally:
         server.terminate()
         server.wait(timeout=30)
