@@ -214,28 +214,59 @@ def test_a_run_resized_from_two_workers_to_one_makes_the_model_an_uninterrupted_
 
 
 @pytest.mark.slow
-def test_a_lost_node_shrinks_an_elastic_run_which_finishes_on_the_nodes_left(small_shards, tmp_path):
+def test_a_lost_node_shrinks_an_elastic_run_which_grows_back_when_a_node_returns(small_shards, tmp_path):
     """Three `ray start` nodes on loopback (a head without CPUs, two worker nodes of one CPU each); an
     elastic run (`--num-workers 1-2`, one worker per node) loses a worker node mid-job: every process of that
-    node is killed by process group. The run goes on with one worker from its newest checkpoint and finishes."""
+    node is killed by process group. The run goes on with one worker from its newest checkpoint (2 -> 1);
+    once it has checkpointed on one worker a node joins again, and Ray Train's resize check (every 60 s while
+    the group is healthy) restarts it on two workers from the newest checkpoint (1 -> 2). It finishes with one
+    MLflow run and no step logged twice.
+
+    The run must outlast the regrowth: 1000 steps of a tiny model (seconds each on an idle machine: minutes
+    in all), else the test fails saying so rather than passing without having seen it."""
     with LoopbackCluster("rayl") as cluster:
         cluster.start("--num-cpus=0", nodes=1)
         cluster.start("--num-cpus=1", nodes=2)
         doomed = cluster.start("--num-cpus=1", nodes=3)
-        out = tmp_path / "run"
+        out, log = tmp_path / "run", tmp_path / "job.log"
         job = cluster.bertflow(
             "pretrain", "--shards", str(small_shards), "--out", str(out), "--config", "tiny", "--num-workers", "1-2",
             "--placement-strategy", "SPREAD", "--global-batch-size", "8", "--micro-batch-size", "4",
-            "--max-steps", "40", "--warmup-steps", "1", "--checkpoint-every", "5", "--log-every", "5",
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 600
-        while latest_checkpoint(out) is None and job.poll() is None and time.time() < deadline:
-            time.sleep(1)
-        assert latest_checkpoint(out) is not None, "no checkpoint before the node loss"
+            "--max-steps", "1000", "--warmup-steps", "1", "--checkpoint-every", "10", "--log-every", "10",
+            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+        def newest(world: int) -> bool:
+            """A checkpoint made on `world` workers is the newest (fails if the job ended first)."""
+            assert job.poll() is None, f"the run ended (rc {job.returncode}) early:\n{log.read_text()[-4000:]}"
+            found = latest_checkpoint(out)
+            return found is not None and json.loads((Path(found) / "train_state.json").read_text())["world_size"] == world
+
+        def wait(world: int, what: str) -> int:
+            deadline = time.time() + 1500
+            while not newest(world):
+                assert time.time() < deadline, f"no checkpoint {what}:\n{log.read_text()[-4000:]}"
+                time.sleep(1)
+            return json.loads((Path(latest_checkpoint(out)) / "train_state.json").read_text())["step"]
+
+        wait(2, "on two workers before the node loss")
         os.killpg(doomed.pid, signal.SIGKILL)  # the node's raylet and every worker on it
-        text, _ = job.communicate(timeout=900)
+        lost_at = time.time()
+        shrunk_at = wait(1, "on one worker after the node loss")
+        cluster.start("--num-cpus=1", nodes=3)  # the node comes back (a new one in its place)
+        returned_at = time.time()
+        grown_at = wait(2, "on two workers after a node returned (did the run finish on one? raise --max-steps)")
+        job.wait(timeout=1800)
+        finished_at = time.time()
+        text = log.read_text()
         assert job.returncode == 0, text[-4000:]
-        manifest = json.loads((out / "_manifest.json").read_text())
-        assert manifest["step"] == 40
-        assert json.loads((out / "checkpoint" / "train_state.json").read_text())["world_size"] == 1
-        assert len(runs_for(out)) == 1
+    assert "of a run on 2 worker(s) on 1" in text and "of a run on 1 worker(s) on 2" in text, text[-4000:]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["step"] == 1000 and shrunk_at < grown_at
+    assert json.loads((out / "checkpoint" / "train_state.json").read_text())["world_size"] == 2
+    assert len(runs_for(out)) == 1
+    record = json.loads((out / "mlflow_run.json").read_text())
+    steps = sorted(m.step for m in MlflowClient(record["tracking_uri"]).get_metric_history(record["run_id"], "loss"))
+    assert steps == list(range(10, 1001, 10)), steps  # every logged step once, across three worker groups
+    print(f"pretrain elastic: node lost, on 1 worker from step <= {shrunk_at}; node back, on 2 workers from "
+          f"step <= {grown_at}; finished {finished_at - lost_at:.0f} s after the loss, "
+          f"{finished_at - returned_at:.0f} s after the node returned")
