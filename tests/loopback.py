@@ -34,6 +34,9 @@ class LoopbackCluster:
         # that the drivers here must read from a shared file, which the other clusters a test session
         # starts overwrite (the node probe then never connects). Loopback only: nothing else can reach it.
         self.env["RAY_AUTH_MODE"] = "disabled"
+        # Ray Train gives a worker group 60 s to start before it fails the attempt; on 2 cores shared with
+        # other Ray clusters, starting the actors alone can take longer (seen: 16 timeouts in a row).
+        self.env.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
         self.temp_dir = Path("/tmp") / f"{name}-{os.getpid()}"
         self.nodes: list[subprocess.Popen] = []
 
@@ -87,7 +90,7 @@ class LoopbackCluster:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
-        for n in range(len(self.nodes)):
+        for n in range(len(self.nodes) + 1):  # and the log of a node that did not start
             Path(f"{self.temp_dir}-node{n}.log").unlink(missing_ok=True)
 
 
