@@ -200,7 +200,16 @@ def _train_in_child(sample: list[str], options: dict[str, Any], progress: Callab
                             name="sentencepiece-trainer", daemon=True)
     started = last = time.monotonic()
     try:
-        child.start()  # inside: a Ctrl-C while the sample is still being sent kills the child too
+        # the child starts with SIGINT ignored (an ignored signal stays ignored across exec, and Python then
+        # installs no KeyboardInterrupt handler): a Ctrl-C to the process group while it is still importing
+        # never becomes a traceback there. The parent ignores SIGINT only while it forks and execs the child
+        # (a Ctrl-C in those milliseconds is lost, not half-handled); the child ignores it while it runs.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        try:
+            child.start()  # inside the try: a Ctrl-C while the sample is still being sent kills the child too
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         sender.close()
         while not receiver.poll(0.5):
             now = time.monotonic()
@@ -225,6 +234,12 @@ def _train_in_child(sample: list[str], options: dict[str, Any], progress: Callab
     if status != "ok":
         raise _TrainingFailed(payload)
     return payload
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _trainer_process(sender: Any, parent_pid: int, sample: list[str], options: dict[str, Any]) -> None:
