@@ -411,6 +411,69 @@ def make_standin(datasets: Path, out: Path, seed: int = 33) -> str:
     return STANDIN_TASK
 
 
+def make_acceptability_standin(datasets: Path, out: Path, seed: int = 33) -> str:
+    """A CoLA-shaped stand-in (acceptability: short sentences, 70% acceptable, MCC) from the Wikipedia extract.
+
+    Sentences of 5 to 15 words (mean ~10) ending in a period are taken from the extract's article text; 70% are
+    kept as they are (label 1) and 30% are corrupted once (label 0) by one of: two adjacent words swapped, one
+    word deleted, one word doubled, two words of the sentence swapped. A sentence appears at most once, as itself
+    or corrupted, and train/dev are disjoint: 8,551 train and 1,043 dev rows (CoLA's sizes), drawn with numpy's
+    default_rng(seed). Unlike SST-2's sentiment, telling these apart is hard for a sentence-embedding checkpoint
+    after a few epochs, as CoLA is: dev MCC stays far below 1 and early epochs can predict the majority class.
+    """
+    import gzip
+    import re
+
+    import numpy as np
+
+    sentences: list[str] = []
+    seen: set[str] = set()
+    for path in sorted((datasets / "wikipedia_en_extract" / "AA").glob("wiki_*.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("<") or len(line) < 40:
+                    continue
+                for sentence in re.split(r"(?<=[.])\s+(?=[A-Z])", line.strip()):
+                    words = sentence.split()
+                    if (5 <= len(words) <= 15 and sentence.endswith(".") and sentence not in seen
+                            and re.fullmatch(r"[A-Za-z0-9 ,.'-]+", sentence)):
+                        seen.add(sentence)
+                        sentences.append(sentence)
+        if len(sentences) > 40_000:
+            break
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(sentences)).tolist()
+
+    def corrupt(sentence: str) -> str:
+        words = sentence[:-1].split()
+        kind = rng.integers(4)
+        i = int(rng.integers(len(words) - 1))
+        if kind == 0:
+            words[i], words[i + 1] = words[i + 1], words[i]
+        elif kind == 1:
+            del words[i]
+        elif kind == 2:
+            words.insert(i, words[i])
+        else:
+            j = int(rng.integers(len(words)))
+            words[i], words[j] = words[j], words[i]
+        changed = " ".join(words) + "."
+        return changed if changed != sentence else corrupt(sentence)
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, size in (("train.tsv", 8551), ("dev.tsv", 1043)):
+        ones = round(0.7 * size)
+        rows = [(sentences[order.pop()], 1) for _ in range(ones)]
+        rows += [(corrupt(sentences[order.pop()]), 0) for _ in range(size - ones)]
+        with open(out / name, "w", encoding="utf-8", newline="") as f:
+            f.write("sentence\tlabel\n")
+            f.writelines(f"{rows[i][0]}\t{rows[i][1]}\n" for i in rng.permutation(len(rows)))
+    return STANDIN_TASK
+
+
+STANDINS = {"sst2": make_standin, "acceptability": make_acceptability_standin}
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -424,6 +487,9 @@ def parse_args():
     parser.add_argument("--make-standin", metavar="DIR", default=None,
                         help="write issue 33's stand-in task (SST-2, short sentences, 70/30, MCC) to DIR, print its "
                              "task name and exit")
+    parser.add_argument("--standin-kind", choices=tuple(STANDINS), default="sst2",
+                        help="which stand-in --make-standin writes: sst2 (sentiment) or acceptability (CoLA-shaped, "
+                             "from the Wikipedia extract)")
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--learning-rate", type=float, default=5e-5)
@@ -476,7 +542,7 @@ def r_number(results, key: str) -> bool:
 def main() -> None:
     parser, args = parse_args()
     if args.make_standin:
-        print(make_standin(Path(args.datasets), Path(args.make_standin)))
+        print(STANDINS[args.standin_kind](Path(args.datasets), Path(args.make_standin)))
         return
 
     import ray
