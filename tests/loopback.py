@@ -50,13 +50,18 @@ class LoopbackCluster:
             if not self.nodes:  # a head tried again gets a fresh port: the failed one may still be bound
                 self.port = self.port if attempt == 1 else _free_port()
                 self.address = f"127.0.0.1:{self.port}"
-            head = ["--head", f"--port={self.port}", "--include-dashboard=false"] if not self.nodes else [
-                f"--address={self.address}"]
+            # The head runs the dashboard (on a port of its own): Ray Train's PlacementGroupCleaner asks the State
+            # API, which it serves, whether a run's controller still lives; without it a lost node's placement
+            # groups were never removed and held the new node's CPUs (a sweep's retried trial waited for ever).
+            head = ["--head", f"--port={self.port}", "--include-dashboard=true", f"--dashboard-port={_free_port()}",
+                    f"--dashboard-agent-listen-port={_free_port()}"] if not self.nodes else [f"--address={self.address}"]
             log = Path(f"{self.temp_dir}-node{len(self.nodes)}.log")
             proc = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", *head, *args, "--block",
                                      "--node-ip-address=127.0.0.1", "--disable-usage-stats",
                                      f"--temp-dir={self.temp_dir}"],
-                                    env=self.env, start_new_session=True, stdout=open(log, "w"),
+                                    # RAY_ADDRESS for the processes the node starts: Ray Train's cleaner resolves
+                                    # "auto" otherwise, and finds every other cluster on this machine too
+                                    env={**self.env, "RAY_ADDRESS": self.address}, start_new_session=True, stdout=open(log, "w"),
                                     stderr=subprocess.STDOUT)
             try:
                 wait_for_nodes(self.address, nodes, self.env, node=proc)

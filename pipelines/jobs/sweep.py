@@ -226,7 +226,9 @@ def _search(ctx: dict[str, Any], options: SweepOptions, plans: list[dict[str, An
           f"{concurrency} at a time; outputs in {out}", flush=True)
     shutil.rmtree(tune_dir(ctx), ignore_errors=True)
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": 0.01}),
+        # The trial runs only the fine-tune's driver: it holds no CPU (a sliver of one left a worker that needs
+        # a whole node's CPUs unplaceable for ever), and Tune needs some resource in its bundle: a byte of memory.
+        tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": 0, "memory": 1}),
         param_space={"plan": tune.grid_search(tune_plans)},
         tune_config=tune.TuneConfig(metric=ctx["metric"], mode="max", scheduler=scheduler,
                                     max_concurrent_trials=concurrency, reuse_actors=False,
