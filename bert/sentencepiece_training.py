@@ -20,6 +20,7 @@ import os
 import random
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -204,7 +205,7 @@ def _train_in_child(sample: list[str], options: dict[str, Any], progress: Callab
         # installs no KeyboardInterrupt handler): a Ctrl-C to the process group while it is still importing
         # never becomes a traceback there. The parent ignores SIGINT only while it forks and execs the child
         # (a Ctrl-C in those milliseconds is lost, not half-handled); the child ignores it while it runs.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() else None
         try:
             child.start()  # inside the try: a Ctrl-C while the sample is still being sent kills the child too
         finally:
@@ -234,12 +235,6 @@ def _train_in_child(sample: list[str], options: dict[str, Any], progress: Callab
     if status != "ok":
         raise _TrainingFailed(payload)
     return payload
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _trainer_process(sender: Any, parent_pid: int, sample: list[str], options: dict[str, Any]) -> None:
