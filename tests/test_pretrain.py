@@ -225,6 +225,10 @@ def test_a_lost_node_shrinks_an_elastic_run_which_grows_back_when_a_node_returns
     The run must outlast the regrowth: 1000 steps of a tiny model (seconds each on an idle machine: minutes
     in all), else the test fails saying so rather than passing without having seen it."""
     with LoopbackCluster("rayl") as cluster:
+        # A lost node's CPU counts as reserved until the GCS declares the node dead, so the restart after the
+        # loss first asks for two workers again and waits out the worker-group start timeout before it tries
+        # one: Ray Train's default 60 s is what a user loses there; the loopback's 600 s would stall the test.
+        cluster.env["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "90"
         cluster.start("--num-cpus=0", nodes=1)
         cluster.start("--num-cpus=1", nodes=2)
         doomed = cluster.start("--num-cpus=1", nodes=3)
