@@ -261,6 +261,87 @@ def test_a_graph_on_an_s3_workdir_runs_caches_cleans_a_killed_publish_and_refuse
     assert test_dag.counts(log) == {"a": 1, "b": 2, "c": 1, "d": 2}
 
 
+def test_evaluate_checkpoints_on_an_s3_workdir_caches_its_fine_tunes_on_the_store_and_reruns_only_what_is_gone(
+        ray_local, datasets_dir, vocab_txt, s3_server, s3_uri, tmp_path):
+    """tests/test_evaluate_stage.py's spec (4 pretraining steps here, a checkpoint every 2) on an s3:// workdir:
+    the pretrain stage's checkpoints reach the fine-tunes as URIs, their outputs and the random init are cached under
+    the workdir's prefix, curves.json/curves.png are published with the manifest; run again (forced, and a second
+    stage naming the checkpoints by URI), every fine-tune is found cached and nothing in the cache is rewritten; with
+    one job's outputs gone, a forced run fine-tunes that job alone."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.cli import main as cli
+    from test_evaluate_stage import write_spec
+
+    work = f"{s3_uri}/work"
+    spec = yaml.safe_load(write_spec(tmp_path, datasets_dir, vocab_txt, every=1).read_text())
+    spec["workdir"] = work
+    spec["stages"]["pretrain"]["config"]["max_steps"] = 4  # checkpoints at steps 2 and 4
+    first_spec = tmp_path / "s3.yaml"
+    first_spec.write_text(yaml.safe_dump(spec))
+    assert cli(["run", str(first_spec)]) == 0
+
+    def outputs(kind: str) -> list[str]:
+        return [f"{work}/{kind}/{n}" for n in storage.list_dir(f"{work}/{kind}")
+                if storage.is_file(f"{work}/{kind}/{n}/_manifest.json")]
+
+    (pretrain,) = outputs("pretrain")
+    (curves_dir,) = outputs("evaluate_checkpoints")
+    result = storage.read_json(f"{curves_dir}/_manifest.json")["result"]
+    assert result["jobs"] == 3 and result["cached_jobs"] == 0  # steps 2 and 4, and the random init
+    curves = storage.read_json(f"{curves_dir}/curves.json")["tasks"]["sst2"]
+    assert [(p["step"], p["cached"]) for p in curves["points"]] == [(2, False), (4, False)]
+    assert curves["random_init"] is not None and all(0.0 <= p["mean"] <= 1.0 for p in curves["points"])
+    png = storage.read_bytes(f"{curves_dir}/curves.png")
+    assert png[:4] == b"\x89PNG" and len(png) > 10_000
+    cache = f"{work}/evaluate_checkpoints/_cache"
+    files = {rel for rel, _ in storage.walk_files(cache)}
+    finished = sorted(rel.rsplit("/", 1)[0] for rel in files if rel.endswith("/metrics.json") and rel.count("/") == 2)
+    assert len(finished) == 3
+    (random_init,) = [rel.split("/")[0] for rel in files if rel.endswith("/_manifest.json") and rel.count("/") == 1]
+    assert {f"{random_init}/checkpoint/model.safetensors", f"{random_init}/checkpoint/vocab.txt"} <= files
+    job_of = {storage.read_json(f"{cache}/{job}/_job.json")["identity"]["checkpoint"]: job for job in finished}
+    assert set(job_of) == {f"{pretrain}/checkpoints/step-00000002", f"{pretrain}/checkpoints/step-00000004",
+                           f"{cache}/{random_init}/checkpoint"}  # URIs: readable from any node
+    mlflow = result["mlflow"]
+    client = MlflowClient(mlflow["tracking_uri"])
+    children = client.search_runs([client.get_run(mlflow["run_id"]).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{mlflow['run_id']}'")
+    assert len(children) == 3 and all(c.info.artifact_uri.startswith(f"{work}/mlartifacts/") for c in children)
+    assert len(client.get_metric_history(mlflow["run_id"], "sst2/dev/accuracy")) == 2
+    assert any(k.endswith("/curves.png") for k in _tree(s3_server, f"{work}/mlartifacts/"))
+
+    # forced, with a second stage that names the published checkpoints by URI: every fine-tune is in the cache
+    spec["stages"]["by_uri"] = {"kind": "evaluate_checkpoints",
+                                "config": dict(spec["stages"]["curves"]["config"], checkpoints=f"{pretrain}/checkpoints")}
+    second_spec = tmp_path / "s3-by-uri.yaml"
+    second_spec.write_text(yaml.safe_dump(spec))
+    before = _tree(s3_server, cache)
+    assert cli(["run", str(second_spec), "--force", "curves"]) == 0
+    assert _tree(s3_server, cache) == before  # nothing in the cache fine-tuned or written again
+    stages = {storage.read_json(f"{out}/_manifest.json")["name"]: out for out in outputs("evaluate_checkpoints")}
+    assert set(stages) == {"curves", "by_uri"}
+    for out in stages.values():
+        assert storage.read_json(f"{out}/_manifest.json")["result"]["cached_jobs"] == 3
+        points = storage.read_json(f"{out}/curves.json")["tasks"]["sst2"]["points"]
+        assert [(p["step"], p["per_seed"]) for p in points] == [(p["step"], p["per_seed"]) for p in curves["points"]]
+
+    # one job's outputs gone (as after a kill): a forced run fine-tunes that job alone
+    gone = job_of[f"{pretrain}/checkpoints/step-00000002"]
+    storage.remove(f"{cache}/{gone}")
+    kept = {k: v for k, v in before.items() if f"/_cache/{gone}/" not in k}
+    assert cli(["run", str(first_spec), "--force", "curves"]) == 0
+    result = storage.read_json(f"{stages['curves']}/_manifest.json")["result"]
+    assert result["jobs"] == 3 and result["cached_jobs"] == 2
+    points = storage.read_json(f"{stages['curves']}/curves.json")["tasks"]["sst2"]
+    assert [(p["step"], p["cached"]) for p in points["points"]] == [(2, False), (4, True)]
+    assert points["random_init"]["cached"]
+    after = _tree(s3_server, cache)
+    assert {k: v for k, v in after.items() if k in kept} == kept  # the other jobs' objects untouched
+    assert storage.is_file(f"{cache}/{gone}/metrics.json")
+
+
 # Small but real, as tests/test_pipeline_e2e.py runs it: every stage runs, the fine-tunes train one epoch.
 QUICKSTART_FAST = [
     "--set", "pretrain_phase1.max_steps=20", "--set", "pretrain_phase1.warmup_steps=2",
@@ -430,8 +511,8 @@ def test_convert_and_tokenizer_write_a_new_output_to_s3_with_its_manifest_last(m
 
 def test_what_is_not_routed_yet_is_refused_in_one_line_before_anything_is_written(s3_uri, tmp_path, monkeypatch,
                                                                                   capsys):
-    """A pipeline's workdir on a store other than S3 (its lease needs S3's conditional PUT), and an
-    evaluate_checkpoints stage with a workdir on a store (its fine-tune cache lives beside its output by path)."""
+    """A pipeline's workdir on a store other than S3 (its lease needs S3's conditional PUT); an evaluate_checkpoints
+    stage (which runs on an s3:// workdir) whose `checkpoints` URI names nothing on the store."""
     from cli_helpers import assert_refused, cli
 
     monkeypatch.chdir(tmp_path)
@@ -439,6 +520,7 @@ def test_what_is_not_routed_yet_is_refused_in_one_line_before_anything_is_writte
     assert_refused(cli(capsys, "run", spec, "--workdir", "gs://some-bucket/pipeline", "--dry-run"), "run",
                    "gs://some-bucket/pipeline", "a local path or s3://")
     curves = tmp_path / "curves.yaml"
-    curves.write_text(f"name: curves\nworkdir: {s3_uri}/pipeline\nstages:\n  curves: {{kind: evaluate_checkpoints}}\n")
-    assert_refused(cli(capsys, "run", curves), "run", "stage curves", "needs a local workdir for now", s3_uri)
+    curves.write_text(f"name: curves\nworkdir: {s3_uri}/pipeline\nstages:\n  curves:\n    kind: evaluate_checkpoints\n"
+                      f"    config: {{checkpoints: {s3_uri}/none, data: {tmp_path}, tasks: {{sst2: {{}}}}}}\n")
+    assert_refused(cli(capsys, "run", curves), "run", "stage curves.checkpoints", f"{s3_uri}/none: no such prefix")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.yaml"] and not storage.exists(s3_uri)

@@ -2,7 +2,7 @@
 
     curves:
       kind: evaluate_checkpoints
-      inputs: {pretrain: pretrain}     # a pretrain stage (its `checkpoints/`), or a `checkpoints` path
+      inputs: {pretrain: pretrain}     # a pretrain stage (its `checkpoints/`), or a `checkpoints` path or URI
       config:
         every: 2                       # every k-th kept checkpoint by step (the last one always)
         seeds: [1, 2, 3]
@@ -19,11 +19,20 @@ content hash>/<task>-<settings hash>/`: a checkpoint is known by the sha256 of i
 config, a fine-tune by its settings and seeds, so choosing other checkpoints (`every`), adding a
 task or re-running after a kill fine-tunes only what was not finished before (a killed job itself
 resumes at its seed and epoch). The random init (`random_init_seed`, the shape of the run's
-checkpoints, their tokenizer) is cached the same way.
+checkpoints, their tokenizer) is cached the same way, in `_cache/random-init-<shape and seed hash>/`.
 
 A pretrain stage publishes the checkpoints its run kept (`checkpoint_every`, `keep_checkpoints`:
 set them before pretraining for the points you want). A `checkpoints` path is a dir of `step-*`
-training checkpoints, such as a pretrain job's `<out>/_ray/train`.
+training checkpoints, such as a pretrain job's `<out>/_ray/train`; it may be an object-store URI
+(its key then holds the listing's names and sizes, as `storage.local_copy` versions a copy).
+
+A workdir on an object store (`workdir: s3://...`): everything goes through `bert/storage.py`. The
+cache is a prefix beside the stage's output, and each fine-tune job writes its output there itself
+(`--out s3://...`); a job is cached when its `metrics.json`, written last, exists. The stage reads
+the pretrain stage's checkpoints from its local copy (steps, content hashes) but hands the fine-tunes,
+Ray tasks on any node, their URIs as published (`StageContext.sources`). The random init is built in
+a local temporary dir, uploaded, and complete only once its `_manifest.json`, written last, exists
+(locally: written under a temporary name and renamed into place).
 
 MLflow: the stage's run is the parent of every fine-tune job's run (and those of their seeds); it
 gets the curve as metrics (`<task>/<metric>` at each pretraining step, `<task>/random_init`) and
@@ -38,12 +47,14 @@ import dataclasses
 import hashlib
 import json
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bert import storage
 from bert.errors import InputError
+from pipelines.dag.graph import MANIFEST, path_fingerprint, require_paths, sibling
 
 SET_BY_PIPELINE = ("task", "data", "checkpoint", "out", "tokenizer", "seed", "seeds", "tracking_uri",
                    "parent_run_id", "experiment")
@@ -57,7 +68,7 @@ class EvaluateStageConfig:
     tasks: dict[str, Any]
     seeds: tuple[int, ...] = (1,)
     every: int = 1
-    checkpoints: str | None = None  # a dir of step-* checkpoints, when there is no `pretrain` input
+    checkpoints: str | None = None  # a dir (or URI) of step-* checkpoints, when there is no `pretrain` input
     data: str | None = None
     random_init: bool = True
     random_init_seed: int = 12345
@@ -78,7 +89,7 @@ class EvaluateNode:
 def configure_evaluate(w) -> list:
     """Parse the section once: every task's fine-tune config is checked before anything runs."""
     from pipelines.config_args import construct, split_section
-    from pipelines.dag.graph import path_fingerprint, require_paths, task_seed_section
+    from pipelines.dag.graph import task_seed_section
     from pipelines.dag.spec import expand_path
     from pipelines.jobs.configs import FinetuneConfig
 
@@ -89,9 +100,10 @@ def configure_evaluate(w) -> list:
     if ("pretrain" in w.inputs) == (section.checkpoints is not None):
         raise InputError(f"{w.text}: give the checkpoints either as input `pretrain` (a pretrain stage) or as a "
                          "`checkpoints` path (a dir of step-* checkpoints), exactly one")
+    checkpoint_files = None
     if section.checkpoints:
         section = dataclasses.replace(section, checkpoints=expand_path(section.checkpoints))
-        require_paths([section.checkpoints], w.text)
+        checkpoint_files = _fingerprint(section.checkpoints, w.text)
     data_is_input = "data" in w.inputs
     tasks, data, fields = {}, {}, {}
     for entry, settings in section.tasks.items():
@@ -116,8 +128,21 @@ def configure_evaluate(w) -> list:
     key = {k: v for k, v in dataclasses.asdict(section).items() if k not in ("tasks", "max_concurrent")}
     key |= {"tasks": fields}
     if section.checkpoints:
-        key |= {"checkpoint_files": path_fingerprint([section.checkpoints])}
+        key |= {"checkpoint_files": checkpoint_files}
     return [w.stage(EvaluateNode(section, tasks, data, data_is_input), key)]
+
+
+def _fingerprint(checkpoints: str, where: str) -> list[list[Any]]:
+    """What the key holds of a `checkpoints` dir: its files' sizes and mtimes; of a URI, its objects' names and sizes."""
+    if not storage.is_remote(checkpoints):
+        require_paths([checkpoints], where)
+        return path_fingerprint([checkpoints])
+    try:
+        if not storage.is_dir(checkpoints):
+            raise InputError(f"{checkpoints}: no such prefix (expected a dir of step-* checkpoints)")
+        return [[str(storage.join(checkpoints, rel)), size] for rel, size in storage.walk_files(checkpoints)]
+    except InputError as exc:
+        raise InputError(f"{where}.checkpoints: {exc}") from None
 
 
 def _job_settings(config) -> dict[str, Any]:
@@ -149,7 +174,7 @@ def checkpoint_dirs(root: storage.Location) -> list[Any]:
     return sorted(found, key=lambda d: TrainState.read(d).step)
 
 
-def select(checkpoints: list[Path], every: int) -> list[Path]:
+def select(checkpoints: list[Any], every: int) -> list[Any]:
     """Every `every`-th checkpoint by step, and always the last one."""
     chosen = checkpoints[every - 1 :: every]
     if checkpoints and checkpoints[-1] not in chosen:
@@ -157,11 +182,11 @@ def select(checkpoints: list[Path], every: int) -> list[Path]:
     return chosen
 
 
-def content_id(checkpoint: Path) -> str:
-    """A checkpoint's identity: sha256 of its config and weights (whatever dir it lies in)."""
+def content_id(checkpoint: storage.Location) -> str:
+    """A checkpoint's identity: sha256 of its config and weights (whatever dir or prefix it lies in)."""
     digest = hashlib.sha256()
     for name in ("config.json", "model.safetensors"):
-        with open(checkpoint / name, "rb") as fh:
+        with storage.open_read(storage.join(checkpoint, name)) as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
@@ -172,8 +197,9 @@ def settings_id(config) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def random_init_checkpoint(like: Path, seed: int, cache: Path) -> Path:
-    """A randomly initialised model of `like`'s shape (and tokenizer), seeded, cached by its content."""
+def random_init_checkpoint(like: Path, seed: int, cache: storage.Location) -> storage.Location:
+    """A randomly initialised model of `like`'s shape (and tokenizer; `like` a local dir), seeded, cached by its
+    shape and seed under `cache` (a dir, or a prefix on an object store), visible only whole."""
     import torch
 
     from bert.checkpoint import read_checkpoint_info, save_pretrained
@@ -181,13 +207,24 @@ def random_init_checkpoint(like: Path, seed: int, cache: Path) -> Path:
 
     config = read_checkpoint_info(like).config
     name = hashlib.sha256(json.dumps([config.to_dict(), seed], sort_keys=True).encode()).hexdigest()[:16]
-    out = cache / f"random-init-{name}" / "checkpoint"
-    if not (out / "model.safetensors").is_file():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = BertForPreTraining(config)
-        out.parent.mkdir(parents=True, exist_ok=True)
+    home = storage.join(cache, f"random-init-{name}")
+    out, remote = storage.join(home, "checkpoint"), storage.is_remote(cache)
+    # locally the dir is renamed into place whole; on a store its manifest is written after every file
+    if storage.is_file(storage.join(home, MANIFEST) if remote else storage.join(out, "model.safetensors")):
+        return out
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertForPreTraining(config)
+    if not remote:
+        storage.make_dirs(home)
         save_pretrained(model, out, tokenizer_dir=like)  # written under a temporary name, renamed into place
+        return out
+    with tempfile.TemporaryDirectory(prefix="bertflow-random-init-") as tmp:
+        save_pretrained(model, Path(tmp) / "checkpoint", tokenizer_dir=like)
+        # a killed upload's objects (no manifest) are overwritten: the same shape and seed give the same files
+        storage.upload_dir(Path(tmp) / "checkpoint", out)
+        files = dict(storage.walk_files(Path(tmp) / "checkpoint"))
+    storage.write_json(storage.join(home, MANIFEST), {"seed": seed, "config": config.to_dict(), "files": files})
     return out
 
 
@@ -198,7 +235,7 @@ def finetune_job(config, checkpoint: str, data: str, out: str, tracking: dict[st
     """One task over the seeds from one checkpoint (a Ray task); `cached` when it had finished before."""
     from pipelines.jobs.finetune import run_finetune
 
-    cached = (Path(out) / "metrics.json").is_file()
+    cached = storage.is_file(storage.join(out, "metrics.json"))  # written last by a job that finished
     result = run_finetune(dataclasses.replace(config, checkpoint=checkpoint, data=data, out=out, log_model=False,
                                               **tracking))
     primary = result["primary_metric"]
@@ -228,24 +265,32 @@ def evaluate_stage(ctx) -> dict[str, Any]:
     """Fine-tune every selected checkpoint (and the random init) on every task; write the curves."""
     node: EvaluateNode = ctx.config
     section = node.section
-    root = Path(section.checkpoints) if section.checkpoints else ctx.inputs["pretrain"] / "checkpoints"
-    available = checkpoint_dirs(root)
+    # `here`: what this stage reads (a pretrain input's local copy, for a workdir on a store); `there`: the same
+    # checkpoints as published, what the fine-tunes (Ray tasks, on any node) are given
+    if section.checkpoints:
+        here = there = section.checkpoints
+    else:
+        here, there = ctx.inputs["pretrain"] / "checkpoints", storage.join(ctx.sources["pretrain"], "checkpoints")
+    available = checkpoint_dirs(here)
     if not available:
-        raise InputError(f"{root}: no complete step-* checkpoints to evaluate (a pretrain stage publishes the "
+        raise InputError(f"{there}: no complete step-* checkpoints to evaluate (a pretrain stage publishes the "
                          "ones its run kept: see checkpoint_every and keep_checkpoints)")
     chosen = select(available, section.every)
-    cache = Path(ctx.final).parent / CACHE
-    points = [_point(d) for d in chosen]
+    cache = sibling(ctx.final, CACHE)  # <workdir>/evaluate_checkpoints/_cache: a dir, or a prefix on a store
+    points = [_point(d, storage.join(there, storage.name(d))) for d in chosen]
     if section.random_init:
-        points.append({"label": "random_init", "dir": random_init_checkpoint(chosen[-1], section.random_init_seed,
-                                                                             cache), "step": None, "tokens": None})
+        like = storage.local_copy(chosen[-1], "checkpoints")  # itself, unless `checkpoints` is a URI
+        random_init = random_init_checkpoint(like, section.random_init_seed, cache)
+        points.append({"label": "random_init", "dir": random_init, "location": random_init, "step": None,
+                       "tokens": None})
     jobs = []
     for point in points:
         point["id"] = content_id(point["dir"])
         for entry, config in node.tasks.items():
-            data = str(ctx.inputs["data"] / (node.data[entry] or "")) if node.data_is_input else node.data[entry]
-            out = cache / point["id"] / f"{entry}-{settings_id(config)}"
-            jobs.append({"point": point, "entry": entry, "config": config, "checkpoint": str(point["dir"]),
+            data = (str(storage.join(ctx.sources["data"], node.data[entry] or "")) if node.data_is_input
+                    else node.data[entry])
+            out = storage.join(cache, point["id"], f"{entry}-{settings_id(config)}")
+            jobs.append({"point": point, "entry": entry, "config": config, "checkpoint": str(point["location"]),
                          "data": data, "out": str(out), "tracking": ctx.job_tracking()})
     ctx.log(f"{len(chosen)} of {len(available)} checkpoints{' and a random init' if section.random_init else ''} "
             f"x {len(node.tasks)} task(s) x {len(section.seeds)} seed(s): {len(jobs)} fine-tune jobs")
@@ -259,11 +304,13 @@ def evaluate_stage(ctx) -> dict[str, Any]:
             "mlflow": dict(ctx.tracking) if ctx.tracking else None}
 
 
-def _point(checkpoint: Path) -> dict[str, Any]:
+def _point(checkpoint: storage.Location, location: storage.Location) -> dict[str, Any]:
+    """A checkpoint read here at `checkpoint`, given to the fine-tunes as `location`."""
     from bert.pretrain import TrainState
 
     state = TrainState.read(checkpoint)
-    return {"label": checkpoint.name, "dir": checkpoint, "step": state.step, "tokens": state.tokens_seen}
+    return {"label": storage.name(checkpoint), "dir": checkpoint, "location": location, "step": state.step,
+            "tokens": state.tokens_seen}
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -22,7 +22,8 @@ interleave; under the lock it removes temporary dirs that killed runs left behin
 as prefixes. The workdir's lock is its lease (`<workdir>/_lease.json`, `pipelines/lease.py`: a conditional
 PUT, renewed while the run lasts; a second run is refused). A stage writes into a local temporary dir
 (`$BERTFLOW_CACHE/stages/...`), reads its upstream outputs from local copies (downloaded once per
-machine, `storage.local_copy`), and is published by uploading that dir to `<kind>/<key>/` and then
+machine, `storage.local_copy`; `StageContext.sources` names them as published, for the Ray tasks a stage starts
+on other nodes), and is published by uploading that dir to `<kind>/<key>/` and then
 `_manifest.json`, last and behind the lease's fence: a prefix without a manifest (a killed upload) is never
 taken as done and is removed by the next run under the lease. Outputs a stage's job already wrote to the
 store (a pretraining's checkpoint under `<key>.work/`) are copied into place on the server
@@ -82,6 +83,9 @@ class StageContext:
     final: Location  # the dir `out` becomes
     tracking: Mapping[str, str] | None = None  # {"tracking_uri", "run_id"}: the stage's MLflow run, if any
     adopted: list = field(default_factory=list)  # (location, path in the output): copied in at publish time
+    # input role -> upstream output as published: its URI for a workdir on a store (readable from any node: what
+    # a stage hands to the Ray tasks it starts), else the same dir as `inputs`
+    sources: Mapping[str, Location] = field(default_factory=dict)
 
     def log(self, message: str) -> None:
         print(f"[{self.name}] {message}", flush=True)
@@ -486,7 +490,7 @@ def execute_stage(stage: Stage, key: str, final: str, inputs: Mapping[str, str],
     ctx = StageContext(
         name=stage.name, kind=stage.kind, key=key, config=stage.config,
         inputs={role: Path(p) for role, p in inputs.items()}, out=tmp, work=work, final=final_path,
-        tracking=tracking,
+        tracking=tracking, sources={role: Path(p) for role, p in inputs.items()},
     )
     started = time.time()
     try:
@@ -533,7 +537,7 @@ def _execute_remote(stage: Stage, key: str, final: str, inputs: Mapping[str, str
     spool.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=spool))
     ctx = StageContext(name=stage.name, kind=stage.kind, key=key, config=stage.config, inputs=local_inputs, out=tmp,
-                       work=sibling(final, key + ".work"), final=final, tracking=tracking)
+                       work=sibling(final, key + ".work"), final=final, tracking=tracking, sources=dict(inputs))
     started = time.time()
     try:
         result = stage.fn(ctx) or {}

@@ -415,19 +415,12 @@ KINDS: dict[str, StageKind] = {
 }
 
 
-LOCAL_WORKDIR_ONLY = ("evaluate_checkpoints",)  # kinds not yet routed through bert/storage.py (issue 27)
-
-
 def build_stages(spec: Spec) -> list[Stage]:
     """Check every stage of the spec against the table and expand it into DAG nodes."""
     expanded: dict[str, list[str]] = {}  # spec stage -> node names (finetune fans out)
     for name, s in spec.stages.items():
         if s.kind not in KINDS:
             raise InputError(f"{spec.path}: stage {name}: unknown kind {s.kind!r}; known kinds: {', '.join(KINDS)}")
-        if s.kind in LOCAL_WORKDIR_ONLY and storage.is_remote(spec.workdir):
-            raise InputError(f"{spec.path}: stage {name}: a {s.kind} stage needs a local workdir for now (it keeps "
-                             f"its fine-tunes in a cache beside its output); workdir {spec.workdir} is on an object "
-                             "store (nothing was written)")
         expanded[name] = node_names(name, s, f"{spec.path}: stage {name}")
     stages: list[Stage] = []
     for name, s in spec.stages.items():
