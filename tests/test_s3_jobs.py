@@ -261,6 +261,39 @@ def test_a_graph_on_an_s3_workdir_runs_caches_cleans_a_killed_publish_and_refuse
     assert test_dag.counts(log) == {"a": 1, "b": 2, "c": 1, "d": 2}
 
 
+def test_the_random_init_of_evaluate_checkpoints_is_published_whole_on_s3_and_known_by_its_content(
+        vocab_txt, s3_server, s3_uri, tmp_path):
+    """Built once, uploaded, then its manifest: a second call writes nothing; objects without the manifest (a
+    killed upload) are not taken for it; its content id is the same from the store, a local copy, and a local cache."""
+    from bert.checkpoint import save_pretrained
+    from bert.config import preset
+    from bert.model import BertForPreTraining
+    from bert.tokenizer import Tokenizer
+    from pipelines.dag.evaluate_stage import content_id, random_init_checkpoint
+
+    tokenizer = Tokenizer.from_vocab_file(str(vocab_txt))
+    tokenizer.save(tmp_path / "tokenizer")
+    like = save_pretrained(BertForPreTraining(preset("tiny", vocab_size=tokenizer.vocab_size)), tmp_path / "like",
+                           tokenizer_dir=tmp_path / "tokenizer")
+    cache = f"{s3_uri}/evaluate_checkpoints/_cache"
+    made = random_init_checkpoint(like, 7, cache)
+    home = made.rsplit("/", 1)[0]
+    assert made == f"{home}/checkpoint" and home.startswith(f"{cache}/random-init-")
+    manifest = storage.read_json(f"{home}/_manifest.json")
+    assert dict(storage.walk_files(made)) == manifest["files"] and "vocab.txt" in manifest["files"]
+    identity = content_id(made)
+    assert content_id(storage.local_copy(made)) == identity
+    before = _tree(s3_server, cache)
+    assert random_init_checkpoint(like, 7, cache) == made and _tree(s3_server, cache) == before  # found: nothing written
+
+    storage.remove(f"{home}/_manifest.json")  # as a killed upload leaves it: a torn object, no manifest
+    storage.write_bytes(f"{made}/model.safetensors", b"\0" * 100)
+    assert random_init_checkpoint(like, 7, cache) == made
+    assert storage.read_json(f"{home}/_manifest.json") == manifest and content_id(made) == identity
+    assert content_id(random_init_checkpoint(like, 7, tmp_path / "_cache")) == identity  # a local workdir's cache
+
+
+@pytest.mark.slow  # about 3.5 minutes on this 2-core machine under load (pretraining and 4 fine-tunes); -m slow
 def test_evaluate_checkpoints_on_an_s3_workdir_caches_its_fine_tunes_on_the_store_and_reruns_only_what_is_gone(
         ray_local, datasets_dir, vocab_txt, s3_server, s3_uri, tmp_path):
     """tests/test_evaluate_stage.py's spec (4 pretraining steps here, a checkpoint every 2) on an s3:// workdir:
