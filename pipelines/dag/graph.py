@@ -487,11 +487,9 @@ def execute_stage(stage: Stage, key: str, final: str, inputs: Mapping[str, str],
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    ctx = StageContext(
-        name=stage.name, kind=stage.kind, key=key, config=stage.config,
-        inputs={role: Path(p) for role, p in inputs.items()}, out=tmp, work=work, final=final_path,
-        tracking=tracking, sources={role: Path(p) for role, p in inputs.items()},
-    )
+    local = {role: Path(p) for role, p in inputs.items()}  # on a local workdir, read and handed on as they are
+    ctx = StageContext(name=stage.name, kind=stage.kind, key=key, config=stage.config, inputs=local, out=tmp,
+                       work=work, final=final_path, tracking=tracking, sources=local)
     started = time.time()
     try:
         result = stage.fn(ctx) or {}
