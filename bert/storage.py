@@ -258,8 +258,14 @@ def list_dir(location: Location) -> list[str]:
 
 def walk_files(location: Location) -> list[tuple[str, int]]:
     """(relative path, size) of every file under a directory, sorted."""
+    return [(rel, size) for rel, size, _ in walk_file_infos(location)]
+
+
+def walk_file_infos(location: Location) -> list[tuple[str, int, int | None]]:
+    """(relative path, size, mtime_ns) of every file under a directory, sorted; on a store the mtime is the
+    object's Last-Modified (None where the store gives none)."""
     _, root = resolve(location)
-    return sorted((f.path[len(root) + 1:], f.size) for f in _infos(location, recursive=True)
+    return sorted((f.path[len(root) + 1:], f.size, f.mtime_ns) for f in _infos(location, recursive=True)
                   if f.type == pafs.FileType.File)
 
 

@@ -555,5 +555,64 @@ def test_what_is_not_routed_yet_is_refused_in_one_line_before_anything_is_writte
     curves = tmp_path / "curves.yaml"
     curves.write_text(f"name: curves\nworkdir: {s3_uri}/pipeline\nstages:\n  curves:\n    kind: evaluate_checkpoints\n"
                       f"    config: {{checkpoints: {s3_uri}/none, data: {tmp_path}, tasks: {{sst2: {{}}}}}}\n")
-    assert_refused(cli(capsys, "run", curves), "run", "stage curves.checkpoints", f"{s3_uri}/none: no such prefix")
+    assert_refused(cli(capsys, "run", curves), "run", "stage curves.checkpoints", f"path {s3_uri}/none does not exist")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.yaml"] and not storage.exists(s3_uri)
+
+
+def test_a_spec_reads_its_inputs_from_uris_keyed_by_their_objects(datasets_dir, minilm_dir, vocab_txt, s3_server,
+                                                                   s3_uri, ray_local, tmp_path, monkeypatch, capsys):
+    """Every path a spec gives its stages may be a URI (checked, fingerprinted and read through bert/storage.py):
+    a checkpoint, a task's data, a vocab.txt, a fine-tune's checkpoint. A key follows the objects: one replaced
+    re-runs only the stage that reads it; a URI naming nothing is refused in one line, nothing written."""
+    from cli_helpers import assert_refused, cli
+    from pipelines.dag.graph import Graph
+    from pipelines.dag.spec import load_spec
+    from pipelines.dag.stages import build_stages
+
+    from bert.tokenizer import Tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    storage.upload_dir(minilm_dir, f"{s3_uri}/minilm")
+    storage.upload_dir(datasets_dir / "glue" / "SST-2", f"{s3_uri}/data/SST-2")
+    storage.write_bytes(f"{s3_uri}/vocab.txt", vocab_txt.read_bytes())
+    work = tmp_path / "work"
+    spec = tmp_path / "inputs.yaml"
+
+    def write_spec(checkpoint: str) -> None:
+        spec.write_text(f"""name: inputs-on-s3
+workdir: {work}
+stages:
+  base: {{kind: checkpoint, config: {{path: {s3_uri}/minilm}}}}
+  text: {{kind: task_text, config: {{task: sst2, data: {s3_uri}/data/SST-2, max_examples: 40, per_document: 10}}}}
+  vocab: {{kind: tokenizer, config: {{vocab: {s3_uri}/vocab.txt}}}}
+  tune:
+    kind: finetune
+    config: {{checkpoint: {checkpoint}, data: {s3_uri}/data/SST-2, seeds: [1], tasks: {{sst2: {{epochs: 1}}}}}}
+""")
+
+    def status() -> dict[str, str]:
+        graph = Graph.build(build_stages(load_spec(spec)), str(work))
+        return graph.status()
+
+    write_spec(f"{s3_uri}/nothing")
+    assert_refused(cli(capsys, "run", spec), "run", "stage tune", f"path {s3_uri}/nothing does not exist")
+    assert not work.exists()
+    write_spec(f"{s3_uri}/minilm")
+    code, out, err = cli(capsys, "run", spec, "--until", "base", "--until", "text", "--until", "vocab")
+    assert code == 0, err
+    assert status() == {"base": "cached", "text": "cached", "vocab": "cached", "tune.sst2.seed1": "missing"}
+    graph = Graph.build(build_stages(load_spec(spec)), str(work))
+    text = (Path(graph.nodes["text"].final) / "corpus" / "text.txt").read_text().split("\n\n")
+    assert len(text) >= 4 and sum(len(d.strip().split("\n")) for d in text if d.strip()) == 40
+    assert Tokenizer.load(graph.nodes["vocab"].final).vocab_size == 30522
+    assert Tokenizer.load(graph.nodes["base"].final).vocab_size == 30522
+    assert (Path(graph.nodes["base"].final) / "checkpoint" / "model.safetensors").is_file()
+    tune_key = graph.nodes["tune.sst2.seed1"].key
+
+    time.sleep(1.1)  # Last-Modified has one-second resolution
+    storage.write_bytes(f"{s3_uri}/vocab.txt", vocab_txt.read_bytes())  # the same bytes, written anew
+    assert status() == {"base": "cached", "text": "cached", "vocab": "missing", "tune.sst2.seed1": "missing"}
+    storage.write_text(f"{s3_uri}/minilm/README.md", "replaced")  # a file of the checkpoint changed
+    after = Graph.build(build_stages(load_spec(spec)), str(work))
+    assert after.status()["base"] == "missing" and after.nodes["tune.sst2.seed1"].key != tune_key
+    assert after.status()["text"] == "cached"

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bert import storage
 from bert.errors import InputError
 
 TEXT_FILE = "text.txt"
@@ -107,7 +108,7 @@ def configure_task_text(w) -> list:
 
 def task_text_stage(ctx) -> dict[str, Any]:
     config: TaskTextConfig = ctx.config
-    counts = write_task_text(config.task, config.data, Path(ctx.out) / "corpus" / TEXT_FILE, config.max_examples,
+    counts = write_task_text(config.task, storage.local_copy(config.data), Path(ctx.out) / "corpus" / TEXT_FILE, config.max_examples,
                              config.per_document)
     ctx.log(f"{counts['examples']} {config.task} training examples, {counts['lines']} lines, no labels")
     return counts
@@ -136,8 +137,9 @@ def configure_checkpoint(w) -> list:
         raise InputError(f"{w.text}: needs path (a bertflow or Hugging Face BERT checkpoint dir)")
     config = CheckpointStageConfig(expand_path(config.path))
     require_paths([config.path], w.text)
-    read_checkpoint_info(config.path)  # a clear error now if it is not a BERT checkpoint
-    if not Tokenizer.is_tokenizer_dir(config.path):
+    local = storage.local_copy(config.path, "checkpoints")  # itself on disk; a cached copy of a URI
+    read_checkpoint_info(local)  # a clear error now if it is not a BERT checkpoint
+    if not Tokenizer.is_tokenizer_dir(local):
         raise InputError(f"{w.text}: {config.path} has no tokenizer files (vocab.txt or tokenizer_config.json): "
                          "continued pretraining takes its vocabulary and casing from the checkpoint")
     return [w.stage(config, {"path": config.path, "files": path_fingerprint([config.path])})]
@@ -149,9 +151,10 @@ def checkpoint_stage(ctx) -> dict[str, Any]:
     from bert.tokenizer import Tokenizer
 
     config: CheckpointStageConfig = ctx.config
-    model = from_pretrained(config.path, init_seed=0)  # a head the checkpoint half has (MLM, no NSP): seeded
-    save_pretrained(model, Path(ctx.out) / "checkpoint", tokenizer_dir=config.path)
-    copy_tokenizer_files(config.path, ctx.out)
+    local = storage.local_copy(config.path, "checkpoints")  # itself on disk; a cached copy of a URI
+    model = from_pretrained(local, init_seed=0)  # a head the checkpoint half has (MLM, no NSP): seeded
+    save_pretrained(model, Path(ctx.out) / "checkpoint", tokenizer_dir=local)
+    copy_tokenizer_files(local, ctx.out)
     tokenizer = Tokenizer.load(ctx.out)
     head = getattr(model, "head", None)
     ctx.log(f"{config.path}: {type(model).__name__}, {tokenizer!r}")

@@ -24,7 +24,8 @@ checkpoints, their tokenizer) is cached the same way, in `_cache/random-init-<sh
 A pretrain stage publishes the checkpoints its run kept (`checkpoint_every`, `keep_checkpoints`:
 set them before pretraining for the points you want). A `checkpoints` path is a dir of `step-*`
 training checkpoints, such as a pretrain job's `<out>/_ray/train`; it may be an object-store URI
-(its key then holds the listing's names and sizes, as `storage.local_copy` versions a copy).
+(its key then holds the objects' names, sizes and Last-Modified times, as `graph.path_fingerprint` does for
+every input path or URI of a spec).
 
 A workdir on an object store (`workdir: s3://...`): everything goes through `bert/storage.py`. The
 cache is a prefix beside the stage's output, and each fine-tune job writes its output there itself
@@ -103,7 +104,8 @@ def configure_evaluate(w) -> list:
     checkpoint_files = None
     if section.checkpoints:
         section = dataclasses.replace(section, checkpoints=expand_path(section.checkpoints))
-        checkpoint_files = _fingerprint(section.checkpoints, w.text)
+        require_paths([section.checkpoints], f"{w.text}.checkpoints")
+        checkpoint_files = path_fingerprint([section.checkpoints])
     data_is_input = "data" in w.inputs
     tasks, data, fields = {}, {}, {}
     for entry, settings in section.tasks.items():
@@ -130,19 +132,6 @@ def configure_evaluate(w) -> list:
     if section.checkpoints:
         key |= {"checkpoint_files": checkpoint_files}
     return [w.stage(EvaluateNode(section, tasks, data, data_is_input), key)]
-
-
-def _fingerprint(checkpoints: str, where: str) -> list[list[Any]]:
-    """What the key holds of a `checkpoints` dir: its files' sizes and mtimes; of a URI, its objects' names and sizes."""
-    if not storage.is_remote(checkpoints):
-        require_paths([checkpoints], where)
-        return path_fingerprint([checkpoints])
-    try:
-        if not storage.is_dir(checkpoints):
-            raise InputError(f"{checkpoints}: no such prefix (expected a dir of step-* checkpoints)")
-        return [[str(storage.join(checkpoints, rel)), size] for rel, size in storage.walk_files(checkpoints)]
-    except InputError as exc:
-        raise InputError(f"{where}.checkpoints: {exc}") from None
 
 
 def _job_settings(config) -> dict[str, Any]:

@@ -112,9 +112,22 @@ class StageContext:
 
 
 def path_fingerprint(paths: tuple[str, ...] | list[str]) -> list[list[Any]]:
-    """[(path, size, mtime_ns)] of every file under the paths: changes when an input file does."""
+    """[(path, size, mtime_ns)] of every file under the paths: changes when an input file does.
+
+    A path may be a URI: then every object under it (or the object itself) with its size and Last-Modified,
+    read through `bert/storage.py` (names starting with "." skipped, as on disk). Local entries are what
+    they always were, so the keys of local inputs do not change.
+    """
     out: list[list[Any]] = []
     for p in paths:
+        if storage.is_remote(p):
+            found = storage.info(p)
+            if found.type == storage.pafs.FileType.File:
+                out.append([str(p), found.size, found.mtime_ns])
+            else:
+                out.extend([str(storage.join(p, rel)), size, mtime] for rel, size, mtime in storage.walk_file_infos(p)
+                           if not rel.rsplit("/", 1)[-1].startswith("."))
+            continue
         root = Path(p)
         files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file() and not f.name.startswith("."))
         for f in files:
@@ -124,8 +137,13 @@ def path_fingerprint(paths: tuple[str, ...] | list[str]) -> list[list[Any]]:
 
 
 def require_paths(paths: tuple[str, ...] | list[str], where: str) -> None:
+    """Refuse, naming `where`, a path or URI that names nothing (a store that cannot be asked: its one line)."""
     for p in paths:
-        if not Path(p).exists():
+        try:
+            found = storage.exists(p) if storage.is_remote(p) else Path(p).exists()
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        if not found:
             raise InputError(f"{where}: path {p} does not exist")
 
 

@@ -111,7 +111,7 @@ def tokenizer_stage(ctx: StageContext) -> dict[str, Any]:
 
     config: TokenizerStageConfig = ctx.config
     if config.vocab:
-        tokenizer = Tokenizer.from_vocab_file(config.vocab, lowercase=config.lowercase)
+        tokenizer = Tokenizer.from_vocab_file(storage.local_copy(config.vocab), lowercase=config.lowercase)
         tokenizer.save(ctx.out)
     else:
         corpus = list(config.corpus) + ([str(ctx.inputs["corpus"] / "corpus")] if "corpus" in ctx.inputs else [])
