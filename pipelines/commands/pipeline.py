@@ -226,10 +226,10 @@ def submit_command(args: argparse.Namespace) -> int:
         command += ["--run-key", args.run_key]
     entrypoint = shlex.join(command)
     env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "BERTFLOW_DATASETS") if os.environ.get(k)}
-    if storage.is_remote(os.path.expandvars(workdir)):  # the store this shell names; never its secrets (the Ray
-        # dashboard shows a job's env): credentials on the cluster come from its nodes (instance profile)
-        env_vars |= {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
-                                                "AWS_DEFAULT_REGION") if os.environ.get(k)}
+    # the store this shell names (for an s3:// workdir or any URI input); never its secrets (the Ray dashboard
+    # shows a job's env): credentials on the cluster come from its nodes (instance profile)
+    env_vars |= {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION",
+                                            "AWS_DEFAULT_REGION") if os.environ.get(k)}
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     try:

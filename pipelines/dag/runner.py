@@ -160,8 +160,8 @@ class _Run:
             storage.remove(node.final)
         inputs = {role: str(self.graph.nodes[u].final) for role, u in node.stage.inputs.items()}
         options = {**node.stage.resources, "max_retries": 0}
-        if storage.is_remote(node.final):  # the store and credentials this driver uses, in the stage's worker too
-            options["runtime_env"] = {"env_vars": storage.environment()}
+        if env := storage.environment():  # the store and credentials this driver uses, in the stage's worker too:
+            options["runtime_env"] = {"env_vars": env}  # its output or any of its inputs may be a URI
         ref = self.remote.options(**options).remote(
             node.stage, node.key, str(node.final), inputs, self.observer.stage_tracking(node), attempt, self.fence)
         self.running[ref] = (n, attempt, time.time())
