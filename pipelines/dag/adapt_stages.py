@@ -108,8 +108,8 @@ def configure_task_text(w) -> list:
 
 def task_text_stage(ctx) -> dict[str, Any]:
     config: TaskTextConfig = ctx.config
-    counts = write_task_text(config.task, storage.local_copy(config.data), Path(ctx.out) / "corpus" / TEXT_FILE, config.max_examples,
-                             config.per_document)
+    counts = write_task_text(config.task, storage.local_copy(config.data), Path(ctx.out) / "corpus" / TEXT_FILE,
+                             config.max_examples, config.per_document)
     ctx.log(f"{counts['examples']} {config.task} training examples, {counts['lines']} lines, no labels")
     return counts
 
