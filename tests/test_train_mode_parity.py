@@ -3,6 +3,9 @@ about dropout, attention dropout or gradients, which only act in training.
 
 - With dropout off, a training-mode forward and backward of `BertForSequenceClassification` gives the
   same loss and the same gradient for every parameter as transformers' (same weights).
+- With dropout on and torch's kernels (`F.dropout`, SDPA) in place of `bert.kernels`' CPU ones, the same
+  seed gives the same masks in the same places, hence the same loss and gradients as transformers': the
+  model in training differs from transformers' in nothing but the kernels' random draws.
 - With dropout on, the noise dropout puts on the outputs has the same size as transformers' (dropout at
   the same places, at the same rate and scale), and `bert.kernels` draws masks independently across batch
   rows, heads and positions, like `F.dropout`.
@@ -60,6 +63,41 @@ def test_training_forward_and_backward_equal_transformers_without_dropout():
         if scale < 1e-8:  # key biases: their exact gradient is 0 (softmax ignores a per-row constant)
             continue
         assert torch.allclose(grads[name].grad, param.grad, atol=1e-5 * scale, rtol=1e-4), name
+
+
+def test_with_torch_kernels_the_same_seed_gives_transformers_loss_and_gradients_with_dropout_on(monkeypatch):
+    """Every dropout where transformers has one, in the same order (so each draws the same mask from the same
+    generator state), at the same rate: a missing, extra or reordered dropout changes the loss."""
+    import torch.nn.functional as F
+
+    import bert.kernels
+    import bert.model
+
+    monkeypatch.setattr(bert.kernels, "dropout", lambda x, p, training: F.dropout(x, p, training=training))
+    monkeypatch.setattr(bert.model, "attention", lambda q, k, v, key_mask, dropout_p, training:
+                        F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
+                                                       dropout_p=dropout_p if training else 0.0))
+    hf, ours = twin_models(0.1)
+    inputs = batch()
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        hf_loss = hf(**inputs).loss
+        torch.manual_seed(seed)
+        our_loss = ours(**inputs).loss
+        torch.manual_seed(seed + 100)
+        other_draw = ours(**inputs).loss
+        assert not torch.allclose(other_draw, our_loss, atol=1e-4)  # dropout is on: another draw, another loss
+        assert torch.allclose(our_loss, hf_loss, atol=1e-6), seed
+        hf.zero_grad()
+        ours.zero_grad()
+        hf_loss.backward()
+        our_loss.backward()
+        grads = dict(ours.named_parameters())
+        for name, param in hf.named_parameters():
+            scale = param.grad.abs().max().item()
+            if scale < 1e-8:  # key biases (exact gradient 0)
+                continue
+            assert torch.allclose(grads[name].grad, param.grad, atol=1e-5 * scale, rtol=1e-4), (seed, name)
 
 
 @torch.no_grad()
