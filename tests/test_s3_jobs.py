@@ -31,6 +31,21 @@ TINY = dict(model="tiny", num_workers=1, global_batch_size=16, micro_batch_size=
             learning_rate=1e-3, log_every=2, checkpoint_every=100, max_steps=4, precision="fp32")
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoint(minilm_dir, tmp_path_factory) -> Path:
+    """A BERT-tiny (L2/H128) with MiniLM's vocabulary, as bertflow saves a checkpoint: a sixth of MiniLM's bytes,
+    for the tests where each trial's checkpoint upload to the store, not the model, is what is under test."""
+    from bert.checkpoint import save_pretrained
+    from bert.config import preset
+    from bert.model import BertForPreTraining
+    from bert.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(minilm_dir)
+    torch.manual_seed(0)
+    model = BertForPreTraining(preset("tiny", vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_id))
+    return save_pretrained(model, tmp_path_factory.mktemp("ck") / "tiny", tokenizer_dir=minilm_dir)
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     """The local side of remote outputs (tracking store, downloaded checkpoints) in the test's tmp dir."""
@@ -50,7 +65,6 @@ def s3_weights(uri: str) -> dict[str, torch.Tensor]:
     return load_safetensors(storage.read_bytes(storage.join(uri, "checkpoint", "model.safetensors")))
 
 
-@pytest.mark.slow  # the default run's 30-minute budget; run with -m slow
 def test_pretraining_killed_and_resumed_on_s3_ends_bit_identical_to_an_uninterrupted_run_on_disk(
         ray_local, small_shards, s3_shards, s3_uri, s3_server, tmp_path):
     """A driver SIGKILLed mid-run (shards and --out on the store), re-run: it takes its own dead lease over at once,
@@ -155,7 +169,7 @@ def _sst2_dev_sentences(datasets_dir: Path, ids: set) -> dict:
 
 
 def test_a_sweep_to_s3_writes_trials_table_and_mlflow_artifacts_there_and_resumes_what_is_missing(
-        ray_local, datasets_dir, minilm_dir, s3_server, s3_uri, tmp_path, capsys):
+        ray_local, datasets_dir, tiny_checkpoint, s3_server, s3_uri, tmp_path, capsys):
     """`bertflow sweep --out s3://...`: every trial's fine-tune, the records, table, plot, sweep.json (committed last,
     under the lease) and the re-run on the store; the MLflow artifacts under <out>/mlartifacts; re-run finished:
     nothing done; with a trial's outputs gone (as after a kill), the re-run trains that trial only."""
@@ -168,8 +182,8 @@ def test_a_sweep_to_s3_writes_trials_table_and_mlflow_artifacts_there_and_resume
     out = f"{s3_uri}/sweep"
     space = tmp_path / "space.yaml"
     space.write_text("learning_rate: {grid: [1.0e-4, 1.0e-7]}\n")
-    base = FinetuneConfig(task="mrpc", data=str(datasets_dir / "glue" / "MRPC"), checkpoint=str(minilm_dir), out=out,
-                          epochs=1, max_train_examples=32, max_eval_examples=32, batch_size=16, precision="fp32",
+    base = FinetuneConfig(task="mrpc", data=str(datasets_dir / "glue" / "MRPC"), checkpoint=str(tiny_checkpoint),
+                          out=out, epochs=1, max_train_examples=32, max_eval_examples=32, batch_size=16, precision="fp32",
                           log_every=1)
     options = SweepOptions(space=str(space), seeds="1")
     result = run_sweep(base, options)
