@@ -503,6 +503,42 @@ def named(location: Location, local: Location) -> Iterator[None]:
         raise type(exc)(text.replace(here, os.fspath(location).rstrip("/"))) from None
 
 
+METADATA_BYTES = 16 << 20  # what `metadata_copy` downloads per file: configs and vocabularies, not weights
+
+
+def metadata_copy(location: Location, kind: str = "inputs", limit: int = METADATA_BYTES) -> Path:
+    """A local stand-in for the directory `location` to inspect, never to load: its files of up to `limit`
+    bytes (configs, vocabularies, tokenizer models) copied, each larger one (weights) an empty file of
+    the same name, so a check that a checkpoint is complete and readable costs kilobytes, not the model.
+    A local `location` is itself. Named by the listing, like `local_copy`, under `<kind>-metadata`."""
+    local = local_path(location)
+    if local is not None:
+        return local
+    listing = walk_files(location)
+    if not listing:
+        raise _missing(os.fspath(location))
+    version = hashlib.sha256(json.dumps([listing, limit]).encode()).hexdigest()[:12]
+    base = cache_dir(f"{kind}-metadata", location)
+    target = base.with_name(f"{base.name}-{version}")
+    if target.exists():
+        return target
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        for rel, nbytes in listing:
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(read_bytes(join(location, rel)) if nbytes <= limit else b"")
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process put its copy in place meanwhile
+            if not target.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def local_copy(location: Location, kind: str = "inputs") -> Path:
     """A local path holding `location`: itself when it is local, else a copy in the cache (for libraries
     that need files on disk: safetensors, tokenizers, torch.load).

@@ -612,6 +612,9 @@ stages:
     assert_refused(cli(capsys, "run", spec), "run", "stage tune", f"path {s3_uri}/nothing does not exist")
     assert not work.exists()
     write_spec(f"{s3_uri}/minilm")
+    assert set(status().values()) == {"missing"}  # checked and keyed: the checkpoint's configs read, not its weights
+    cached = {p.name: p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    assert cached["config.json"] > 0 and cached["vocab.txt"] > 0 and cached["model.safetensors"] == 0
     code, out, err = cli(capsys, "run", spec, "--until", "base", "--until", "text", "--until", "vocab")
     assert code == 0, err
     assert status() == {"base": "cached", "text": "cached", "vocab": "cached", "tune.sst2.seed1": "missing"}

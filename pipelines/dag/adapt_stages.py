@@ -137,8 +137,9 @@ def configure_checkpoint(w) -> list:
         raise InputError(f"{w.text}: needs path (a bertflow or Hugging Face BERT checkpoint dir)")
     config = CheckpointStageConfig(expand_path(config.path))
     require_paths([config.path], w.text)
-    local = storage.local_copy(config.path, "checkpoints")  # itself on disk; a cached copy of a URI
-    read_checkpoint_info(local)  # a clear error now if it is not a BERT checkpoint
+    local = storage.metadata_copy(config.path, "checkpoints")  # itself on disk; a URI's configs, not its weights
+    with storage.named(config.path, local):
+        read_checkpoint_info(local)  # a clear error now if it is not a BERT checkpoint
     if not Tokenizer.is_tokenizer_dir(local):
         raise InputError(f"{w.text}: {config.path} has no tokenizer files (vocab.txt or tokenizer_config.json): "
                          "continued pretraining takes its vocabulary and casing from the checkpoint")
