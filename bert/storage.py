@@ -40,7 +40,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, Union
 from urllib.parse import unquote, urlsplit
@@ -522,21 +522,31 @@ def metadata_copy(location: Location, kind: str = "inputs", limit: int = METADAT
     target = base.with_name(f"{base.name}-{version}")
     if target.exists():
         return target
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
+
+    def fill(tmp: Path) -> None:
         for rel, nbytes in listing:
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(read_bytes(join(location, rel)) if nbytes <= limit else b"")
+
+    _put_in_place(target, fill)
+    return target
+
+
+def _put_in_place(target: Path, fill: Callable[[Path], Any]) -> None:
+    """`fill` a fresh temporary dir beside `target`, then rename it to `target`: a reader sees the whole copy
+    or none; when processes race, the first copy in place stays."""
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        fill(tmp)
         try:
             os.rename(tmp, target)
-        except OSError:  # another process put its copy in place meanwhile
+        except OSError:  # another process put its copy in place meanwhile: use that one
             if not target.exists():
                 raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def local_copy(location: Location, kind: str = "inputs") -> Path:
@@ -558,15 +568,5 @@ def local_copy(location: Location, kind: str = "inputs") -> Path:
     found = target if directory else target / name(location)
     if found.exists():
         return found
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        download(location, tmp if directory else tmp / name(location))
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process put its copy in place meanwhile: use that one
-            if not target.exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    _put_in_place(target, lambda tmp: download(location, tmp if directory else tmp / name(location)))
     return found
