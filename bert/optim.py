@@ -25,20 +25,22 @@ OPTIMIZERS = ("adamw", "lamb")
 SCHEDULES = ("linear", "poly", "constant")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed weight matrices, and biases + LayerNorm parameters without decay."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
+def param_groups(model: nn.Module, weight_decay: float, *, split_encoder: bool = False) -> list[dict]:
+    """Two groups: decayed weight matrices, and biases + LayerNorm parameters without decay.
+
+    `split_encoder`: four, the same two for the encoder (`model.bert`, groups marked `"encoder": True`;
+    a head weight tied to an encoder weight, such as the MLM decoder, is the encoder's) and for the rest.
+    """
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():  # a tied parameter once, under its first (encoder) name
         if not param.requires_grad:
             continue
-        if name.endswith("bias") or "LayerNorm" in name or param.dim() < 2:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        plain = name.endswith("bias") or "LayerNorm" in name or param.dim() < 2
+        groups.setdefault((split_encoder and name.startswith("bert."), plain), []).append(param)
+    parts = [(True, False), (True, True), (False, False), (False, True)] if split_encoder else [(False, False),
+                                                                                                  (False, True)]
+    return [{"params": groups.get((encoder, plain), []), "weight_decay": 0.0 if plain else weight_decay,
+             **({"encoder": encoder} if split_encoder else {})} for encoder, plain in parts]
 
 
 class Lamb(torch.optim.Optimizer):
@@ -116,8 +118,9 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-6,
     fused: bool | None = None,
+    split_encoder: bool = False,
 ) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, split_encoder=split_encoder)
     if name == "adamw":
         return adamw(groups, lr=lr, betas=betas, eps=eps, fused=fused)
     if name == "lamb":

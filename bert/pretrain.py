@@ -9,6 +9,7 @@ optimiser step is:
         rows -> collate (pad to the longest row; mask now if the shards are unmasked)
         loss = MLM (masked positions only) + NSP, under the precision policy
         (loss / accumulation).backward()              DDP all-reduces on the last micro-batch only
+    head-only steps (the first `head_only_steps`): drop the encoder's gradients (the heads alone learn)
     clip the global gradient norm; optimizer.step()
 
 Every random draw of a step comes from (seed, step, block), and the data position is one number
@@ -135,10 +136,19 @@ class StepConfig:
     max_predictions: int = 20
     pad_id: int = 0
     world: int = 1  # the ranks sharing each step: rank r's micro-batch m is the step's block m x world + r
+    # the first N steps train the heads only (a new MLM head learns before its gradients reach the encoder);
+    # the encoder then warms up over warmup_steps from 0 (optimizer groups marked "encoder": True)
+    head_only_steps: int = 0
 
     def lr(self, step: int) -> float:
         return self.learning_rate * lr_multiplier(step, warmup_steps=self.warmup_steps, total_steps=self.total_steps,
                                                   schedule=self.schedule, power=self.poly_power)
+
+    def encoder_factor(self, step: int) -> float:
+        """The encoder's share of `lr(step)`: 0 in the head-only steps, then a linear warmup of its own."""
+        if step < self.head_only_steps:
+            return 0.0
+        return min(1.0, (step - self.head_only_steps + 1) / max(self.warmup_steps, 1)) if self.head_only_steps else 1.0
 
 
 # Sums over a step's micro-batches (one float64 vector, so a job can all-reduce it in one call).
@@ -168,6 +178,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, rows: Iterato
     raw = getattr(model, "module", model)
     device = next(raw.parameters()).device
     set_lr(optimizer, config.lr(step))
+    encoder = [g for g in optimizer.param_groups if g.get("encoder")] if config.head_only_steps else []
+    for group in encoder:
+        group["lr"] *= config.encoder_factor(step)
     optimizer.zero_grad(set_to_none=True)
     stats = torch.zeros(len(STATS), dtype=torch.float64)
     for micro in range(config.accumulation):
@@ -182,6 +195,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, rows: Iterato
             (out.loss / config.accumulation).backward()
         with torch.no_grad():
             stats += batch_stats(out, batch)
+    if step < config.head_only_steps:  # no update, no optimizer state, no part in the clipped norm
+        for group in encoder:
+            for param in group["params"]:
+                param.grad = None
     grad_norm = clip_grad_norm(raw.parameters(), config.max_grad_norm)
     optimizer.step()
     return stats, grad_norm

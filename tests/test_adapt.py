@@ -116,3 +116,64 @@ def test_adapt_pipeline_end_to_end(ray_local, datasets_dir, minilm_dir, tmp_path
     assert "Lift over the baseline" in (report / "report.md").read_text()
     (adapt,) = [d for d in (tmp_path / "work" / "pretrain").iterdir() if (d / "_manifest.json").is_file()]
     assert sorted(p.name for p in (adapt / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+
+
+def test_head_only_steps_leave_the_encoder_untouched_then_warm_it_up_and_resume_exactly(small_shards):
+    """`head_only_steps`: in the first N steps the encoder's gradients are dropped (no update, no Adam state, no part
+    in the clipped norm) while the heads learn; then the encoder's rate warms up from 0 over warmup_steps. A run
+    stopped inside the head-only steps and resumed from its model and optimizer state ends bit-identical."""
+    import io
+
+    import torch
+
+    from bert.config import preset
+    from bert.example_order import GlobalStream
+    from bert.model import BertForPreTraining
+    from bert.optim import build_optimizer
+    from bert.precision import Precision
+    from bert.pretrain import StepConfig, train_step
+    from bert.shards import ShardSet
+
+    shards = ShardSet.open(small_shards)
+    stream = GlobalStream(shards, seed=3).rank_batches(8, 0, 0, 1)
+    rows = [next(stream) for _ in range(4)]
+    config = StepConfig(accumulation=1, micro_batch_size=8, learning_rate=1e-3, warmup_steps=2, total_steps=4, seed=5,
+                        max_predictions=shards.data.max_predictions_per_seq, head_only_steps=2)
+    assert [config.encoder_factor(s) for s in range(4)] == [0.0, 0.0, 0.5, 1.0]
+
+    def fresh():
+        torch.manual_seed(0)
+        model = BertForPreTraining(preset("tiny", vocab_size=shards.tokenizer.vocab_size)).train()
+        return model, build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.01, split_encoder=True)
+
+    def run(model, optimizer, steps):
+        for step in steps:
+            train_step(model, optimizer, iter(rows[step:step + 1]), config, step, 0, Precision("fp32", "cpu"))
+
+    model, optimizer = fresh()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    encoder = [p for g in optimizer.param_groups if g["encoder"] for p in g["params"]]
+    assert model.bert.embeddings.word_embeddings.weight in encoder  # the tied MLM decoder is the encoder's
+    run(model, optimizer, [0, 1])
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, start[k])}
+    assert moved and all(k.startswith("cls.") for k in moved), moved
+    assert not any(p in optimizer.state for p in encoder)
+    saved = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, saved)
+    run(model, optimizer, [2])
+    assert [g["lr"] for g in optimizer.param_groups if g["encoder"]] == [config.lr(2) * 0.5] * 2
+    assert not torch.equal(model.bert.encoder.layer[0].attention.self.query.weight,
+                           start["bert.encoder.layer.0.attention.self.query.weight"])
+    run(model, optimizer, [3])
+
+    saved.seek(0)
+    state = torch.load(saved, weights_only=True)
+    resumed, resumed_optimizer = fresh()
+    resumed.load_state_dict(state["model"])
+    resumed_optimizer.load_state_dict(state["optimizer"])
+    run(resumed, resumed_optimizer, [2, 3])
+    for k, v in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+
+    with pytest.raises(InputError, match="head_only_steps"):
+        PretrainConfig(shards="x", out="y", max_steps=10, warmup_steps=1, head_only_steps=10)

@@ -72,6 +72,9 @@ class PretrainConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-6
     warmup_steps: int = 100
+    # the first N steps train the heads only (for a checkpoint whose MLM head is new: its random gradients do
+    # not reach the encoder); the encoder then warms up over warmup_steps
+    head_only_steps: int = 0
     schedule: Schedule = "linear"
     poly_power: float = 1.0
     max_grad_norm: float = 1.0
@@ -111,6 +114,9 @@ class PretrainConfig:
             raise InputError(f"pretrain: warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         if self.learning_rate <= 0:
             raise InputError(f"pretrain: learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.head_only_steps < self.max_steps:
+            raise InputError(f"pretrain: head_only_steps ({self.head_only_steps}) must be from 0 to below max_steps "
+                             f"({self.max_steps})")
 
     @property
     def worker_range(self) -> tuple[int, int]:

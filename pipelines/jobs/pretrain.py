@@ -341,14 +341,15 @@ class _WorkerRun:
                            total_steps=config.max_steps, schedule=config.schedule, poly_power=config.poly_power,
                            max_grad_norm=config.max_grad_norm, seed=config.seed,
                            max_predictions=shards.data.max_predictions_per_seq, pad_id=model_config.pad_token_id,
-                           world=worker.world)
+                           world=worker.world, head_only_steps=config.head_only_steps)
         masker = Masker.of(shards)
         probe = probe_step(model, probe_loss(read_rows(shards, config.micro_batch_size), steps, masker, worker.device))
         precision = agree_precision(config.precision, worker, probe, state.precision)
         state.precision, state.world_size = precision.name, worker.world
         model, raw = worker.prepare(model)
         optimizer = build_optimizer(raw, config.optimizer, lr=config.learning_rate, weight_decay=config.weight_decay,
-                                    betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps)
+                                    betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+                                    split_encoder=config.head_only_steps > 0)
         if resume is not None:
             load_optimizer_state(optimizer, resume, worker.device)
         batches = GlobalStream(shards, config.seed).rank_batches(config.micro_batch_size,
