@@ -38,9 +38,19 @@ def run_only_fields(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(RUN_ONLY))
 
 
+ADDED = "bertflow.added"
+
+
+def added(default: Any) -> Any:
+    """A field added after jobs and stage keys were recorded without it: at its default it is left out of
+    `result_settings`, so a job dir from before resumes and a cached stage stays cached."""
+    return dataclasses.field(default=default, metadata={ADDED: True})
+
+
 def result_settings(config: Any) -> dict[str, Any]:
     """The settings of `config` that change what its job computes (every field not marked `run_only`)."""
     skip = set(run_only_fields(type(config)))
+    skip |= {f.name for f in dataclasses.fields(config) if f.metadata.get(ADDED) and getattr(config, f.name) == f.default}
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
 
 # ----------------------------------------------------------------------------- pretraining
@@ -74,7 +84,7 @@ class PretrainConfig:
     warmup_steps: int = 100
     # the first N steps train the heads only (for a checkpoint whose MLM head is new: its random gradients do
     # not reach the encoder); the encoder then warms up over warmup_steps
-    head_only_steps: int = 0
+    head_only_steps: int = added(0)
     schedule: Schedule = "linear"
     poly_power: float = 1.0
     max_grad_norm: float = 1.0
