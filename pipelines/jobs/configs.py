@@ -7,7 +7,8 @@ once, on the driver). `identity()` is the part that defines a job's output: a re
 same identity resumes into the same output dir. A field declared with `run_only(default)` says
 how a job runs (logging, resources, stop points, tracking), not what it computes: it may differ
 between a run and its resumption, and pipeline stage keys leave it out (`result_settings`),
-both read from that one mark.
+both read from that one mark. A field declared with `added(default)` came after jobs had recorded
+their identities: at its default it is left out the same way, so those jobs and keys still match.
 """
 
 from __future__ import annotations
