@@ -181,9 +181,13 @@ def test_head_only_steps_leave_the_encoder_untouched_then_warm_it_up_and_resume_
 
 def test_head_only_steps_at_its_default_leaves_job_identities_and_stage_keys_as_they_were():
     """A pretraining dir or a cached pretrain stage recorded before the option existed still matches."""
-    from pipelines.jobs.configs import result_settings
+    from pipelines.jobs.configs import recorded_settings, result_settings
 
     before = PretrainConfig(shards="s", out="o", max_steps=10, warmup_steps=1)
     assert "head_only_steps" not in before.identity() and "head_only_steps" not in result_settings(before)
+    recorded = before.to_dict()  # what a finished run's manifest holds, then and now
+    assert recorded_settings(PretrainConfig, recorded) == before.identity()
+    recorded.pop("head_only_steps")
+    assert recorded_settings(PretrainConfig, recorded) == before.identity()
     assert PretrainConfig(shards="s", out="o", max_steps=10, warmup_steps=1, head_only_steps=2).identity()[
         "head_only_steps"] == 2

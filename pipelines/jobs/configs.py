@@ -50,9 +50,14 @@ def added(default: Any) -> Any:
 
 def result_settings(config: Any) -> dict[str, Any]:
     """The settings of `config` that change what its job computes (every field not marked `run_only`)."""
-    skip = set(run_only_fields(type(config)))
-    skip |= {f.name for f in dataclasses.fields(config) if f.metadata.get(ADDED) and getattr(config, f.name) == f.default}
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in skip}
+    return recorded_settings(type(config), dataclasses.asdict(config))
+
+
+def recorded_settings(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """`result_settings` of a config of `cls` recorded as a dict (`to_dict`, in a manifest)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if not (k in fields and (
+        fields[k].metadata.get(RUN_ONLY) or (fields[k].metadata.get(ADDED) and v == fields[k].default)))}
 
 # ----------------------------------------------------------------------------- pretraining
 

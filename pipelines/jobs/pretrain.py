@@ -63,7 +63,7 @@ from bert.pretrain import (
 from bert.run_state import load_optimizer_state
 from bert.example_order import GlobalStream
 from bert.shards import ShardSet, read_rows
-from pipelines.jobs.configs import PretrainConfig, run_only_fields
+from pipelines.jobs.configs import PretrainConfig, recorded_settings
 from pipelines.jobs.launch import (
     Worker,
     agree_precision,
@@ -216,9 +216,7 @@ def _finished(out: storage.Location, config: PretrainConfig) -> dict[str, Any] |
     if not storage.is_file(storage.join(out, MANIFEST)):
         return None
     manifest = storage.read_json(storage.join(out, MANIFEST))
-    skip = run_only_fields(PretrainConfig)
-    recorded = {k: v for k, v in manifest.get("config", {}).items() if k not in skip}
-    if recorded != config.identity():
+    if recorded_settings(PretrainConfig, manifest.get("config", {})) != config.identity():
         raise InputError(f"{out} holds a finished pretraining run with other settings; choose another --out")
     return manifest
 
