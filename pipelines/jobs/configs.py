@@ -35,10 +35,6 @@ def run_only(default: Any) -> Any:
     return dataclasses.field(default=default, metadata={RUN_ONLY: True})
 
 
-def run_only_fields(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(RUN_ONLY))
-
-
 ADDED = "bertflow.added"
 
 
