@@ -33,7 +33,8 @@ already). Timings are only meaningful on an otherwise idle machine.
 
     python benchmarks/finetune_vs_hf.py [--tasks mrpc,stsb] [--epochs 3] [--seeds 1,2,3] [--max-train-examples N]
         [--reference-padding max_length,dynamic,shuffled,plain,recipe:...] [--bertflow-jobs one|per-seed|none]
-        [--datasets DIR] [--report-epoch best|last] [--bertflow-length-grouping F] [--threads N]
+        [--datasets DIR] [--report-epoch best|last] [--bertflow-length-grouping F]
+        [--bertflow-cpu-kernels fast|torch] [--threads N]
 
 The SST-2 setting of the fine-tuning acceptance: `--tasks sst2 --epochs 1 --max-train-examples 8000`.
 Issue 33's stand-in (short sentences, 70/30 labels, MCC): `--make-standin out/standin` writes it and prints
@@ -140,23 +141,6 @@ def padding_fraction(lengths, batches, width: int | None = None) -> float:
     return 1.0 - sum(lengths[i] for b in batches for i in b) / slots
 
 
-@contextlib.contextmanager
-def torch_kernels(enabled: bool):
-    """With `enabled`, `bert.model` runs torch's `F.dropout` and SDPA instead of `bert.kernels`' CPU versions."""
-    import torch.nn.functional as F
-
-    import bert.kernels
-    import bert.model
-
-    saved = bert.kernels.dropout, bert.model.attention
-    if enabled:
-        bert.kernels.dropout = lambda x, p, training: F.dropout(x, p, training=training)
-        bert.model.attention = lambda q, k, v, key_mask, dropout_p, training: F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask, dropout_p=dropout_p if training else 0.0)
-    try:
-        yield
-    finally:
-        bert.kernels.dropout, bert.model.attention = saved
 
 
 def reference_model(checkpoint: Path, spec, labels, seed: int, recipe: Recipe):
@@ -234,6 +218,7 @@ def reference_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, 
     """
     import torch
 
+    from bert.kernels import cpu_kernels
     from bert.tasks import get_task
     from bert.tokenizer import Tokenizer
 
@@ -259,7 +244,7 @@ def reference_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, 
                 else contextlib.nullcontext)
     batch_inputs = lambda features: padded_inputs(features, tokenizer.pad_id, spec, padding)
     history, trained, step = [], [], 0
-    with torch_kernels(recipe.kernels == "torch"):
+    with cpu_kernels("torch" if recipe.kernels == "torch" else "fast"):
         for epoch in range(math.ceil(args.epochs)):
             model.train()
             for indices in epoch_batches(epoch):
@@ -351,6 +336,8 @@ def bertflow_run(task: str, data_dir: Path, checkpoint: Path, seeds: list[int], 
     FinetuneConfig, run_finetune = finetune_api()
 
     options = {"length_grouping": args.bertflow_length_grouping} if args.bertflow_length_grouping else {}
+    if args.bertflow_cpu_kernels:
+        options["cpu_kernels"] = args.bertflow_cpu_kernels
     start = time.time()
     run_finetune(FinetuneConfig(
         task=task, data=str(data_dir), checkpoint=str(checkpoint), out=str(out), seeds=",".join(map(str, seeds)),
@@ -505,6 +492,8 @@ def parse_args():
                         help="bertflow's precision: auto (its default, bf16 where native and faster), fp32, bf16")
     parser.add_argument("--bertflow-length-grouping", type=int, default=None,
                         help="bertflow's --length-grouping (default: the job's own)")
+    parser.add_argument("--bertflow-cpu-kernels", choices=("fast", "torch"), default=None,
+                        help="bertflow's --cpu-kernels (default: the job's own)")
     parser.add_argument("--bertflow-jobs", choices=("one", "per-seed", "none"), default="one",
                         help="one: a single `bertflow finetune --seeds 1,2,3` job (its seeds share one Ray Train "
                              "start; each seed is charged the job's wall time / seeds); per-seed: one job per seed; "

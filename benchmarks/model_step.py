@@ -34,6 +34,7 @@ import torch
 import transformers
 
 import bert
+from bert.kernels import cpu_kernels
 from bert.model import BertForPreTraining, BertForSequenceClassification
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,23 +96,6 @@ def make_step(model, optimizer, forward, precision=None):
 VARIANTS = ("torch-kernels", "cpu-dropout", "bf16", "compile")
 
 
-@contextlib.contextmanager
-def torch_kernels(enabled: bool):
-    """With `enabled`, bert.model uses torch's own dropout and SDPA (with its attention dropout) everywhere."""
-    import torch.nn.functional as F
-
-    import bert.kernels as kernels
-    import bert.model as model
-
-    saved = kernels.dropout, model.attention  # Dropout modules call kernels.dropout; layers call model.attention
-    if enabled:
-        kernels.dropout = lambda x, p, training: F.dropout(x, p, training)
-        model.attention = lambda q, k, v, mask, p, training: F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)
-    try:
-        yield
-    finally:
-        kernels.dropout, model.attention = saved
 
 
 def ours_variant(model, variant: str):
@@ -143,7 +127,7 @@ def bench_pretraining(name: str, c: bert.BertConfig, args) -> dict:
         raw = BertForPreTraining(c).train()
         model, precision = ours_variant(raw, variant)
         ours_opt = build_optimizer(raw, "adamw", lr=1e-4, weight_decay=0.01)
-        with torch_kernels(variant == "torch-kernels"):
+        with cpu_kernels("torch" if variant == "torch-kernels" else "fast"):
             ours_step = make_step(model, ours_opt, lambda: model(ids, types, mask, positions, original, nsp).loss, precision)
             t_ours, t_ref = alternate(ours_step, ref_step, args.rounds, args.steps)
         result["variants"][variant] = {"ours_tokens_per_s": round(tokens / t_ours, 1),
@@ -196,7 +180,7 @@ def bench_classification(name: str, c: bert.BertConfig, args) -> dict:
         raw = BertForSequenceClassification(c, 2).train()
         model, precision = ours_variant(raw, variant)
         ours_opt = adamw(param_groups(raw, 0.01), lr=2e-5)
-        with torch_kernels(variant == "torch-kernels"):
+        with cpu_kernels("torch" if variant == "torch-kernels" else "fast"):
             ours_run = run(model, ours_opt, lambda m, e: m(e["input_ids"], e["token_type_ids"], e["attention_mask"],
                                                            e["labels"]).loss, precision)
             t_ours, t_ref = alternate(ours_run, ref_run, args.rounds, 1)

@@ -1,13 +1,43 @@
 """Dropout and attention for `bert.model`: torch's fused kernels where the hardware has them; on CPU in
 training, a cheaper dropout (16-bit slices of 64-bit random words) and attention written out around it,
 because torch's scaled_dot_product_attention falls back to an unfused bernoulli path there.
+
+`use_cpu_kernels("torch")` makes this process run torch's own `F.dropout` and SDPA on CPU as well
+(what `transformers` runs); `"fast"` (the default) the cheaper ones. Jobs set it from their config
+in every worker.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+CpuKernels = Literal["fast", "torch"]
+_cpu_kernels: CpuKernels = "fast"
+
+
+def use_cpu_kernels(kind: CpuKernels) -> None:
+    """Which dropout and training attention this process runs on CPU: "fast" (below) or "torch" (torch's own)."""
+    global _cpu_kernels
+    if kind not in ("fast", "torch"):
+        raise ValueError(f"cpu kernels: expected 'fast' or 'torch', got {kind!r}")
+    _cpu_kernels = kind
+
+
+@contextlib.contextmanager
+def cpu_kernels(kind: CpuKernels) -> Iterator[None]:
+    """`use_cpu_kernels(kind)` for the duration of a block, then the previous choice again."""
+    previous = _cpu_kernels
+    use_cpu_kernels(kind)
+    try:
+        yield
+    finally:
+        use_cpu_kernels(previous)
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -21,7 +51,7 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or _cpu_kernels == "torch":
         return F.dropout(x, p, training=True)
     words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
     keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= round(p * 65536) - 32768
@@ -47,7 +77,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, dropout_p: floa
     than the fused kernel at BERT's shapes). There the same computation is written out here,
     with the cheaper `dropout`: softmax in float32, matmuls in the autocast dtype.
     """
-    if not training or dropout_p == 0.0 or q.device.type != "cpu":
+    if not training or dropout_p == 0.0 or q.device.type != "cpu" or _cpu_kernels == "torch":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p if training else 0.0)
     scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)  # (B, N, T, T)
     scores = scores.masked_fill(~key_mask, float("-inf"))

@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from bert.config import BertConfig
-from bert.kernels import attention, dropout
+from bert.kernels import attention, dropout, use_cpu_kernels
 from bert.model import BertForSequenceClassification
 
 SMALL = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
@@ -65,18 +65,11 @@ def test_training_forward_and_backward_equal_transformers_without_dropout():
         assert torch.allclose(grads[name].grad, param.grad, atol=1e-5 * scale, rtol=1e-4), name
 
 
-def test_with_torch_kernels_the_same_seed_gives_transformers_loss_and_gradients_with_dropout_on(monkeypatch):
+def test_with_torch_kernels_the_same_seed_gives_transformers_loss_and_gradients_with_dropout_on(request):
     """Every dropout where transformers has one, in the same order (so each draws the same mask from the same
     generator state), at the same rate: a missing, extra or reordered dropout changes the loss."""
-    import torch.nn.functional as F
-
-    import bert.kernels
-    import bert.model
-
-    monkeypatch.setattr(bert.kernels, "dropout", lambda x, p, training: F.dropout(x, p, training=training))
-    monkeypatch.setattr(bert.model, "attention", lambda q, k, v, key_mask, dropout_p, training:
-                        F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
-                                                       dropout_p=dropout_p if training else 0.0))
+    use_cpu_kernels("torch")
+    request.addfinalizer(lambda: use_cpu_kernels("fast"))
     hf, ours = twin_models(0.1)
     inputs = batch()
     for seed in (1, 2):
