@@ -33,8 +33,7 @@ already). Timings are only meaningful on an otherwise idle machine.
 
     python benchmarks/finetune_vs_hf.py [--tasks mrpc,stsb] [--epochs 3] [--seeds 1,2,3] [--max-train-examples N]
         [--reference-padding max_length,dynamic,shuffled,plain,recipe:...] [--bertflow-jobs one|per-seed|none]
-        [--datasets DIR] [--report-epoch best|last] [--bertflow-length-grouping F]
-        [--bertflow-cpu-kernels fast|torch] [--threads N]
+        [--datasets DIR] [--report-epoch best|last] [--bertflow-length-grouping F] [--threads N]
 
 The SST-2 setting of the fine-tuning acceptance: `--tasks sst2 --epochs 1 --max-train-examples 8000`.
 Issue 33's stand-in (short sentences, 70/30 labels, MCC): `--make-standin out/standin` writes it and prints
@@ -139,8 +138,6 @@ def padding_fraction(lengths, batches, width: int | None = None) -> float:
     """Padded tokens / all tokens when each batch is padded to `width` (default: its longest sequence)."""
     slots = sum((width or max(lengths[i] for i in b)) * len(b) for b in batches)
     return 1.0 - sum(lengths[i] for b in batches for i in b) / slots
-
-
 
 
 def reference_model(checkpoint: Path, spec, labels, seed: int, recipe: Recipe):
@@ -336,8 +333,6 @@ def bertflow_run(task: str, data_dir: Path, checkpoint: Path, seeds: list[int], 
     FinetuneConfig, run_finetune = finetune_api()
 
     options = {"length_grouping": args.bertflow_length_grouping} if args.bertflow_length_grouping else {}
-    if args.bertflow_cpu_kernels:
-        options["cpu_kernels"] = args.bertflow_cpu_kernels
     start = time.time()
     run_finetune(FinetuneConfig(
         task=task, data=str(data_dir), checkpoint=str(checkpoint), out=str(out), seeds=",".join(map(str, seeds)),
@@ -492,8 +487,6 @@ def parse_args():
                         help="bertflow's precision: auto (its default, bf16 where native and faster), fp32, bf16")
     parser.add_argument("--bertflow-length-grouping", type=int, default=None,
                         help="bertflow's --length-grouping (default: the job's own)")
-    parser.add_argument("--bertflow-cpu-kernels", choices=("fast", "torch"), default=None,
-                        help="bertflow's --cpu-kernels (default: the job's own)")
     parser.add_argument("--bertflow-jobs", choices=("one", "per-seed", "none"), default="one",
                         help="one: a single `bertflow finetune --seeds 1,2,3` job (its seeds share one Ray Train "
                              "start; each seed is charged the job's wall time / seeds); per-seed: one job per seed; "

@@ -96,8 +96,6 @@ def make_step(model, optimizer, forward, precision=None):
 VARIANTS = ("torch-kernels", "cpu-dropout", "bf16", "compile")
 
 
-
-
 def ours_variant(model, variant: str):
     """(model to call, precision) for a variant: bf16 and compile include the levers before them."""
     from bert.precision import Precision

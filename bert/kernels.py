@@ -2,16 +2,15 @@
 training, a cheaper dropout (16-bit slices of 64-bit random words) and attention written out around it,
 because torch's scaled_dot_product_attention falls back to an unfused bernoulli path there.
 
-`use_cpu_kernels("torch")` makes this process run torch's own `F.dropout` and SDPA on CPU as well
-(what `transformers` runs); `"fast"` (the default) the cheaper ones. Jobs set it from their config
-in every worker.
+`with cpu_kernels("torch"):` runs torch's own `F.dropout` and SDPA on CPU as well (what `transformers`
+runs, draw for draw): the benchmarks' and parity tests' peer. Jobs run the default, "fast".
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -21,23 +20,18 @@ CpuKernels = Literal["fast", "torch"]
 _cpu_kernels: CpuKernels = "fast"
 
 
-def use_cpu_kernels(kind: CpuKernels) -> None:
-    """Which dropout and training attention this process runs on CPU: "fast" (below) or "torch" (torch's own)."""
-    global _cpu_kernels
-    if kind not in ("fast", "torch"):
-        raise ValueError(f"cpu kernels: expected 'fast' or 'torch', got {kind!r}")
-    _cpu_kernels = kind
-
-
 @contextlib.contextmanager
 def cpu_kernels(kind: CpuKernels) -> Iterator[None]:
-    """`use_cpu_kernels(kind)` for the duration of a block, then the previous choice again."""
-    previous = _cpu_kernels
-    use_cpu_kernels(kind)
+    """Inside the block this process runs `kind`'s dropout and training attention on CPU: "fast" (below) or
+    "torch" (torch's own); after it, the previous choice again."""
+    global _cpu_kernels
+    if kind not in get_args(CpuKernels):
+        raise ValueError(f"cpu kernels: expected one of {get_args(CpuKernels)}, got {kind!r}")
+    previous, _cpu_kernels = _cpu_kernels, kind
     try:
         yield
     finally:
-        use_cpu_kernels(previous)
+        _cpu_kernels = previous
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:

@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from bert.config import BertConfig
-from bert.kernels import attention, dropout, use_cpu_kernels
+from bert.kernels import attention, cpu_kernels, dropout
 from bert.model import BertForSequenceClassification
 
 SMALL = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
@@ -65,32 +65,31 @@ def test_training_forward_and_backward_equal_transformers_without_dropout():
         assert torch.allclose(grads[name].grad, param.grad, atol=1e-5 * scale, rtol=1e-4), name
 
 
-def test_with_torch_kernels_the_same_seed_gives_transformers_loss_and_gradients_with_dropout_on(request):
+def test_with_torch_kernels_the_same_seed_gives_transformers_loss_and_gradients_with_dropout_on():
     """Every dropout where transformers has one, in the same order (so each draws the same mask from the same
     generator state), at the same rate: a missing, extra or reordered dropout changes the loss."""
-    use_cpu_kernels("torch")
-    request.addfinalizer(lambda: use_cpu_kernels("fast"))
-    hf, ours = twin_models(0.1)
-    inputs = batch()
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        hf_loss = hf(**inputs).loss
-        torch.manual_seed(seed)
-        our_loss = ours(**inputs).loss
-        torch.manual_seed(seed + 100)
-        other_draw = ours(**inputs).loss
-        assert not torch.allclose(other_draw, our_loss, atol=1e-4)  # dropout is on: another draw, another loss
-        assert torch.allclose(our_loss, hf_loss, atol=1e-6), seed
-        hf.zero_grad()
-        ours.zero_grad()
-        hf_loss.backward()
-        our_loss.backward()
-        grads = dict(ours.named_parameters())
-        for name, param in hf.named_parameters():
-            scale = param.grad.abs().max().item()
-            if scale < 1e-8:  # key biases (exact gradient 0)
-                continue
-            assert torch.allclose(grads[name].grad, param.grad, atol=1e-5 * scale, rtol=1e-4), (seed, name)
+    with cpu_kernels("torch"):
+        hf, ours = twin_models(0.1)
+        inputs = batch()
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            hf_loss = hf(**inputs).loss
+            torch.manual_seed(seed)
+            our_loss = ours(**inputs).loss
+            torch.manual_seed(seed + 100)
+            other_draw = ours(**inputs).loss
+            assert not torch.allclose(other_draw, our_loss, atol=1e-4)  # dropout is on: another draw, another loss
+            assert torch.allclose(our_loss, hf_loss, atol=1e-6), seed
+            hf.zero_grad()
+            ours.zero_grad()
+            hf_loss.backward()
+            our_loss.backward()
+            grads = dict(ours.named_parameters())
+            for name, param in hf.named_parameters():
+                scale = param.grad.abs().max().item()
+                if scale < 1e-8:  # key biases (exact gradient 0)
+                    continue
+                assert torch.allclose(grads[name].grad, param.grad, atol=1e-5 * scale, rtol=1e-4), (seed, name)
 
 
 @torch.no_grad()

@@ -26,7 +26,6 @@ from pipelines.config_args import check_choices
 Optimizer = Literal["adamw", "lamb"]
 Schedule = Literal["linear", "poly", "constant"]  # after warmup: linear or polynomial decay to 0, or constant
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]  # SPREAD / STRICT_SPREAD: a worker per node
-CpuKernels = Literal["fast", "torch"]  # bert.kernels.use_cpu_kernels' choices (that module imports torch)
 
 RUN_ONLY = "bertflow.run_only"
 
@@ -210,8 +209,6 @@ class FinetuneConfig:
     max_train_examples: int | None = None  # the first N (deterministic)
     max_eval_examples: int | None = None  # the first N of every eval split
     precision: PrecisionName = "auto"  # auto: bf16 where native and faster
-    # dropout and training attention on CPU: "fast" (bert.kernels' cheaper draws) or "torch" (F.dropout, SDPA)
-    cpu_kernels: CpuKernels = added("fast")
     num_workers: int = 1
     cpus_per_worker: int = run_only(1)
     threads_per_worker: int | None = run_only(None)  # torch threads; default: this node's cores / its workers

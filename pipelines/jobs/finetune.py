@@ -66,7 +66,6 @@ from bert.finetune import (
     train_step,
 )
 from bert.inference import head_outputs, length_sorted_chunks, write_task_file
-from bert.kernels import use_cpu_kernels
 from bert.optim import adamw
 from bert.precision import Precision, probe_step
 from bert.run_state import load_optimizer_state, save_optimizer_state
@@ -237,7 +236,6 @@ def train_loop(loop_config: dict) -> None:
     once a seed's last epoch is reported rank 0 writes its output dir and closes its MLflow run."""
 
     config: FinetuneConfig = loop_config["config"]  # typed and checked once, on the driver
-    use_cpu_kernels(config.cpu_kernels)
     worker = Worker.current(config.threads_per_worker)
     record_worker(config.out, worker.rank)
     prepared = ray.get(loop_config["prepared"])
