@@ -13,6 +13,8 @@ about dropout, attention dropout or gradients, which only act in training.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -142,3 +144,70 @@ def test_attention_dropout_differs_between_equal_rows_and_heads(rows_equal):
     dropped = attention(q, k, v, key_mask, dropout_p=0.1, training=True) == 0
     assert not torch.equal(dropped[0], dropped[1])
     assert not torch.equal(dropped[:, 0], dropped[:, 1])
+
+
+@pytest.mark.integration
+def test_the_finetune_job_trains_what_a_plain_transformers_loop_trains(ray_local, datasets_dir, minilm_dir, tmp_path):
+    """With dropout off (the checkpoint's config says 0), `bertflow finetune` on MRPC pairs ends with the weights of a
+    plain loop around transformers' `BertForSequenceClassification`: transformers' tokenizer, AdamW on every
+    parameter with weight decay on matrices only, clipping at 1.0, a linear warmup whose i-th step (0-based) has
+    lr x (i + 1) / warmup then linear decay to 0, given the job's head draw and its batch order. Every part of the
+    job's recipe (schedule, decay groups, eps, clipping, padding, labels, the DDP wrapper) is pinned here to an
+    independent loop, without the noise dropout adds; the dropout draws themselves are the tests above."""
+    import csv
+    import math
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from bert.finetune import task_model
+    from bert.tasks import get_task, length_grouped_batches
+    from pipelines.jobs.finetune import FinetuneConfig, run_finetune
+
+    checkpoint = tmp_path / "minilm-no-dropout"
+    shutil.copytree(minilm_dir, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0,
+                                                        "attention_probs_dropout_prob": 0.0}))
+    seed, n, lr, weight_decay, batch_size = 7, 320, 5e-5, 0.1, 32  # decay 0.1: its groups move weights visibly
+    out = tmp_path / "job"
+    data = datasets_dir / "glue" / "MRPC"
+    run_finetune(FinetuneConfig(task="mrpc", data=str(data), checkpoint=str(checkpoint), out=str(out), seed=seed,
+                                epochs=1, learning_rate=lr, weight_decay=weight_decay, batch_size=batch_size,
+                                max_train_examples=n, max_eval_examples=32, precision="fp32", log_model=False))
+    job = load_file(out / "checkpoint" / "model.safetensors")
+    labels = json.loads((out / "metrics.json").read_text())["labels"]
+
+    with open(data / "train.tsv", encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:n]
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(checkpoint)
+    encoded = [tokenizer(r["#1 String"], r["#2 String"], truncation=True, max_length=128) for r in rows]
+    targets = [labels.index(r["Quality"]) for r in rows]
+    model = transformers.BertForSequenceClassification.from_pretrained(checkpoint, num_labels=2,
+                                                                       attn_implementation="sdpa").train()
+    model.classifier.load_state_dict(task_model(checkpoint, get_task("mrpc"), labels, seed).classifier.state_dict())
+    plain = [n.endswith("bias") or "LayerNorm" in n for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    optimizer = torch.optim.AdamW([{"params": [p for p, nd in zip(params, plain) if not nd], "weight_decay": weight_decay},
+                                   {"params": [p for p, nd in zip(params, plain) if nd], "weight_decay": 0.0}],
+                                  lr=lr, eps=1e-6)
+    total = math.ceil(n / batch_size)
+    warmup = int(0.1 * total)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: (i + 1) / warmup if i < warmup else (total - i) / (total - warmup))
+    for indices in length_grouped_batches([len(e["input_ids"]) for e in encoded], batch_size, seed, 0):
+        inputs = tokenizer.pad([encoded[i] for i in indices], return_tensors="pt")
+        loss = model(**inputs, labels=torch.tensor([targets[i] for i in indices])).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+    assert schedule.last_epoch == total
+    start = load_file(checkpoint / "model.safetensors")
+    for name, param in model.state_dict().items():
+        if name == "bert.embeddings.position_ids":
+            continue
+        moved = (param - start[name.removeprefix("bert.")]).abs().max() if name.removeprefix("bert.") in start else 1
+        assert moved > 0 and torch.allclose(job[name], param, atol=2e-6, rtol=0), (
+            name, (job[name] - param).abs().max().item(), float(moved))
