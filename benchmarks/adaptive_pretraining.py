@@ -82,7 +82,8 @@ def adapt(task: str, args, work: Path, checkpoint: Path) -> dict:
                             global_batch_size=args.pretrain_batch, micro_batch_size=args.pretrain_batch,
                             learning_rate=args.pretrain_lr, warmup_steps=max(1, args.pretrain_steps // 10),
                             checkpoint_every=25, log_every=10, precision=args.precision, seed=args.seed,
-                            threads_per_worker=args.threads, head_only_steps=args.head_only_steps)
+                            threads_per_worker=args.threads, head_only_steps=args.head_only_steps,
+                            head_learning_rate=args.head_lr)
     manifest = run_pretraining(config)
     seconds = time.time() - started
     adapted = Path(manifest["checkpoint"])
@@ -163,6 +164,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-lr", type=float, default=1e-4)
     p.add_argument("--head-only-steps", type=int, default=0,
                    help="pretraining steps that train the new MLM head alone before the encoder (then its own warmup)")
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="peak learning rate of the MLM head (default: --pretrain-lr; a new head learns little at it)")
     p.add_argument("--finetune-lr", type=float, default=5e-5)
     p.add_argument("--few-label-epochs", type=float, default=10.0, help="fine-tune epochs with a label count")
     p.add_argument("--precision", default="auto")

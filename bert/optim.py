@@ -119,8 +119,13 @@ def build_optimizer(
     eps: float = 1e-6,
     fused: bool | None = None,
     split_encoder: bool = False,
+    head_lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
-    groups = param_groups(model, weight_decay, split_encoder=split_encoder)
+    """`name`'s optimizer over `param_groups`. `head_lr_scale` != 1: the groups are split (`split_encoder`) and the
+    heads' groups get that `lr_scale` (`set_lr` gives them the step's rate times it)."""
+    groups = param_groups(model, weight_decay, split_encoder=split_encoder or head_lr_scale != 1.0)
+    if head_lr_scale != 1.0:
+        groups = [g if g["encoder"] else {**g, "lr_scale": head_lr_scale} for g in groups]
     if name == "adamw":
         return adamw(groups, lr=lr, betas=betas, eps=eps, fused=fused)
     if name == "lamb":

@@ -179,15 +179,44 @@ def test_head_only_steps_leave_the_encoder_untouched_then_warm_it_up_and_resume_
         PretrainConfig(shards="x", out="y", max_steps=10, warmup_steps=1, head_only_steps=10)
 
 
+def test_head_learning_rate_scales_the_heads_groups_only_and_is_refused_when_not_positive(small_shards):
+    """`head_learning_rate`: the heads (MLM transform and bias, NSP; not the tied decoder, which is the word
+    embeddings) step at the schedule's rate times head_learning_rate / learning_rate, the encoder at the rate."""
+    import torch
+
+    from bert.config import preset
+    from bert.model import BertForPreTraining
+    from bert.optim import build_optimizer, set_lr
+    from bert.shards import ShardSet
+
+    torch.manual_seed(0)
+    model = BertForPreTraining(preset("tiny", vocab_size=ShardSet.open(small_shards).tokenizer.vocab_size))
+    optimizer = build_optimizer(model, "adamw", lr=1e-4, weight_decay=0.01, head_lr_scale=10.0)
+    set_lr(optimizer, 2e-5)
+    rates = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert rates[id(named["cls.predictions.transform.dense.weight"])] == pytest.approx(2e-4)
+    assert rates[id(named["cls.predictions.bias"])] == pytest.approx(2e-4)
+    assert rates[id(named["cls.seq_relationship.weight"])] == pytest.approx(2e-4)
+    assert rates[id(model.bert.embeddings.word_embeddings.weight)] == pytest.approx(2e-5)  # the tied decoder
+    assert rates[id(named["bert.encoder.layer.0.attention.self.query.weight"])] == pytest.approx(2e-5)
+    assert len(rates) == len(list(model.parameters()))
+    for bad in (0.0, -1e-3, float("nan")):
+        with pytest.raises(InputError, match="head_learning_rate must be positive"):
+            PretrainConfig(shards="x", out="y", max_steps=10, warmup_steps=1, head_learning_rate=bad)
+
+
 def test_head_only_steps_at_its_default_leaves_job_identities_and_stage_keys_as_they_were():
     """A pretraining dir or a cached pretrain stage recorded before the option existed still matches."""
     from pipelines.jobs.configs import recorded_settings, result_settings
 
     before = PretrainConfig(shards="s", out="o", max_steps=10, warmup_steps=1)
-    assert "head_only_steps" not in before.identity() and "head_only_steps" not in result_settings(before)
+    for name in ("head_only_steps", "head_learning_rate"):
+        assert name not in before.identity() and name not in result_settings(before)
     recorded = before.to_dict()  # what a finished run's manifest holds, then and now
     assert recorded_settings(PretrainConfig, recorded) == before.identity()
     recorded.pop("head_only_steps")
+    recorded.pop("head_learning_rate")
     assert recorded_settings(PretrainConfig, recorded) == before.identity()
     assert PretrainConfig(shards="s", out="o", max_steps=10, warmup_steps=1, head_only_steps=2).identity()[
         "head_only_steps"] == 2

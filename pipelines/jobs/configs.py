@@ -87,6 +87,9 @@ class PretrainConfig:
     # the first N steps train the heads only (for a checkpoint whose MLM head is new: its random gradients do
     # not reach the encoder); the encoder then warms up over warmup_steps
     head_only_steps: int = added(0)
+    # the peak learning rate of the heads (MLM transform and bias, NSP), on the same schedule; default
+    # learning_rate. A head new to the checkpoint learns little at an encoder's continued-pretraining rate
+    head_learning_rate: float | None = added(None)
     schedule: Schedule = "linear"
     poly_power: float = 1.0
     max_grad_norm: float = 1.0
@@ -126,6 +129,9 @@ class PretrainConfig:
             raise InputError(f"pretrain: warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
         if self.learning_rate <= 0:
             raise InputError(f"pretrain: learning_rate must be positive, got {self.learning_rate}")
+        if self.head_learning_rate is not None and not (self.head_learning_rate > 0
+                                                        and math.isfinite(self.head_learning_rate)):
+            raise InputError(f"pretrain: head_learning_rate must be positive, got {self.head_learning_rate}")
         if not 0 <= self.head_only_steps < self.max_steps:
             raise InputError(f"pretrain: head_only_steps ({self.head_only_steps}) must be from 0 to below max_steps "
                              f"({self.max_steps})")
