@@ -6,7 +6,8 @@ Two Ray Data executions, neither holding more than a batch of files or one shard
    URIs, through the `pyarrow.fs` file system `bert.storage.resolve` gives: one client for the
    reads, the writes and the listing) in blocks of `files_per_task` consecutive files, and
    `map_batches` runs `shard_tasks.tokenize_files` on each block on the CPU workers (Ray Data
-   fuses the read into the same task): decompress and parse each file (`bert.corpus`),
+   fuses the read into the same task, as both ask for the same CPUs and neither caps its
+   concurrency: `_task_cpus`; so no read runs ahead into the object store): decompress and parse each file (`bert.corpus`),
    tokenize its sentences about 1 MiB of text at a time
    (`bert.pretraining_documents.encode_documents`: ids only, no Python object per token) and
    append each document to the bucket of its shard, `<out>/_work/<attempt>/<shard>/<first file
@@ -352,6 +353,16 @@ def default_num_workers() -> int:
     return cpus
 
 
+def _task_cpus(workers: int) -> float:
+    """CPUs per task so that about `workers` tasks run at once: Ray's CPUs / workers, at most the smallest
+    node's CPUs (a task must fit on one node; then more than `workers` may run)."""
+    import ray
+
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    total = sum(nodes) or 1.0
+    return round(min(total / workers, min(nodes, default=1.0)), 4)
+
+
 @contextlib.contextmanager
 def _quiet_ray_data() -> Iterator[None]:
     """No progress bars or per-execution banners from Ray Data on the command's terminal (restored after)."""
@@ -400,11 +411,15 @@ def _run_tokenize_pass(files: Sequence[InputFile], sizes: Sequence[int], tok: An
     located = {storage.resolve(f.path)[1]: (i, f.name, os.fspath(f.path)) for i, f in enumerate(files)}
     if len({type(storage.resolve(f.path)[0]) for f in files}) > 1:
         raise InputError("the corpus mixes local files and object-store URIs: copy it to one place")
+    # Read and tokenize fuse into one task (same resources, no concurrency cap of their own), so a task reads
+    # the files it tokenizes: no read runs ahead into the object store (unfused, the reads of a 1B-token
+    # corpus outran the tokenizer by 1.1 GB). The number of tasks at once comes from their CPUs.
+    cpus = _task_cpus(workers)
     ds = ray.data.read_datasource(_stored_bytes_source(list(located), fs),
-                                  override_num_blocks=math.ceil(len(files) / per_task))
+                                  override_num_blocks=math.ceil(len(files) / per_task),
+                                  ray_remote_args={"num_cpus": cpus})
     out_fs, buckets_path = storage.resolve(buckets)
-    ds = ds.map_batches(tokenize_files, batch_size=None, batch_format="pyarrow",
-                        compute=ray.data.TaskPoolStrategy(size=workers),
+    ds = ds.map_batches(tokenize_files, batch_size=None, batch_format="pyarrow", num_cpus=cpus,
                         fn_kwargs={"files": located, "tokenizer": tok, "fingerprint": tok.fingerprint(),
                                    "filesystem": out_fs, "buckets": buckets_path, "num_shards": config.num_shards,
                                    "word_starts": config.whole_word_masking, "corpus_config": corpus_config})
