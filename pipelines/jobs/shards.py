@@ -417,7 +417,7 @@ def _run_tokenize_pass(files: Sequence[InputFile], sizes: Sequence[int], tok: An
     cpus = _task_cpus(workers)
     ds = ray.data.read_datasource(_stored_bytes_source(list(located), fs),
                                   override_num_blocks=math.ceil(len(files) / per_task),
-                                  ray_remote_args={"num_cpus": cpus})
+                                  num_cpus=cpus)
     out_fs, buckets_path = storage.resolve(buckets)
     ds = ds.map_batches(tokenize_files, batch_size=None, batch_format="pyarrow", num_cpus=cpus,
                         fn_kwargs={"files": located, "tokenizer": tok, "fingerprint": tok.fingerprint(),
