@@ -188,7 +188,8 @@ def test_the_finetune_job_trains_what_a_plain_transformers_loop_trains(ray_local
     model.classifier.load_state_dict(task_model(checkpoint, get_task("mrpc"), labels, seed).classifier.state_dict())
     plain = [n.endswith("bias") or "LayerNorm" in n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
-    optimizer = torch.optim.AdamW([{"params": [p for p, nd in zip(params, plain) if not nd], "weight_decay": weight_decay},
+    decayed = [p for p, nd in zip(params, plain) if not nd]
+    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": weight_decay},
                                    {"params": [p for p, nd in zip(params, plain) if nd], "weight_decay": 0.0}],
                                   lr=lr, eps=1e-6)
     total = math.ceil(n / batch_size)

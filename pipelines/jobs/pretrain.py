@@ -348,7 +348,8 @@ class _WorkerRun:
         optimizer = build_optimizer(raw, config.optimizer, lr=config.learning_rate, weight_decay=config.weight_decay,
                                     betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
                                     split_encoder=config.head_only_steps > 0,
-                                    head_lr_scale=(config.head_learning_rate or config.learning_rate) / config.learning_rate)
+                                    head_lr_scale=(config.head_learning_rate or config.learning_rate)
+                                    / config.learning_rate)
         if resume is not None:
             load_optimizer_state(optimizer, resume, worker.device)
         batches = GlobalStream(shards, config.seed).rank_batches(config.micro_batch_size,

@@ -7,8 +7,8 @@ Two Ray Data executions, neither holding more than a batch of files or one shard
    reads, the writes and the listing) in blocks of `files_per_task` consecutive files, and
    `map_batches` runs `shard_tasks.tokenize_files` on each block on the CPU workers (Ray Data
    fuses the read into the same task, as both ask for the same CPUs and neither caps its
-   concurrency: `_task_cpus`; so no read runs ahead into the object store): decompress and parse each file (`bert.corpus`),
-   tokenize its sentences about 1 MiB of text at a time
+   concurrency, `_task_cpus`: no read runs ahead into the object store): decompress and parse
+   each file (`bert.corpus`), tokenize its sentences about 1 MiB of text at a time
    (`bert.pretraining_documents.encode_documents`: ids only, no Python object per token) and
    append each document to the bucket of its shard, `<out>/_work/<attempt>/<shard>/<first file
    index>.parquet`, with its canonical key (file index, ordinal). A document's shard is a
