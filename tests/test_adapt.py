@@ -101,7 +101,8 @@ def test_adapt_pipeline_end_to_end(ray_local, datasets_dir, minilm_dir, tmp_path
     spec = Path(__file__).resolve().parents[1] / "pipelines" / "adapt.yaml"
     small = {"max_train_examples": 64, "max_eval_examples": 128, "epochs": 1}
     overrides = [f"base.path={minilm_dir}", "text.max_examples=2000", "shards.max_seq_length=64",
-                 "shards.max_predictions_per_seq=10", "shards.num_shards=1", "adapt.max_steps=6", "adapt.warmup_steps=1", "adapt.head_only_steps=2",
+                 "shards.max_predictions_per_seq=10", "shards.num_shards=1", "adapt.max_steps=6", "adapt.warmup_steps=1",
+                 "adapt.head_only_steps=2",
                  "adapt.global_batch_size=16", "adapt.micro_batch_size=16", "adapt.checkpoint_every=3",
                  f"finetune_adapted.tasks={json.dumps({'sst2': small})}",
                  f"finetune_original.tasks={json.dumps({'sst2': small})}",
