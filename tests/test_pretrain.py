@@ -50,12 +50,29 @@ def runs_for(out: Path) -> list:
     return client.search_runs([experiment], filter_string=f"tags.`bertflow.out` = '{out.resolve()}'")
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(small_shards, tmp_path_factory):
+    """precision -> the output dir of an uninterrupted 2-worker run of 6 steps, run once per module: the run the
+    stopped-and-resumed and the resized runs are compared with (the same settings as theirs)."""
+    runs: dict[str, Path] = {}
+
+    def get(precision: str) -> Path:
+        if precision not in runs:
+            out = tmp_path_factory.mktemp(f"uninterrupted-{precision}") / "full"
+            full = run_pretraining(PretrainConfig(**dict(TINY_RUN, shards=str(small_shards), max_steps=6,
+                                                         precision=precision), out=str(out)))
+            assert full["complete"] and full["step"] == 6
+            runs[precision] = out
+        return runs[precision]
+
+    return get
+
+
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])  # bf16: -m slow (budget)
-def test_resume_is_exact_with_two_workers(small_shards, tmp_path, precision):
+def test_resume_is_exact_with_two_workers(small_shards, uninterrupted, tmp_path, precision):
     """Stopped at step k and resumed, a run reaches step 2k with the weights of an uninterrupted run (per precision)."""
     common = dict(TINY_RUN, shards=str(small_shards), max_steps=6, precision=precision)
-    full = run_pretraining(PretrainConfig(**common, out=str(tmp_path / "full")))
-    assert full["complete"] and full["step"] == 6
+    full = uninterrupted(precision)
 
     first = run_pretraining(PretrainConfig(**common, out=str(tmp_path / "resumed"), stop_at_step=3))
     assert not first["complete"] and first["step"] == 3
@@ -63,7 +80,7 @@ def test_resume_is_exact_with_two_workers(small_shards, tmp_path, precision):
     second = run_pretraining(PretrainConfig(**common, out=str(tmp_path / "resumed"), stop_at_step=3))
     assert second["complete"] and second["step"] == 6
 
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "resumed")
+    a, b = weights(full), weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -192,7 +209,8 @@ def test_sequences_longer_than_the_model_are_refused(small_shards, tmp_path):
         run_pretraining(PretrainConfig(shards=str(small_shards), out=str(tmp_path / "o"), model=str(tmp_path / "ckpt")))
 
 
-def test_a_run_resized_from_two_workers_to_one_makes_the_model_an_uninterrupted_run_makes(small_shards, tmp_path):
+def test_a_run_resized_from_two_workers_to_one_makes_the_model_an_uninterrupted_run_makes(small_shards, uninterrupted,
+                                                                                          tmp_path):
     """Elastic determinism end to end: stopped on 2 workers, resumed on 1, against an uninterrupted 2-worker run.
 
     The global batches, masks and dropout are the same (tests/test_elastic.py checks the ids per step); only
@@ -200,14 +218,14 @@ def test_a_run_resized_from_two_workers_to_one_makes_the_model_an_uninterrupted_
     normalisation over the steps (measured: max |diff| ~1e-6 after 6 steps; asserted < 1e-4).
     """
     common = dict(TINY_RUN, shards=str(small_shards), max_steps=6, precision="fp32")
-    straight = run_pretraining(PretrainConfig(**common, out=str(tmp_path / "straight")))
+    straight = uninterrupted("fp32")
     first = run_pretraining(PretrainConfig(**common, out=str(tmp_path / "resized"), stop_at_step=3))
     assert not first["complete"] and first["step"] == 3
     second = run_pretraining(PretrainConfig(**{**common, "num_workers": 1}, out=str(tmp_path / "resized")))
-    assert straight["complete"] and second["complete"] and second["step"] == 6
+    assert second["complete"] and second["step"] == 6
     state = json.loads((tmp_path / "resized" / "checkpoint" / "train_state.json").read_text())
     assert state["world_size"] == 1
-    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resized")
+    a, b = weights(straight), weights(tmp_path / "resized")
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst < 1e-4, worst
     assert len(runs_for(tmp_path / "resized")) == 1  # one MLflow run across the resize
