@@ -73,12 +73,21 @@ def start_s3_server() -> tuple[subprocess.Popen, str]:
     return server, endpoint
 
 
+def ray_runtime() -> None:
+    """One local Ray runtime for every measurement of the run that needs one (started by the first)."""
+    import ray
+
+    from pipelines.ray_runtime import start_local_ray
+
+    if not ray.is_initialized():
+        start_local_ray(4, {"PYTHONPATH": str(ROOT)}, configure_logging=False)
+
+
 def build(files: int, out: Path) -> Path:
     from bert.pretraining_data import PretrainingDataConfig
     from pipelines.jobs.shards import build_shards
-    from pipelines.ray_runtime import start_local_ray
 
-    start_local_ray(4, {"PYTHONPATH": str(ROOT)}, configure_logging=False)
+    ray_runtime()
     wiki = sorted((DATASETS / "wikipedia_en_extract" / "AA").glob("wiki_*.gz"))[:files]
     build_shards(wiki, DATASETS / "bert-base-uncased" / "vocab.txt", out, PretrainingDataConfig(dupe_factor=1, num_shards=4))
     return out
@@ -91,12 +100,8 @@ def shard_build(files: int, repeats: int, scratch: Path) -> dict:
     from bert import storage
     from bert.pretraining_data import PretrainingDataConfig
     from pipelines.jobs.shards import build_shards
-    from pipelines.ray_runtime import start_local_ray
 
-    import ray
-
-    if not ray.is_initialized():
-        start_local_ray(4, {"PYTHONPATH": str(ROOT)}, configure_logging=False)
+    ray_runtime()
     wiki = sorted((DATASETS / "wikipedia_en_extract" / "AA").glob("wiki_*.gz"))[:files]
     vocab = DATASETS / "bert-base-uncased" / "vocab.txt"
     remote_corpus = [f"s3://bench/corpus/{f.name}" for f in wiki]
@@ -199,12 +204,8 @@ def pretraining(local: Path, remote: str, steps: int, every: int, scratch: Path)
 
     from pipelines.jobs.configs import PretrainConfig
     from pipelines.jobs.pretrain import run_pretraining
-    from pipelines.ray_runtime import start_local_ray
 
-    import ray
-
-    if not ray.is_initialized():  # the shards build (without --shards) started it
-        start_local_ray(4, {"PYTHONPATH": str(ROOT)}, configure_logging=False)
+    ray_runtime()
     common = dict(model="tiny", num_workers=1, global_batch_size=32, micro_batch_size=32, warmup_steps=2,
                   learning_rate=1e-3, log_every=every, checkpoint_every=every, max_steps=steps, precision="fp32")
     result = {"steps": steps, "checkpoint_every": every}

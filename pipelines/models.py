@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bert import storage
 from bert.errors import InputError
 from bert.inference import TASK_FILE
 
@@ -110,7 +111,7 @@ def registered_seed_result(config, result: dict[str, Any]) -> dict[str, Any]:
     """The metrics.json of the seed whose model is registered: the job's only seed, or its best."""
     if "best_seed" not in result:
         return result
-    return json.loads((Path(config.out) / f"seed-{result['best_seed']}" / "metrics.json").read_text())
+    return storage.read_json(storage.join(config.out, f"seed-{result['best_seed']}", "metrics.json"))
 
 
 def version_tags(config, result: dict[str, Any], seed_result: dict[str, Any]) -> dict[str, str]:
@@ -143,7 +144,7 @@ def register_finetuned(config, result: dict[str, Any]):
     run = seed_result.get("mlflow") or {}
     if not run.get("model_uri"):
         raise InputError(f"finetune --register-as {name}: seed {seed_result['seed']} logged no MLflow model "
-                         f"({Path(config.out) / 'metrics.json'}: mlflow.model_uri is empty); run with model "
+                         f"({storage.join(config.out, 'metrics.json')}: mlflow.model_uri is empty); run with model "
                          "logging on and a reachable tracking store")
     client = MlflowClient(run["tracking_uri"], registry_uri=run["tracking_uri"])
     existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(RUN_TAG) == run["run_id"]]

@@ -150,22 +150,28 @@ def test_predict_from_s3_to_s3_manifest_last_and_unfinished_run_redone(ray_local
                                                                          s3_uri, tmp_path):
     """Parquet input and output on a real S3 API: the parts, then the manifest, written last; a run that
     failed (its `_job.json`, no manifest) is this job's unfinished run, which the next run with the same
-    settings redoes; a prefix holding anything else is refused before any work."""
+    settings redoes; a prefix holding anything else is refused before any work. The redone run reads its
+    checkpoint from the store too (a fine-tune output dir's `checkpoint/`, as `bertflow finetune --out s3://`
+    leaves it); a URI holding no checkpoint is refused, naming it, with nothing written."""
     from bert import storage
 
     records = [{"text": f"the {i}th sentence", "text_pair": f"and its {i}th pair", "id": i} for i in range(90)]
     good = pa.Table.from_pylist(records)
     bad = pa.Table.from_pylist(records[:70] + [{"text": None, "text_pair": "x", "id": 70}] + records[71:])
-    source, out = f"{s3_uri}/in.parquet", f"{s3_uri}/out"
+    source, out, model = f"{s3_uri}/in.parquet", f"{s3_uri}/out", f"{s3_uri}/finetune"
     prefix = out.split("/", 3)[3]
+    storage.upload_dir(mrpc_checkpoint, f"{model}/checkpoint")
+    with pytest.raises(InputError, match=r"/nothing: not a fine-tuned bertflow checkpoint"):
+        run(f"{s3_uri}/nothing", source, out)
+    assert not storage.exists(out)
     storage.write_bytes(source, parquet_bytes(bad))
     with pytest.raises(InputError, match=r"in.parquet: row 71: no 'text' column"):
-        run(mrpc_checkpoint, source, out, block_rows=20, concurrency=2)
+        run(model, source, out, block_rows=20, concurrency=2)
     assert {k.rsplit("/", 1)[1] for k in s3_server.keys(prefix)} == {"_job.json", "_lease.json"}  # no manifest
     with pytest.raises(InputError, match=r"_manifest.json: does not exist"):
         list(read_predictions(out))
     storage.write_bytes(source, parquet_bytes(good))  # the same input, now readable: the same settings
-    summary = run(mrpc_checkpoint, source, out, block_rows=20, concurrency=2)
+    summary = run(model, source, out, block_rows=20, concurrency=2)
     assert summary["rows"] == 90 and summary["parts"] == 5
     parts = [f"part-{i:012d}.jsonl" for i in range(0, 90, 20)]
     assert {k.rsplit("/", 1)[1] for k in s3_server.keys(prefix)} == {"_job.json", "_lease.json", "_manifest.json",

@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         PredictConfig,
         required=("checkpoint", "input", "out"),
         help={
-            "checkpoint": "a fine-tuned checkpoint dir (or a `bertflow finetune` output dir)",
+            "checkpoint": "a fine-tuned checkpoint dir (or a `bertflow finetune` output dir); a local path or an "
+            "s3:// URI (downloaded once per node)",
             "input": "JSONL (.jsonl), CSV (.csv) or TSV (else) with a header line (.gz too), or parquet (.parquet); "
             "a local path or an s3:// URI",
             "out": "output dir to create (local or s3://): must not exist, nor be the input or lie inside the checkpoint",

@@ -27,8 +27,8 @@ label and probabilities (classification), score (regression), answer, start, end
 with spans and scores (NER). `read_predictions(out)` yields them in order.
 
 Inputs: JSONL, TSV or CSV with a header (`.gz` too), or parquet; a local path or an object-store URI
-(`bert.storage`). The checkpoint is a local dir (every actor loads it). There is no default output path: a
-command never writes next to its inputs unless told to.
+(`bert.storage`); so may the checkpoint be (each actor loads it from a copy in its node's cache, downloaded
+once). There is no default output path: a command never writes next to its inputs unless told to.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from bert import storage
@@ -99,7 +98,7 @@ class PredictJob(Job[PredictConfig]):
                              "only a new output: choose another --out (nothing was changed)")
         return super().finished(config)
 
-    def preflight(self, config: PredictConfig) -> tuple[Path, Any, Any]:
+    def preflight(self, config: PredictConfig) -> tuple[str, Any, Any]:
         """(checkpoint dir, its task row, the input's columns): the checkpoint a fine-tuned one, the input's first
         row readable and holding the model's columns."""
         from pipelines.jobs.predict_data import first_item
@@ -110,7 +109,7 @@ class PredictJob(Job[PredictConfig]):
         first_item(in_fs, in_path, config.input, columns)
         return checkpoint, spec, columns
 
-    def run(self, claimed: Claimed[PredictConfig], checked: tuple[Path, Any, Any]) -> dict[str, Any]:
+    def run(self, claimed: Claimed[PredictConfig], checked: tuple[str, Any, Any]) -> dict[str, Any]:
         """Stream the input through the model into parts, then publish the manifest. Returns a summary."""
         from pipelines.jobs.predict_data import check_tiling
 
@@ -130,22 +129,22 @@ def run_predict(config: PredictConfig) -> dict[str, Any]:
     return run_job(PredictJob(), config)
 
 
-def find_checkpoint(location: str):
-    """(checkpoint dir, its task row): a fine-tuned checkpoint dir, or a `bertflow finetune` output dir."""
+def find_checkpoint(location: str) -> tuple[str, Any]:
+    """(checkpoint location, its task row): a fine-tuned checkpoint dir, or a `bertflow finetune` output dir, on
+    disk or on an object store. A URI is checked on a copy in the local cache; every model actor loads it from
+    its own node's cache (`storage.local_copy`: downloaded once per node)."""
     from bert.checkpoint import read_checkpoint_info
     from bert.tasks import get_task
     from bert.tokenizer import Tokenizer
 
-    if storage.is_remote(location):
-        raise InputError(f"{location}: the checkpoint must be a local dir (every model actor loads it)")
-    checkpoint = Path(location)
-    if not (checkpoint / TASK_FILE).is_file():
-        if not (checkpoint / "checkpoint" / TASK_FILE).is_file():
-            raise InputError(f"{checkpoint}: not a fine-tuned bertflow checkpoint ({TASK_FILE} is missing)")
-        checkpoint = checkpoint / "checkpoint"
-    read_checkpoint_info(checkpoint)
-    Tokenizer.load(checkpoint)  # what every actor loads, checked once here
-    return checkpoint, get_task(json.loads((checkpoint / TASK_FILE).read_text())["task"])
+    if not storage.is_file(storage.join(location, TASK_FILE)):
+        if not storage.is_file(storage.join(location, "checkpoint", TASK_FILE)):
+            raise InputError(f"{location}: not a fine-tuned bertflow checkpoint ({TASK_FILE} is missing)")
+        location = str(storage.join(location, "checkpoint"))
+    local = storage.local_copy(location)
+    read_checkpoint_info(local)
+    Tokenizer.load(local)  # what every actor loads, checked once here
+    return str(location), get_task(json.loads((local / TASK_FILE).read_text())["task"])
 
 
 # Model input fields whose column option is not "<field>_column".
@@ -182,7 +181,7 @@ def destination(claimed: Claimed[PredictConfig]) -> tuple[Any, str, Callable[[di
     return fs, directory, lambda manifest: lease.commit(storage.join(out, MANIFEST), manifest)
 
 
-def stream_predictions(config: PredictConfig, checkpoint: Path, columns, out_fs, directory: str) -> list:
+def stream_predictions(config: PredictConfig, checkpoint: str, columns, out_fs, directory: str) -> list:
     """Read -> blocks -> model actors -> parts, in input order; [(part name, first row, rows)] sorted by row."""
     import ray
 
@@ -194,7 +193,8 @@ def stream_predictions(config: PredictConfig, checkpoint: Path, columns, out_fs,
     dataset = dataset.repartition(target_num_rows_per_block=config.block_rows).map_batches(
         PredictBatch,
         fn_constructor_kwargs={"checkpoint": str(checkpoint), "batch_size": config.batch_size,
-                               "threads": config.threads_per_actor, "fields": tuple(f for f, _ in columns.fields)},
+                               "threads": config.threads_per_actor, "fields": tuple(f for f, _ in columns.fields),
+                               "env": storage.environment()},
         batch_size=None,  # a whole block per call: the actor sorts it by length, little padding
         compute=ray.data.ActorPoolStrategy(size=config.concurrency),
         num_cpus=config.cpus_per_actor,

@@ -223,10 +223,15 @@ def first_item(fs, path: str, label: str, columns: Columns) -> dict[str, Any]:
 class PredictBatch:
     """Ray Data callable class: one model per actor, loaded once; one block in, its JSON lines out."""
 
-    def __init__(self, checkpoint: str, batch_size: int, threads: int | None, fields: tuple[str, ...]):
+    def __init__(self, checkpoint: str, batch_size: int, threads: int | None, fields: tuple[str, ...],
+                 env: dict[str, str]):
+        import os
+
+        from bert import storage
         from bert.inference import Predictor
 
-        self.predictor = Predictor(checkpoint, batch_size=batch_size, threads=threads)
+        os.environ.update(env)  # the driver's store and credentials (`storage.environment()`), for a checkpoint URI
+        self.predictor = Predictor(storage.local_copy(checkpoint), batch_size=batch_size, threads=threads)
         self.fields = list(fields)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
