@@ -9,9 +9,9 @@ skeleton's (`pipelines/jobs/skeleton.py`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from bert import storage
 from bert.config import check_model_name
 from bert.errors import InputError
 
@@ -28,12 +28,14 @@ def check_finetune_start(config: Any, allow_new_labels: bool = False) -> None:
 
     spec = get_task(config.task)  # an unknown task lists the known ones
     if config.data:
-        data = Path(config.data)
-        if data.is_file():
-            raise InputError(f"--data {data} is a file; give the task's folder (for {spec.name}: the folder that "
-                             f"holds its train and eval files) or a datasets root that holds {spec.subdir or 'it'}")
-        if not data.is_dir():
-            raise InputError(f"--data {data} does not exist")
+        if storage.is_file(config.data):
+            raise InputError(f"--data {config.data} is a file; give the task's folder (for {spec.name}: the folder "
+                             f"that holds its train and eval files) or a datasets root that holds "
+                             f"{spec.subdir or 'it'}")
+        if not storage.is_dir(config.data):
+            raise InputError(f"--data {config.data} does not exist")
+        # a dir on an object store: checked on the local copy the job reads (`storage.local_copy`, made once)
+        data = storage.local_copy(config.data, "inputs")
         nested = data / spec.subdir
         check_task_labels(spec, nested if spec.subdir and nested.is_dir() else data, allow_new_labels)
 

@@ -561,6 +561,26 @@ def test_convert_and_tokenizer_write_a_new_output_to_s3_with_its_manifest_last(m
     assert Tokenizer.load(storage.local_copy(tok)).vocab_size == 30522
 
 
+def test_the_finetune_command_checks_a_data_dir_on_the_store_as_on_disk(datasets_dir, minilm_dir, s3_uri):
+    """`bertflow finetune --data s3://...` (and `sweep`): the command's checks before any job (a file, nothing,
+    labels outside the task's set) read the store, not the URI as a local path."""
+    from pipelines.jobs.configs import FinetuneConfig
+    from pipelines.preflight import check_finetune_start
+
+    data = f"{s3_uri}/glue/MRPC"
+    storage.upload_dir(datasets_dir / "glue" / "MRPC", data)
+    config = lambda where: FinetuneConfig(task="mrpc", data=where, checkpoint=str(minilm_dir),  # noqa: E731
+                                          out=f"{s3_uri}/out")
+    check_finetune_start(config(data))
+    check_finetune_start(config(s3_uri))  # a datasets root holding glue/MRPC
+    _refused(lambda: check_finetune_start(config(f"{s3_uri}/none")), r"--data s3://\S+/none does not exist")
+    _refused(lambda: check_finetune_start(config(f"{data}/dev.tsv")), r"--data s3://\S+/dev.tsv is a file")
+    storage.write_text(f"{s3_uri}/bad/train.tsv", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n7\t1\t2\ta\tb\n")
+    storage.write_text(f"{s3_uri}/bad/dev.tsv", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\ta\tb\n")
+    _refused(lambda: check_finetune_start(config(f"{s3_uri}/bad")), r"'7'")
+    assert not storage.exists(f"{s3_uri}/out")
+
+
 def test_what_is_not_routed_yet_is_refused_in_one_line_before_anything_is_written(s3_uri, tmp_path, monkeypatch,
                                                                                   capsys):
     """A pipeline's workdir on a store other than S3 (its lease needs S3's conditional PUT); an evaluate_checkpoints
