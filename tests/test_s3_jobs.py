@@ -561,11 +561,13 @@ def test_convert_and_tokenizer_write_a_new_output_to_s3_with_its_manifest_last(m
     assert Tokenizer.load(storage.local_copy(tok)).vocab_size == 30522
 
 
-def test_the_finetune_command_checks_a_data_dir_on_the_store_as_on_disk(datasets_dir, minilm_dir, s3_uri):
-    """`bertflow finetune --data s3://...` (and `sweep`): the command's checks before any job (a file, nothing,
-    labels outside the task's set) read the store, not the URI as a local path."""
-    from pipelines.jobs.configs import FinetuneConfig
-    from pipelines.preflight import check_finetune_start
+def test_the_commands_check_inputs_on_the_store_as_on_disk(datasets_dir, minilm_dir, s3_uri, capsys):
+    """`bertflow finetune --data s3://...` (and `sweep`), `bertflow pretrain --model s3://...`, `bertflow shards build
+    --tokenizer s3://... --cased`: the commands' checks before any job (a file, nothing, labels outside the task's
+    set, a casing flag a tokenizer dir overrides) read the store, not the URI as a local path."""
+    from cli_helpers import assert_refused, cli
+    from pipelines.jobs.configs import FinetuneConfig, PretrainConfig
+    from pipelines.preflight import check_finetune_start, check_pretrain_start
 
     data = f"{s3_uri}/glue/MRPC"
     storage.upload_dir(datasets_dir / "glue" / "MRPC", data)
@@ -578,6 +580,13 @@ def test_the_finetune_command_checks_a_data_dir_on_the_store_as_on_disk(datasets
     storage.write_text(f"{s3_uri}/bad/train.tsv", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n7\t1\t2\ta\tb\n")
     storage.write_text(f"{s3_uri}/bad/dev.tsv", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\ta\tb\n")
     _refused(lambda: check_finetune_start(config(f"{s3_uri}/bad")), r"'7'")
+
+    storage.upload_dir(minilm_dir, f"{s3_uri}/minilm")
+    pretrain = lambda model: PretrainConfig(shards=f"{s3_uri}/shards", out=f"{s3_uri}/out", model=model)  # noqa: E731
+    check_pretrain_start(pretrain(f"{s3_uri}/minilm"))
+    _refused(lambda: check_pretrain_start(pretrain(f"{s3_uri}/none")), r"model s3://\S+/none: no checkpoint there")
+    assert_refused(cli(capsys, "shards", "build", "--corpus", f"{data}/dev.tsv", "--tokenizer", f"{s3_uri}/minilm",
+                       "--out", f"{s3_uri}/out", "--cased"), "shards", "is a dir with its own casing")
     assert not storage.exists(f"{s3_uri}/out")
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
+from bert import storage
 from bert.corpus import CorpusConfig
 from bert.pretraining_data import PretrainingDataConfig
 from pipelines.config_args import add_dataclass_arguments, dataclass_from_args
@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from pipelines.jobs.shards import BuildOptions, build_shards, skipped_files
 
-    if args.cased and Path(args.tokenizer).is_dir():
+    if args.cased and storage.is_dir(args.tokenizer):  # a local dir or a prefix on an object store
         from bert.errors import InputError
 
         raise InputError(f"--cased applies to a vocab.txt; {args.tokenizer} is a dir with its own casing "
