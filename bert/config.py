@@ -151,10 +151,11 @@ def preset(name: str, **overrides: Any) -> BertConfig:
 
 
 def check_model_name(name: str) -> None:
-    """`name` is a preset or an existing path (a checkpoint dir, checked when read); else the presets are listed."""
-    from pathlib import Path
+    """`name` is a preset or an existing path (a checkpoint dir, checked when read; a local path or a prefix on an
+    object store); else the presets are listed."""
+    from bert import storage
 
-    if name in PRESETS or Path(name).exists():
+    if name in PRESETS or storage.exists(name):
         return
     raise InputError(f"model {name!r} is neither a model preset (known presets: {', '.join(PRESETS)}) nor an "
                      "existing checkpoint dir")

@@ -18,10 +18,6 @@ from bert.errors import InputError
 
 def check_pretrain_start(config: Any) -> None:
     """`bertflow pretrain`: the model names a preset or a checkpoint (a dir, or a prefix on an object store)."""
-    if storage.is_remote(config.model):
-        if not storage.is_dir(config.model):
-            raise InputError(f"model {config.model}: no checkpoint there (nothing under that prefix)")
-        return
     check_model_name(config.model)
 
 

@@ -584,7 +584,8 @@ def test_the_commands_check_inputs_on_the_store_as_on_disk(datasets_dir, minilm_
     storage.upload_dir(minilm_dir, f"{s3_uri}/minilm")
     pretrain = lambda model: PretrainConfig(shards=f"{s3_uri}/shards", out=f"{s3_uri}/out", model=model)  # noqa: E731
     check_pretrain_start(pretrain(f"{s3_uri}/minilm"))
-    _refused(lambda: check_pretrain_start(pretrain(f"{s3_uri}/none")), r"model s3://\S+/none: no checkpoint there")
+    _refused(lambda: check_pretrain_start(pretrain(f"{s3_uri}/none")),
+             r"model 's3://\S+/none' is neither a model preset .* nor an existing checkpoint dir")
     assert_refused(cli(capsys, "shards", "build", "--corpus", f"{data}/dev.tsv", "--tokenizer", f"{s3_uri}/minilm",
                        "--out", f"{s3_uri}/out", "--cased"), "shards", "is a dir with its own casing")
     assert not storage.exists(f"{s3_uri}/out")
