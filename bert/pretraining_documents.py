@@ -4,19 +4,16 @@ encoding sentences to ids with the `tokenizers` library directly where it can (`
 
 from __future__ import annotations
 
-import os
-import re
 import weakref
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from itertools import chain
 from typing import Any
 
 import numpy as np
 
 from bert.errors import InputError
+from bert.wordpiece_ids import WordPieceIds
 
 
 @dataclass(frozen=True)
@@ -126,7 +123,6 @@ class DocumentSet:
         return TokenizedDocument(self.doc_ids[d], self.tokens[t0:t1], self.sentence_offsets[s0 : s1 + 1] - t0, starts)
 
 
-_SURROGATES = re.compile("[\ud800-\udfff]")
 _ENCODE_BATCH_SENTENCES = 4096  # sentences per tokenizer call
 
 
@@ -137,8 +133,9 @@ def encode_documents(
 
     Sentences without a token are left out, and so are documents left with no sentence. The ids
     are those of `tokenizer.encode_batch(sentences, add_special_tokens=False)`. A WordPiece
-    `bert.tokenizer.Tokenizer` is asked through its `tokenizers` library object directly, for
-    the ids only (no offsets, no tokens, no Python object per token), on the calling thread.
+    `bert.tokenizer.Tokenizer` is asked through `bert.wordpiece_ids.WordPieceIds` (the same ids from its
+    `tokenizers` library object, each distinct word tokenized once), for the ids only (no offsets, no
+    tokens, no Python object per token), on the calling thread.
     """
     sentences = [s for _, doc in documents for s in doc]
     fast = _library_encoder(tokenizer)
@@ -174,37 +171,16 @@ def _encode_with(
 
 
 class _LibraryEncoder:
-    """A WordPiece tokenizer's `tokenizers.Tokenizer`, asked for ids only (`encode_batch_fast`), sequentially."""
+    """A WordPiece tokenizer's `tokenizers.Tokenizer`, asked for ids only, through a cache of words' pieces."""
 
     def __init__(self, library: Any, vocabulary: list[str]) -> None:
-        self.library = library
+        self.ids = WordPieceIds(library)
         # BERT's whole-word rule, as bert.tokenizer applies it: a "##" piece continues a word
         self.word_start_table = np.array([not t.startswith("##") for t in vocabulary], dtype=bool)
 
     def __call__(self, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All token ids back to back, and each sentence's number of tokens."""
-        texts = [s if s.isascii() else _SURROGATES.sub("\ufffd", s) for s in sentences]  # as Tokenizer does
-        encode = getattr(self.library, "encode_batch_fast", self.library.encode_batch)  # tokenizers >= 0.20.1: ids only
-        with _tokenizers_on_this_thread():
-            encodings = encode(texts, add_special_tokens=False)
-        pieces = [e.ids for e in encodings]
-        lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
-        ids = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=int(lengths.sum()))
-        return ids, lengths
-
-
-@contextmanager
-def _tokenizers_on_this_thread() -> Iterator[None]:
-    """`tokenizers` batches without its thread pool: a Ray task runs on one CPU, beside others."""
-    saved = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = saved
+        return self.ids(sentences)
 
 
 _encoders: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its encoder (one vocabulary scan)
