@@ -9,7 +9,10 @@ input, bert-base-uncased WordPiece, the default `PretrainingDataConfig`: sequenc
   (`TOKENIZERS_PARALLELISM=false`, `RAYON_NUM_THREADS=1`), in a fresh process, the text
   already in memory: every body line of every article (the paragraphs, as the files hold
   them), with `encode_batch` (ids, offsets, tokens: the library's usual call) and with
-  `encode_batch_fast` (ids only: what the build asks for). Corpus tokens per second.
+  `encode_batch_fast` (ids only: what the build asks for). Corpus tokens per second. Also
+  `all_cores`: one such process per core, all started on the same tick (on 10 files, or the
+  large run's 20): what the cores give the tokenizer when all of them run it, per core (two
+  logical CPUs sharing a core, or a memory path, give less than twice one).
 * **The build** — `build_shards` end to end (Ray Data: reading, decompressing, sentence splitting,
   tokenizing, buckets, pair drawing, masking, parquet), in a fresh process with its own local
   Ray runtime (`num_cpus` = max(4, CPUs), as `start_local_ray`, a worker per CPU booted before
@@ -150,16 +153,20 @@ def body_lines(files: list[Path]) -> list[str]:
     return lines
 
 
-def child_bound(files: int | None, quick: bool = False) -> dict:
+def child_bound(files: int | None, quick: bool = False, start_at: float | None = None) -> dict:
     """Tokens per second of the `tokenizers` WordPiece alone, one thread (run with the env set by the parent).
 
-    `quick` (the bound measured around each build): `encode_batch_fast` only, once."""
+    `quick` (the bound measured around each build): `encode_batch_fast` only, once. `start_at`
+    (epoch seconds): the text is loaded, then the clock waits for that moment (processes started
+    together measure together)."""
     sys.path.insert(0, str(ROOT))
     from bert.tokenizer import Tokenizer
 
     library = Tokenizer.from_vocab_file(VOCAB)._backend._library  # the very pipeline the build runs
     lines = body_lines(sorted(WIKI.glob("wiki_*.gz"))[:files])
     result = {"lines": len(lines), "characters": sum(map(len, lines))}
+    if start_at:
+        time.sleep(max(0.0, start_at - time.time()))
     calls = [("encode_batch_fast", library.encode_batch_fast)]
     if not quick:
         calls.insert(0, ("encode_batch", library.encode_batch))
@@ -173,6 +180,21 @@ def child_bound(files: int | None, quick: bool = False) -> dict:
         result[name] = {"tokens": tokens, "wall_s": round(best_wall, 2), "cpu_s": round(best_cpu, 2),
                         "tokens_per_s": round(tokens / best_wall), "tokens_per_cpu_s": round(tokens / best_cpu)}
     return result
+
+
+def all_cores_bound(files: list[str], processes: int) -> dict:
+    """The bound when every core tokenizes at once: `processes` one-thread bounds started together.
+
+    Cores that share a physical core's units or a memory path do not each run at the one-thread
+    speed; this is the most the machine's cores give a tokenizer together, per core."""
+    start_at = time.time() + 20  # each child loads its text (a few seconds), then all start on the same tick
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", "bound", "--quick", *files,
+               "--start-at", str(start_at)]
+    children = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+                for _ in range(processes)]
+    rates = [json.loads(child.communicate()[0].strip().splitlines()[-1])["encode_batch_fast"]["tokens_per_s"]
+             for child in children]
+    return {"processes": processes, "tokens_per_s_each": rates, "tokens_per_s_per_core": round(sum(rates) / processes)}
 
 
 # ----------------------------------------------------------------------------- levers, each alone
@@ -403,12 +425,13 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=None,
                         help="stop the large build (--scale) this many minutes after the start, reporting how far it got")
     parser.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--start-at", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     files = [] if args.files is None else ["--files", str(args.files)]
     if args.child == "bound":
-        print(json.dumps(child_bound(args.files, args.quick)))
+        print(json.dumps(child_bound(args.files, args.quick, args.start_at)))
         return
     if args.child == "levers":
         print(json.dumps(child_levers(args.files or 20)))
@@ -422,6 +445,7 @@ def main() -> None:
     # the large run: the bound on part of the text (each build has its own nearby bound too)
     bound_files = files or (["--files", "20"] if args.scale else [])
     bound = run_child(["--child", "bound", *bound_files], ONE_THREAD)
+    bound["all_cores"] = all_cores_bound(bound_files or ["--files", str(NEARBY_FILES * 2)], len(os.sched_getaffinity(0)))
     big_scale = args.scale or args.big_scale
     levers = None if args.scale else run_child(["--child", "levers", *files], ONE_THREAD)
     # 1 worker; 4 (one per Ray CPU, the default before, beside the physical cores' default); ours and the
@@ -457,6 +481,8 @@ def main() -> None:
             "by_wall_per_core_vs_nearby_encode_batch_fast": one["fraction_of_nearby_bound"],
             "big_by_wall_per_core_vs_nearby_encode_batch_fast": big["fraction_of_nearby_bound"],
             "by_wall_per_core_vs_encode_batch_fast": round(one["tokens_per_s_per_core"] / fast["tokens_per_s"], 2),
+            "big_by_wall_per_core_vs_all_cores_bound": round(big["tokens_per_s_per_core"]
+                                                            / bound["all_cores"]["tokens_per_s_per_core"], 2),
             "by_wall_per_core_vs_encode_batch": round(one["tokens_per_s_per_core"] / usual["tokens_per_s"], 2),
             "by_cpu_vs_encode_batch_fast": round(one["tokens_per_cpu_s"] / fast["tokens_per_cpu_s"], 2),
             "by_cpu_vs_encode_batch": round(one["tokens_per_cpu_s"] / usual["tokens_per_cpu_s"], 2),
