@@ -183,8 +183,11 @@ def run_peer(paths: dict, args, lr: float, minutes: float, eval_seconds: float, 
 # ----------------------------------------------------------------------------- bertflow
 
 
-def run_bertflow(paths: dict, args, out: Path, max_steps: int, eval_every: int, minutes: float) -> dict:
-    """`bertflow pretrain` as a user runs it (the CLI, Ray Train); its held-out curve read from MLflow."""
+def run_bertflow(paths: dict, args, out: Path, max_steps: int, eval_every: int, minutes: float,
+                 checkpoints: int = 1) -> dict:
+    """`bertflow pretrain` as a user runs it (the CLI, Ray Train); its held-out curve read from MLflow.
+
+    `checkpoints`: how many evenly spaced checkpoints the run writes and keeps (the last at `max_steps`)."""
     from mlflow.tracking import MlflowClient
 
     launched = time.time()
@@ -193,8 +196,8 @@ def run_bertflow(paths: dict, args, out: Path, max_steps: int, eval_every: int, 
            "--global-batch-size", str(args.batch), "--micro-batch-size", str(args.micro_batch),
            "--max-steps", str(max_steps), "--warmup-steps", str(max(1, int(args.warmup * max_steps))),
            "--learning-rate", str(args.learning_rate), "--eval-every", str(eval_every),
-           "--eval-examples", str(args.eval_examples), "--checkpoint-every", str(max_steps),
-           "--log-every", "10", "--seed", str(args.seed), "--time-limit-minutes", str(minutes),
+           "--eval-examples", str(args.eval_examples), "--checkpoint-every", str(max(1, max_steps // checkpoints)),
+           "--keep-checkpoints", str(checkpoints + 1), "--log-every", "10", "--seed", str(args.seed), "--time-limit-minutes", str(minutes),
            "--threads-per-worker", str(os.cpu_count() or 1), *args.bertflow_args]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}"}
     result = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -302,6 +305,28 @@ def downstream(work: Path, models: dict[str, Path], tokenizer: Path) -> dict:
     return table
 
 
+def downstream_curve(work: Path, run: Path, seeds: str) -> dict:
+    """The `evaluate_checkpoints` stage on the checkpoints a run kept: SST-2 (1 epoch), MRPC (3 epochs), from each
+    and from a random init of the same shape, as `downstream` fine-tunes them (learning rate 1e-4)."""
+    import yaml
+
+    spec = {
+        "name": "ttq-curve", "workdir": str(work / "curve"), "experiment": "bertflow-ttq-curve",
+        "max_concurrent": 1, "ray": {"num_cpus": 4},
+        "stages": {"curve": {"kind": "evaluate_checkpoints", "config": {
+            "checkpoints": str(run / "_ray" / "train"), "every": 1, "seeds": [int(x) for x in seeds.split(",")],
+            "data": str(DATASETS), "tasks": {"sst2": {"epochs": 1}, "mrpc": {"epochs": 3}},
+            "learning_rate": 1e-4, "random_init": True, "max_concurrent": 2}}},
+    }
+    path = work / "curve.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(path)], cwd=ROOT, check=True, env=env)
+    stage = next((work / "curve" / "evaluate_checkpoints").glob("*/curves.json"))
+    return {"curves_json": str(stage), "curves_png": str(stage.with_name("curves.png")),
+            "curves": json.loads(stage.read_text())}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=20.0)
@@ -316,6 +341,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--workdir", type=Path, default=ROOT / "out" / "bench" / "ttq")
     p.add_argument("--downstream", action="store_true")
+    p.add_argument("--curve", type=int, default=0, metavar="N",
+                   help="instead of the comparison: bertflow's run alone, keeping N evenly spaced checkpoints, then "
+                   "the evaluate_checkpoints stage on them (SST-2 1 epoch, MRPC 3 epochs, and a random init)")
+    p.add_argument("--curve-seeds", default="1,2", help="fine-tune seeds per point of the curve (default: 1,2)")
     p.add_argument("--peer-steps-hint", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--bertflow-args", nargs=argparse.REMAINDER, default=[],
                    help="extra `bertflow pretrain` options (last on the line), e.g. --precision fp32")
@@ -330,6 +359,18 @@ def main() -> None:
     import ray
 
     ray.shutdown()
+
+    if args.curve:
+        steps_per_s = bertflow_speed(paths, args, work)
+        max_steps = max(20, int(steps_per_s * (args.minutes * 60 - 45)))
+        run = work / f"bertflow-curve-{args.curve}"
+        ours = run_bertflow(paths, args, run, max_steps, max(1, int(steps_per_s * args.eval_seconds)), args.minutes,
+                            checkpoints=args.curve)
+        report = {"benchmark": "time_to_quality downstream curve", "config": args.config, "minutes": args.minutes,
+                  "bertflow": {k: v for k, v in ours.items() if k != "curve"}, "pretraining_curve": ours["curve"],
+                  **downstream_curve(work, run, args.curve_seeds)}
+        print(json.dumps(report, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
+        return
 
     probes = {lr: run_peer(paths, args, lr, args.probe_minutes, args.probe_minutes * 60)
               for lr in (args.learning_rate * 0.5, args.learning_rate, args.learning_rate * 2)}
