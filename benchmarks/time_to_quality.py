@@ -197,7 +197,8 @@ def run_bertflow(paths: dict, args, out: Path, max_steps: int, eval_every: int, 
            "--max-steps", str(max_steps), "--warmup-steps", str(max(1, int(args.warmup * max_steps))),
            "--learning-rate", str(args.learning_rate), "--eval-every", str(eval_every),
            "--eval-examples", str(args.eval_examples), "--checkpoint-every", str(max(1, max_steps // checkpoints)),
-           "--keep-checkpoints", str(checkpoints + 1), "--log-every", "10", "--seed", str(args.seed), "--time-limit-minutes", str(minutes),
+           "--keep-checkpoints", str(checkpoints + 1), "--log-every", "10", "--seed", str(args.seed),
+           "--time-limit-minutes", str(minutes),
            "--threads-per-worker", str(os.cpu_count() or 1), *args.bertflow_args]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{out.parent / 'mlflow.db'}"}
     result = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -249,6 +250,12 @@ def bertflow_speed(paths: dict, args, work: Path) -> float:
     tps = sorted(m.value for m in MlflowClient(record["tracking_uri"]).get_metric_history(record["run_id"], "tokens_per_s"))
     tokens_per_step = args.batch * 120  # ~mean example length at seq 128
     return tps[len(tps) // 2] / tokens_per_step
+
+
+def bertflow_plan(paths: dict, args, work: Path) -> tuple[int, int]:
+    """bertflow's step budget for `--minutes` (~45 s of start-up in it) and its evaluation interval, in steps."""
+    steps_per_s = bertflow_speed(paths, args, work)
+    return max(20, int(steps_per_s * (args.minutes * 60 - 45))), max(1, int(steps_per_s * args.eval_seconds))
 
 
 # ----------------------------------------------------------------------------- figure of merit
@@ -361,11 +368,9 @@ def main() -> None:
     ray.shutdown()
 
     if args.curve:
-        steps_per_s = bertflow_speed(paths, args, work)
-        max_steps = max(20, int(steps_per_s * (args.minutes * 60 - 45)))
+        max_steps, eval_every = bertflow_plan(paths, args, work)
         run = work / f"bertflow-curve-{args.curve}"
-        ours = run_bertflow(paths, args, run, max_steps, max(1, int(steps_per_s * args.eval_seconds)), args.minutes,
-                            checkpoints=args.curve)
+        ours = run_bertflow(paths, args, run, max_steps, eval_every, args.minutes, checkpoints=args.curve)
         report = {"benchmark": "time_to_quality downstream curve", "config": args.config, "minutes": args.minutes,
                   "bertflow": {k: v for k, v in ours.items() if k != "curve"}, "pretraining_curve": ours["curve"],
                   **downstream_curve(work, run, args.curve_seeds)}
@@ -378,9 +383,7 @@ def main() -> None:
     log(f"peer learning rate: {best_lr:.1e} ({ {f'{k:.1e}': round(v['curve'][-1]['val_mlm_loss'], 4) for k, v in probes.items()} })")
     peer = run_peer(paths, args, best_lr, args.minutes, args.eval_seconds, save=work / "peer-checkpoint")
 
-    steps_per_s = bertflow_speed(paths, args, work)
-    max_steps = max(20, int(steps_per_s * (args.minutes * 60 - 45)))  # ~45 s of start-up in the budget
-    eval_every = max(1, int(steps_per_s * args.eval_seconds))
+    max_steps, eval_every = bertflow_plan(paths, args, work)
     ours = run_bertflow(paths, args, work / f"bertflow-{int(time.time())}", max_steps, eval_every, args.minutes)
 
     final_peer_loss = peer["curve"][-1]["val_mlm_loss"]

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-_SURROGATES = re.compile("[\ud800-\udfff]")  # the library refuses them; `Tokenizer` sends U+FFFD instead
+from bert.tokenizer_backends import _sanitize  # lone surrogates as `Tokenizer` sends them: U+FFFD
+
 _PROBE = "a"  # a letter: joins with any character that is neither whitespace nor punctuation
 
 CACHE_WORDS = 1 << 18
@@ -65,7 +66,7 @@ class WordPieceIds:
             if sentence.isascii():
                 found = ascii_words(sentence.translate(table))
             else:
-                found = self._split(self._normalize(_SURROGATES.sub("\ufffd", sentence)))
+                found = self._split(self._normalize(_sanitize(sentence, "sentence")))
             word_counts[k] = len(found)
             words += found
         cache = self._cache
