@@ -88,6 +88,9 @@ class Recipe:
     kernels    with model=bertflow: "bertflow" keeps `bert.kernels`' CPU dropout and written-out
                attention; "torch" swaps them for `F.dropout` and `scaled_dot_product_attention`
     epoch      which epoch's dev metrics are reported: "best" (by the primary metric) or "last"
+    masks      where dropout draws come from: "stream", one generator stream seeded once (`manual_seed(seed *
+               1000)`), as a plain loop draws them; "per-step", the job's: `manual_seed(bert.finetune.
+               dropout_seed(seed, 0, step))` before each step's forward
     """
 
     batches: str = "bertflow"
@@ -99,6 +102,7 @@ class Recipe:
     model: str = "transformers"
     kernels: str = "bertflow"
     epoch: str = "best"
+    masks: str = "stream"
 
     @classmethod
     def parse(cls, text: str) -> "Recipe":
@@ -215,6 +219,7 @@ def reference_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, 
     """
     import torch
 
+    from bert.finetune import dropout_seed
     from bert.kernels import cpu_kernels
     from bert.tasks import get_task
     from bert.tokenizer import Tokenizer
@@ -237,6 +242,8 @@ def reference_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, 
     epoch_batches = reference_batches(recipe, lengths, args.batch_size, seed)
     if recipe.precision not in ("fp32", "bf16"):
         raise ValueError(f"unknown precision {recipe.precision!r}")
+    if recipe.masks not in ("stream", "per-step"):
+        raise ValueError(f"unknown masks {recipe.masks!r}: stream or per-step")
     autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if recipe.precision == "bf16"
                 else contextlib.nullcontext)
     batch_inputs = lambda features: padded_inputs(features, tokenizer.pad_id, spec, padding)
@@ -247,6 +254,8 @@ def reference_run(task: str, data_dir: Path, checkpoint: Path, seed: int, args, 
             for indices in epoch_batches(epoch):
                 if step == total:
                     break
+                if recipe.masks == "per-step":
+                    torch.manual_seed(dropout_seed(seed, 0, step))
                 with autocast():
                     loss = model(**batch_inputs([train_features[i] for i in indices])).loss
                 optimizer.zero_grad(set_to_none=True)
