@@ -112,21 +112,21 @@ def mlm_loss_curve(out: Path) -> dict:
             "last": {"step": points[-1].step, "mlm_loss": points[-1].value}}
 
 
-def finetune(task: str, checkpoint: Path, labels: int | None, args, out: Path) -> dict:
-    """One bertflow fine-tune job over the seeds; per-seed primary dev metric."""
+def finetune(task: str, checkpoint: Path, labels: int | None, args, out: Path, seeds: list[int]) -> dict:
+    """One bertflow fine-tune job over `seeds`; per-seed primary dev metric."""
     from pipelines.jobs.configs import FinetuneConfig
     from pipelines.jobs.finetune import run_finetune
 
     epochs = args.few_label_epochs if labels is not None else EPOCHS_ALL.get(task, 3.0)
     config = FinetuneConfig(task=task, data=args.data, checkpoint=str(checkpoint), out=str(out),
-                            seeds=",".join(map(str, args.seeds)), max_train_examples=labels, epochs=epochs,
+                            seeds=",".join(map(str, seeds)), max_train_examples=labels, epochs=epochs,
                             learning_rate=args.finetune_lr, batch_size=32, precision=args.precision,
                             threads_per_worker=args.threads, log_model=False)
     started = time.time()
     result = run_finetune(config)
     primary = result["primary_metric"]
     per_seed = {int(s): m[primary] for s, m in result["per_seed"].items()} if "per_seed" in result else {
-        args.seeds[0]: result["metrics"][primary]}
+        seeds[0]: result["metrics"][primary]}
     return {"primary_metric": primary, "per_seed": per_seed, "epochs": epochs,
             "seconds_this_call": round(time.time() - started, 1)}
 
@@ -166,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pretraining steps that train the new MLM head alone before the encoder (then its own warmup)")
     p.add_argument("--head-lr", type=float, default=None,
                    help="peak learning rate of the MLM head (default: --pretrain-lr; a new head learns little at it)")
+    p.add_argument("--job-per-seed", action="store_true",
+                   help="one fine-tune job per seed, original and adapted interleaved (default: one job per checkpoint)")
     p.add_argument("--finetune-lr", type=float, default=5e-5)
     p.add_argument("--few-label-epochs", type=float, default=10.0, help="fine-tune epochs with a label count")
     p.add_argument("--precision", default="auto")
@@ -199,8 +201,18 @@ def run(args: argparse.Namespace) -> dict:
         table = {}
         for labels in args.labels:
             name = "all" if labels is None else str(labels)
-            runs = {kind: finetune(task, path, labels, args, out / task / f"finetune-{kind}-{name}")
-                    for kind, path in (("original", checkpoint), ("adapted", Path(pretrain["checkpoint"])))}
+            kinds = (("original", checkpoint), ("adapted", Path(pretrain["checkpoint"])))
+            if args.job_per_seed:  # original and adapted seed by seed: a run stopped early leaves paired seeds
+                runs = {kind: {"per_seed": {}, "seconds_this_call": 0.0} for kind, _ in kinds}
+                for seed in args.seeds:
+                    for kind, path in kinds:
+                        one = finetune(task, path, labels, args, out / task / f"finetune-{kind}-{name}-seed{seed}", [seed])
+                        runs[kind] = one | {"per_seed": runs[kind]["per_seed"] | one["per_seed"],
+                                            "seconds_this_call": runs[kind]["seconds_this_call"] + one["seconds_this_call"]}
+                        log(f"{task} {name} labels seed {seed} {kind}: {json.dumps(one['per_seed'])}")
+            else:
+                runs = {kind: finetune(task, path, labels, args, out / task / f"finetune-{kind}-{name}", args.seeds)
+                        for kind, path in kinds}
             table[name] = compare(runs["original"], runs["adapted"]) | {
                 "primary_metric": runs["original"]["primary_metric"], "epochs": runs["original"]["epochs"],
                 "seconds_this_call": {k: r["seconds_this_call"] for k, r in runs.items()}}
