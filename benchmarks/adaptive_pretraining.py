@@ -21,6 +21,9 @@ lift is beyond seed noise as the issue defines it: lift > the larger of the two 
 
 Everything lands in `--out` (default out/bench-adaptive); every job skips what it finished before, so
 a killed run re-run with the same command resumes, and a larger `--labels` list reuses what exists.
+With `--job-per-seed` every seed is its own fine-tune job (`finetune-<kind>-<labels>-seed<s>`), the
+original's and the adapted one's interleaved seed by seed: slower by one Ray Train start a job, but a run
+stopped early leaves paired seeds.
 
     python benchmarks/adaptive_pretraining.py                      # the full run (hours on 2 cores)
     python benchmarks/adaptive_pretraining.py --tasks sst2 --labels 500 --pretrain-minutes 4 \\
