@@ -77,9 +77,11 @@ def main(argv: list[str] | None = None) -> int:
             policy.hold()  # from here on a signal is only noted: shutting down is never interrupted
     except BaseException:
         if policy.received is None:
+            policy.settle()  # the command failed on its own; a signal now would only hide its traceback and code
             raise
         code = None  # interrupted: whatever the signal unwound into, the line below says what happened
     release_ray()
+    policy.settle()  # a signal from here on is ignored: the command is over (below: one that came before it)
     if policy.received is None:
         return code
     command = f"bertflow {args.command}" if args is not None else "bertflow"

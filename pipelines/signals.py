@@ -14,7 +14,9 @@ The process entry point (`pipelines.cli.main()` without arguments) installs it b
   work is done, and a signal is only noted;
 * the command then prints one line, disconnects from Ray (stopping a private local runtime), and the
   process exits 130 (SIGINT) or 143 (SIGTERM) at once, without the interpreter's teardown (where
-  Ray's and torch's threads could crash it: exit 139).
+  Ray's and torch's threads could crash it: exit 139);
+* once the command is over and Ray released, both signals are ignored (`settle()`): a signal that
+  lands after that leaves the command's own exit code (Python's teardown would otherwise die of it).
 
 `ray.init` installs a SIGTERM handler of its own (and Ray's C++ core a failure-signal handler that
 dumps a stack and aborts, exit 134), so `pipelines.ray_runtime.ensure_ray` calls `reinstall()`
@@ -123,6 +125,15 @@ class SignalPolicy:
     def hold(self) -> None:
         """From now on a signal is only noted (the command is shutting down; nothing may interrupt that)."""
         self._raising = False
+
+    def settle(self) -> None:
+        """The command is over: ignore SIGINT and SIGTERM from now on. Without this a signal during the
+        interpreter's teardown, after Python put back each signal's default action, killed the process
+        (exit -15 after the work was done and reported). `received` still reports one that came before."""
+        if threading.current_thread() is threading.main_thread():
+            self._raising = False
+            for signum in EXIT_CODES:
+                signal.signal(signum, signal.SIG_IGN)  # Python leaves an ignored signal ignored at teardown
 
 
 _policy: SignalPolicy | None = None
