@@ -130,8 +130,8 @@ class SignalPolicy:
         """The command is over: ignore SIGINT and SIGTERM from now on. Without this a signal during the
         interpreter's teardown, after Python put back each signal's default action, killed the process
         (exit -15 after the work was done and reported). `received` still reports one that came before."""
+        self.hold()
         if threading.current_thread() is threading.main_thread():
-            self._raising = False
             for signum in EXIT_CODES:
                 signal.signal(signum, signal.SIG_IGN)  # Python leaves an ignored signal ignored at teardown
 

@@ -91,6 +91,11 @@ class Run:
         return [line for line in self.out + self.err if not line.lstrip("\x1b[0123456789;m").startswith("(")]
 
 
+def crash_lines(run: Run) -> list[str]:
+    """The lines the process printed itself that look like a crash (a traceback, a segfault, a C++ stack)."""
+    return [line for line in run.driver_lines() if any(mark in line for mark in CRASH_MARKS)]
+
+
 def assert_stopped(run: Run, signum: int, command: str, after: str) -> None:
     """Exit 130/143, the policy's one line last on stderr, nothing that looks like a crash."""
     code = run.finish()
@@ -100,8 +105,7 @@ def assert_stopped(run: Run, signum: int, command: str, after: str) -> None:
     assert after in last, last
     if command != "tokenizer":  # `tokenizer train` words its own line ("training stopped, nothing was written")
         assert f"interrupted ({NAME[signum]})" in last, last
-    crashes = [line for line in run.driver_lines() if any(mark in line for mark in CRASH_MARKS)]
-    assert crashes == [], run.text()[-4000:]
+    assert crash_lines(run) == [], run.text()[-4000:]
 
 
 def joined(ray_local) -> dict[str, str]:
@@ -174,7 +178,7 @@ def test_a_signal_at_start_up_stops_every_command(command, request, wiki_dir, vo
     if code == 0 or (code == EXIT[signum] and run.err and run.err[-1] == done):
         # a fast machine finishes a quick command (CI: `convert`) before the signal lands: the signal then leaves
         # the whole output and the command's exit code (0), or is reported as having come after the work
-        assert [line for line in run.driver_lines() if any(mark in line for mark in CRASH_MARKS)] == []
+        assert crash_lines(run) == [], run.text()[-4000:]
         assert command == "convert", run.text()[-3000:]  # the others cannot finish in 1.5 s
         assert from_pretrained(out).config.hidden_size == 384  # the whole checkpoint
         shutil.rmtree(out)
@@ -381,5 +385,5 @@ def test_a_signal_while_shutting_down_after_the_result(wiki_dir, vocab_txt, tmp_
     assert code in (0, 130), run.text()[-3000:]  # 0: the runtime was already down when the signal came
     if code == 130:
         assert run.err[-1] == "bertflow shards: interrupted (SIGINT) while shutting down; the work was done"
-    assert [line for line in run.driver_lines() if any(mark in line for mark in CRASH_MARKS)] == []
+    assert crash_lines(run) == [], run.text()[-4000:]
     assert (out / "_manifest.json").is_file()  # the finished output is kept
